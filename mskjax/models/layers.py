@@ -1,0 +1,181 @@
+"""Layers shared by the classifier backbones.
+
+All tensors are NHWC. Convolution kernels are HWIO (torch's OIHW transposed); depthwise kernels
+are (k, k, 1, C). Parameters and BatchNorm statistics are float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+
+def conv_padding(size: int, kernel: int, stride: int, dilation: int, mode: str) -> tuple[int, int]:
+    """(low, high) padding of one spatial dimension.
+
+    mode "symmetric": (k - 1) // 2 * dilation on both sides, as torchvision and timm's non-`tf_`
+    models do. mode "same": TensorFlow's 'SAME' — output ceil(size / stride), any odd extra pixel
+    on the high side (asymmetric for stride 2 on even sizes), as TF/Keras checkpoints expect.
+    """
+    effective = (kernel - 1) * dilation + 1
+    if mode == "symmetric":
+        p = (effective - 1) // 2
+        return p, p
+    if mode == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + effective - size, 0)
+        return total // 2, total - total // 2
+    raise ValueError(f"unknown padding mode {mode!r}: expected 'symmetric' or 'same'")
+
+
+def _pads(x: jax.Array, kernel: Sequence[int], strides: Sequence[int], dilation: int, mode: str):
+    return [conv_padding(x.shape[1 + i], kernel[i], strides[i], dilation, mode) for i in range(2)]
+
+
+class Conv(nn.Module):
+    """2-D convolution with torch-style symmetric or TF-style 'SAME' padding.
+
+    Input (B, H, W, Cin) -> (B, H', W', features). Kernel (kh, kw, Cin, features).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    use_bias: bool = False
+    padding: str = "symmetric"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = (self.kernel_size, self.kernel_size)
+        s = (self.stride, self.stride)
+        kernel = self.param(
+            "kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            (*k, x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(self.dtype), window_strides=s, padding=_pads(x, k, s, 1, self.padding),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                   pads: Sequence[tuple[int, int]], impl: str) -> jax.Array:
+    """Depthwise convolution: x (B, H, W, C), kernel (k, k, 1, C) -> (B, H', W', C).
+
+    impl "grouped" is `conv_general_dilated(feature_group_count=C)`; impl "shifted" sums k*k
+    strided slices of the padded input times one kernel tap each. Same result (to float
+    rounding); XLA on CPU runs "shifted" several times faster, forward and backward.
+    """
+    c = x.shape[-1]
+    if impl == "grouped":
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(stride, stride), padding=pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    if impl != "shifted":
+        raise ValueError(f"unknown depthwise implementation {impl!r}: expected 'grouped' or 'shifted'")
+    kh, kw = kernel.shape[:2]
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    out_h = (xp.shape[1] - kh) // stride + 1
+    out_w = (xp.shape[2] - kw) // stride + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(
+                xp, (0, i, j, 0),
+                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                (1, stride, stride, 1))
+            term = tap * kernel[i, j, 0]
+            y = term if y is None else y + term
+    return y
+
+
+def default_depthwise_impl() -> str:
+    """"shifted" on CPU (XLA's grouped convolution is slow there), "grouped" elsewhere."""
+    return "shifted" if jax.default_backend() == "cpu" else "grouped"
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k convolution (no bias). Kernel (k, k, 1, C), Flax's grouped-conv layout.
+
+    impl None picks per backend at trace time (`default_depthwise_impl`).
+    """
+
+    kernel_size: int
+    stride: int = 1
+    padding: str = "symmetric"
+    impl: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = (self.kernel_size, self.kernel_size)
+        kernel = self.param(
+            "kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            (*k, 1, x.shape[-1]), jnp.float32)
+        x = x.astype(self.dtype)
+        pads = _pads(x, k, (self.stride, self.stride), 1, self.padding)
+        return depthwise_conv(x, kernel.astype(self.dtype), self.stride, pads,
+                              self.impl or default_depthwise_impl())
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over N, H, W of NHWC input, with torch's conventions.
+
+    `momentum` is torch's: the weight of the new batch statistic in the running average
+    (torch 0.1; Keras' 0.99 is momentum 0.01 here). In training the output uses the biased batch
+    variance and the running variance is updated with the unbiased one, as torch does.
+    Statistics are computed in float32; the output is cast to `dtype`. Under `jax.jit` with a
+    batch sharded over devices, the mean and variance are over the global batch.
+    Variables: params {scale, bias}; batch_stats {mean, var}, all (C,) float32.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        return (xf * mul + (bias - mean * mul)).astype(self.dtype)
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per sample with probability `rate` in training
+    (torchvision's StochasticDepth "row" mode), scaling kept samples by 1 / (1 - rate).
+    Uses the 'dropout' RNG stream."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1, 1))
+        return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
