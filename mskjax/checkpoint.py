@@ -1,0 +1,150 @@
+"""The model checkpoint contract: a directory any mskjax tool can use on its own.
+
+    DIR/variables/   Orbax checkpoint of {"params", "batch_stats"?} (float32)
+    DIR/mskjax.json  metadata: format, version, kind ("classifier" | "sam"), arch, variant
+                     settings, num_classes, in_channels, input_size, normalization, source
+
+`mskjax.json` is written last, so a directory without it is an unfinished write. Readers build
+the model from the metadata alone (`load_model`) and check the stored tree against it, naming
+missing/unexpected leaves and shape mismatches.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mskjax.weights.mapping import CheckpointMismatch
+
+FORMAT = "mskjax.checkpoint"
+VERSION = 1
+METADATA_FILE = "mskjax.json"
+VARIABLES_DIR = "variables"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def classifier_metadata(arch: str, num_classes: int, in_channels: int, input_size: int,
+                        variant: dict[str, Any], normalization: dict[str, Any],
+                        source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metadata of a classifier checkpoint. `variant` holds JSON-able settings for
+    `mskjax.models.create` (dtype as a string); `normalization` says what input the model expects:
+    {"input_range": [lo, hi], "mean": [...], "std": [...]} applied as (x - mean) / std after scaling
+    pixels to input_range (mean 0 / std 1 when the model takes [0, 1] images as they are)."""
+    variant = {k: (jnp.dtype(v).name if k == "dtype" else v) for k, v in variant.items()}
+    return {"kind": "classifier", "arch": arch, "num_classes": int(num_classes),
+            "in_channels": int(in_channels), "input_size": int(input_size), "variant": variant,
+            "normalization": normalization, "source": source or {}}
+
+
+def save(directory: str | Path, variables: dict, metadata: dict[str, Any], overwrite: bool = False) -> Path:
+    """Writes `variables` and `metadata` to `directory` (see module docstring)."""
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"checkpoint directory already exists: {directory} (pass overwrite=True)")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    tree = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x),
+                        _plain(variables))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(directory / VARIABLES_DIR, tree)
+    ckpt.wait_until_finished()
+    meta = {"format": FORMAT, "version": VERSION, **metadata,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = directory / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / METADATA_FILE)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise CheckpointMismatch(f"{directory} is not a complete mskjax checkpoint: {METADATA_FILE} is missing "
+                                 "(an interrupted write, or not a checkpoint made by mskjax)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatch(f"{path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatch(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise CheckpointMismatch(f"{path}: version {meta.get('version')!r}, this mskjax reads version {VERSION}")
+    return meta
+
+
+def restore(directory: str | Path) -> tuple[dict, dict[str, Any]]:
+    """(variables as numpy float32, metadata). Raises CheckpointMismatch for a damaged directory."""
+    import orbax.checkpoint as ocp
+    directory = Path(directory).absolute()
+    meta = read_metadata(directory)
+    vdir = directory / VARIABLES_DIR
+    if not vdir.is_dir():
+        raise CheckpointMismatch(f"{directory}: {VARIABLES_DIR}/ is missing")
+    try:
+        variables = ocp.StandardCheckpointer().restore(vdir)
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+        raise CheckpointMismatch(f"cannot read {vdir}: {type(e).__name__}: {e}") from e
+    return jax.tree.map(np.asarray, variables), meta
+
+
+def check_tree(variables: dict, expected: dict, where: str) -> None:
+    """Raises CheckpointMismatch listing leaves missing from / unexpected in `variables`, and shapes."""
+    got = traverse_util.flatten_dict(_plain(variables))
+    want = traverse_util.flatten_dict(_plain(expected))
+    missing = ["/".join(k) for k in want if k not in got]
+    unexpected = ["/".join(k) for k in got if k not in want]
+    shapes = [f"{'/'.join(k)}: stored {tuple(np.shape(got[k]))} vs model {tuple(want[k].shape)}"
+              for k in want if k in got and tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"{where} does not match its model:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointMismatch("\n".join(lines))
+
+
+def model_from_metadata(meta: dict[str, Any]):
+    """The linen Module a classifier checkpoint's metadata describes."""
+    from mskjax.models import create
+    if meta.get("kind") != "classifier":
+        raise CheckpointMismatch(f"checkpoint kind {meta.get('kind')!r} is not a classifier")
+    return create(meta["arch"], num_classes=meta["num_classes"], **meta.get("variant", {}))
+
+
+def load_model(directory: str | Path):
+    """(model, variables, metadata) of a classifier checkpoint, checked leaf by leaf."""
+    variables, meta = restore(directory)
+    model = model_from_metadata(meta)
+    c = meta.get("in_channels", 3)
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, c)), train=False))
+    check_tree(variables, expected, f"checkpoint {directory}")
+    return model, variables, meta
+
+
+def _plain(tree):
+    if hasattr(tree, "unfreeze"):
+        tree = tree.unfreeze()
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree

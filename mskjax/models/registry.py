@@ -1,0 +1,58 @@
+"""Classifier architectures by name: `create("efficientnet_b3", num_classes=1, padding="same")`."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from mskjax.models.efficientnet import SCALING, EfficientNet, torchvision_bn
+from mskjax.models.resnet import STAGE_SIZES, ResNet
+
+RESNETS = {f"resnet{d}": d for d in STAGE_SIZES}
+EFFICIENTNETS = {f"efficientnet_{v}": v for v in SCALING}
+ARCHITECTURES = tuple(RESNETS) + tuple(EFFICIENTNETS)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def native_resolution(name: str) -> int:
+    """The input side the architecture was designed for (224 for ResNets, 224..600 for B0..B7)."""
+    if name in EFFICIENTNETS:
+        return SCALING[EFFICIENTNETS[name]][3]
+    if name in RESNETS:
+        return 224
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
+
+
+def default_variant(name: str) -> dict[str, Any]:
+    """Variant settings of torchvision's model of that name (BatchNorm epsilon and momentum,
+    padding): what a from-scratch model uses unless told otherwise."""
+    if name in EFFICIENTNETS:
+        eps, mom = torchvision_bn(EFFICIENTNETS[name])
+        return {"bn_epsilon": eps, "bn_momentum": mom, "padding": "symmetric"}
+    if name in RESNETS:
+        return {"bn_epsilon": 1e-5, "bn_momentum": 0.1, "padding": "symmetric"}
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
+
+
+def create(name: str, num_classes: int = 1, **variant: Any):
+    """A linen Module for architecture `name` with `num_classes` logits.
+
+    `variant` overrides `default_variant(name)`: bn_epsilon, bn_momentum, padding
+    ("symmetric" | "same"), dtype (jnp dtype or "float32" / "bfloat16"), and for EfficientNet
+    stochastic_depth, dropout, depthwise_impl ("grouped" | "shifted" | None). Unknown keys are an error.
+    """
+    settings = default_variant(name)
+    settings.update(variant)
+    if isinstance(settings.get("dtype"), str):
+        if settings["dtype"] not in _DTYPES:
+            raise ValueError(f"unknown dtype {settings['dtype']!r}: expected one of {list(_DTYPES)}")
+        settings["dtype"] = _DTYPES[settings["dtype"]]
+    cls, key = (ResNet, {"depth": RESNETS[name]}) if name in RESNETS else (EfficientNet, {"variant": EFFICIENTNETS[name]})
+    allowed = set(cls.__dataclass_fields__) - {"parent", "name", "depth", "variant", "num_classes"}
+    unknown = set(settings) - allowed
+    if unknown:
+        raise ValueError(f"unknown variant setting(s) {sorted(unknown)} for {name}: expected some of {sorted(allowed)}")
+    if settings.get("padding") not in ("symmetric", "same"):
+        raise ValueError(f"padding must be 'symmetric' or 'same', got {settings.get('padding')!r}")
+    return cls(num_classes=num_classes, **key, **settings)
