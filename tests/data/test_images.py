@@ -364,3 +364,26 @@ def test_max_pixels_checked_before_decoding_png(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"300x200 = 60000 pixels"):
         decode_image(p, max_pixels=59_999)
     assert decode_image(p, max_pixels=None).image.shape == (200, 300)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(progressive=True), dict(restart_marker_blocks=2), dict(progressive=True, restart_marker_rows=1)],
+)
+def test_progressive_and_restart_marker_jpegs(tmp_path, monkeypatch, options):
+    """Several scans / RSTn markers inside entropy-coded data: whole files decode, cut ones do not."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 255, (64, 80), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", **options)
+    data = buf.getvalue()
+    assert data.count(b"\xff\xda") > 1 or any(bytes([0xFF, 0xD0 + i]) in data for i in range(8))
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(data)
+    with Image.open(whole) as im:
+        np.testing.assert_allclose(decode_image(whole).image, np.asarray(im) / 255.0, atol=1e-6)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(cut)
