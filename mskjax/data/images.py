@@ -21,6 +21,8 @@ Choices, and why:
 * **Alpha is dropped, not composited.** Radiographs carry alpha only as an export artefact; the
   colour channels hold the measured intensities, and compositing onto black or white would invent
   intensities where alpha < 255. Modes LA / RGBA / PA / P-with-transparency drop their alpha.
+* **16-bit colour or gray+alpha PNGs** are read by Pillow at 8 bits (it keeps the high byte); the
+  scale is unchanged (value / 255 of the high byte) and `Decoded.bits_stored` reports 8.
 * **CMYK / YCbCr** go through Pillow's own conversion to RGB (no ICC colour management), then luma.
 * **Truncated or corrupt files raise `ImageDecodeError`; nothing is ever half-decoded.** Pillow can
   fill a truncated JPEG with grey when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set by anyone in
@@ -165,6 +167,8 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
         bits_stored = 8 if mode != "1" else 1
     else:
         bits_stored = header.get("significant_bits") or header.get("bit_depth") or bits_allocated
+        # Pillow keeps only the high byte of 16-bit colour / gray+alpha PNGs: say so.
+        bits_stored = min(bits_stored, bits_allocated)
     if mode.startswith("I") and header.get("bit_depth", 16) != 16:
         raise ImageDecodeError(path, f"unexpected mode {mode} for a {header.get('bit_depth')}-bit image")
     return Decoded(

@@ -387,3 +387,13 @@ def test_progressive_and_restart_marker_jpegs(tmp_path, monkeypatch, options):
     cut.write_bytes(data[: int(len(data) * 0.7)])
     with pytest.raises(ImageDecodeError, match="truncated"):
         decode_image(cut)
+
+
+def test_16bit_rgb_png_read_at_8_bits_same_scale(tmp_path):
+    import cv2  # Pillow cannot write 16-bit RGB PNGs; OpenCV can (installed for the test suite)
+    rgb16 = np.array([[[65535, 0, 0], [0, 65535, 0], [0, 0, 65535], [30000, 30000, 30000]]], dtype=np.uint16)
+    p = tmp_path / "rgb16.png"
+    assert cv2.imwrite(str(p), rgb16[..., ::-1])  # OpenCV writes BGR
+    d = decode_image(p)
+    assert d.source_mode == "RGB" and d.bits_stored == 8
+    np.testing.assert_allclose(d.image, [[0.299, 0.587, 0.114, (30000 >> 8) / 255]], atol=1e-6)
