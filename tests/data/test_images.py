@@ -389,11 +389,24 @@ def test_progressive_and_restart_marker_jpegs(tmp_path, monkeypatch, options):
         decode_image(cut)
 
 
+def _png_16bit_rgb(rgb16: np.ndarray) -> bytes:
+    """A minimal 16-bit RGB PNG written by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def test_16bit_rgb_png_read_at_8_bits_same_scale(tmp_path):
-    import cv2  # Pillow cannot write 16-bit RGB PNGs; OpenCV can (installed for the test suite)
     rgb16 = np.array([[[65535, 0, 0], [0, 65535, 0], [0, 0, 65535], [30000, 30000, 30000]]], dtype=np.uint16)
     p = tmp_path / "rgb16.png"
-    assert cv2.imwrite(str(p), rgb16[..., ::-1])  # OpenCV writes BGR
+    p.write_bytes(_png_16bit_rgb(rgb16))
     d = decode_image(p)
     assert d.source_mode == "RGB" and d.bits_stored == 8
     np.testing.assert_allclose(d.image, [[0.299, 0.587, 0.114, (30000 >> 8) / 255]], atol=1e-6)
