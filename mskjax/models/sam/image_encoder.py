@@ -1,0 +1,186 @@
+"""SAM image encoder: a plain ViT (ViTDet style) with windowed and global attention, decomposed
+relative position embeddings, an absolute position embedding and a conv + LayerNorm2d neck.
+
+Input (B, S, S, 3) float32: normalised and padded images in the SAM input frame (see
+`mskjax.sam.preprocess`), S = img_size. Output (B, S/p, S/p, out_chans) image embeddings, p the
+patch size (16).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mskjax.models.sam.common import ENCODER_LN_EPS, LAYERNORM2D_EPS, MLPBlock, layer_norm, linear_resize_matrix
+
+
+def rel_pos_index(q_size: int, k_size: int) -> np.ndarray:
+    """(q_size, k_size) int indices into a relative-position table of length 2 * max(q, k) - 1.
+
+    Same float32 arithmetic and truncation as segment_anything's `get_rel_pos`, which scales the
+    shorter side's coordinates when q and k sizes differ.
+    """
+    q_ratio = np.float32(max(k_size / q_size, 1.0))
+    k_ratio = np.float32(max(q_size / k_size, 1.0))
+    q_coords = np.arange(q_size, dtype=np.float32)[:, None] * q_ratio
+    k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_ratio
+    rel = (q_coords - k_coords) + np.float32((k_size - 1) * max(q_size / k_size, 1.0))
+    return rel.astype(np.int64)  # truncation toward zero, as torch's .long()
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative position embeddings (q_size, k_size, C) gathered from a table rel_pos (L, C).
+
+    When L differs from 2 * max(q_size, k_size) - 1 the table is first resized along L with
+    torch-style linear interpolation (align_corners=False), as the official code does.
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        m = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], max_rel_dist))
+        rel_pos = jnp.matmul(m, rel_pos, precision=jax.lax.Precision.HIGHEST)
+    return rel_pos[rel_pos_index(q_size, k_size)]
+
+
+class EncoderAttention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions.
+
+    input_size (h, w) sizes the relative position tables (2h - 1, head_dim), (2w - 1, head_dim):
+    the window size for windowed blocks, the token grid for global ones.
+    Submodules qkv, proj; params rel_pos_h, rel_pos_w.
+    """
+
+    num_heads: int
+    input_size: tuple[int, int]
+    use_rel_pos: bool = True
+    qkv_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        nh = self.num_heads
+        hd = c // nh
+        qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, h * w, 3, nh, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, nh, hd)
+        attn = jnp.einsum("bqnd,bknd->bnqk", q * (hd ** -0.5), k)
+        if self.use_rel_pos:
+            # Zero-initialised as in segment_anything.
+            rel_pos_h = self.param("rel_pos_h", nn.initializers.zeros,
+                                   (2 * self.input_size[0] - 1, hd), jnp.float32)
+            rel_pos_w = self.param("rel_pos_w", nn.initializers.zeros,
+                                   (2 * self.input_size[1] - 1, hd), jnp.float32)
+            r_h = get_rel_pos(h, h, rel_pos_h)  # (h, h, hd)
+            r_w = get_rel_pos(w, w, rel_pos_w)  # (w, w, hd)
+            rq = q.reshape(b, h, w, nh, hd)  # unscaled q, as the official code
+            rel_h = jnp.einsum("byxnd,ykd->bnyxk", rq, r_h)
+            rel_w = jnp.einsum("byxnd,xkd->bnyxk", rq, r_w)
+            attn = (attn.reshape(b, nh, h, w, h, w)
+                    + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :])
+            attn = attn.reshape(b, nh, h * w, h * w)
+        attn = jax.nn.softmax(attn, axis=-1)
+        out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+        return nn.Dense(c, name="proj")(out)
+
+
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nwin, window, window, C), zero-padding H, W at the bottom/right up to a
+    multiple of window. Returns the windows and the padded size (Hp, Wp)."""
+    b, h, w, c = x.shape
+    ph, pw = (-h) % window, (-w) % window
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    hp, wp = h + ph, w + pw
+    x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+    """Inverse of `window_partition`: (B * nwin, window, window, C) -> (B, H, W, C)."""
+    hp, wp = padded_hw
+    h, w = hw
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, c)[:, :h, :w, :]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm ViT block; window > 0 attends within non-overlapping windows, 0 globally.
+
+    Submodules norm1, attn, norm2, mlp.
+    """
+
+    num_heads: int
+    window: int
+    grid_size: tuple[int, int]
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        shortcut = x
+        x = layer_norm(ENCODER_LN_EPS, name="norm1")(x)
+        attn_size = self.grid_size if self.window == 0 else (self.window, self.window)
+        attn = EncoderAttention(self.num_heads, attn_size, name="attn")
+        if self.window > 0:
+            h, w = x.shape[1], x.shape[2]
+            windows, padded = window_partition(x, self.window)
+            x = window_unpartition(attn(windows), self.window, padded, (h, w))
+        else:
+            x = attn(x)
+        x = shortcut + x
+        return x + MLPBlock(int(dim * self.mlp_ratio), "gelu", name="mlp")(
+            layer_norm(ENCODER_LN_EPS, name="norm2")(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> embed_dim, (B, S, S, 3) -> (B, S/p, S/p, D). Submodule proj."""
+
+    embed_dim: int
+    patch_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        return nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="proj")(x)
+
+
+class ImageEncoderViT(nn.Module):
+    """(B, S, S, 3) -> (B, S/p, S/p, out_chans). Mirrors segment_anything's ImageEncoderViT.
+
+    Submodules patch_embed (proj: Conv p x p stride p), blocks_{i}, neck_0 (1x1 conv), neck_1
+    (LayerNorm2d), neck_2 (3x3 conv), neck_3 (LayerNorm2d); param pos_embed (1, S/p, S/p, D).
+    """
+
+    img_size: int = 1024
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    out_chans: int = 256
+    window_size: int = 14
+    global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
+            raise ValueError(
+                f"image encoder expects (B, {self.img_size}, {self.img_size}, 3) images, got {x.shape}")
+        p = self.patch_size
+        x = PatchEmbed(self.embed_dim, p, name="patch_embed")(x)
+        grid = (self.img_size // p, self.img_size // p)
+        # Zero-initialised as in segment_anything (its checkpoints carry trained values).
+        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, *grid, self.embed_dim),
+                               jnp.float32)
+        x = x + pos_embed
+        for i in range(self.depth):
+            window = 0 if i in tuple(self.global_attn_indexes) else self.window_size
+            x = EncoderBlock(self.num_heads, window, grid, self.mlp_ratio, name=f"blocks_{i}")(x)
+        x = nn.Conv(self.out_chans, (1, 1), use_bias=False, name="neck_0")(x)
+        x = layer_norm(LAYERNORM2D_EPS, name="neck_1")(x)
+        x = nn.Conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="neck_2")(x)
+        return layer_norm(LAYERNORM2D_EPS, name="neck_3")(x)

@@ -1,0 +1,226 @@
+"""Segment Anything as pure functions: preprocess -> embed -> decode -> postprocess.
+
+Frames (boxes are (x0, y0, x1, y1), points (x, y), float pixels; pixel i covers [i, i + 1)):
+- original: the image as given, (H, W) = original_size.
+- SAM input: the image resized so its long side is img_size ("input_size" (h, w) before padding),
+  then zero-padded at the bottom/right to img_size x img_size. Prompts go to `decode` in this frame
+  (`transform_boxes` / `transform_points` take them there).
+- low-res: mask logits on an (img_size / 4)^2 grid covering the padded SAM input.
+
+Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.weights.sam):
+
+    batch = preprocess(images)                      # host-side (PIL), NumPy out
+    emb = jax.jit(embed, static_argnums=0)(model, variables, batch.images)
+    out = jax.jit(decode, static_argnums=0, static_argnames=("multimask", "return_masks"))(
+        model, variables, emb, boxes=transform_boxes(boxes, batch.original_sizes, img_size))
+    masks_i = postprocess(out["low_res_logits"][i], batch.input_sizes[i], batch.original_sizes[i],
+                          img_size)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mskjax.models.sam.common import linear_resize_matrix
+from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam
+
+# Logit given to every pixel of a padded (invalid) prompt: far below the threshold, still finite
+# so that interpolation and losses stay NaN-free.
+INVALID_PROMPT_LOGIT = -1e4
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class SamInputs(NamedTuple):
+    """images (B, S, S, 3) float32 normalised and zero-padded; input_sizes (B, 2) int32 (h, w) of
+    the resized image inside the padding; original_sizes (B, 2) int32 (H, W)."""
+
+    images: np.ndarray
+    input_sizes: np.ndarray
+    original_sizes: np.ndarray
+
+
+def sam_input_size(original_size: Sequence[int], img_size: int = 1024) -> tuple[int, int]:
+    """(h, w) of an (H, W) image resized so its long side is img_size (ResizeLongestSide's rule:
+    scale = img_size / max(H, W), each side int(side * scale + 0.5), in float64)."""
+    old_h, old_w = int(original_size[0]), int(original_size[1])
+    if old_h <= 0 or old_w <= 0:
+        raise ValueError(f"image size must be positive, got {(old_h, old_w)}")
+    scale = img_size * 1.0 / max(old_h, old_w)
+    return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+
+
+def _as_image_list(images) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3)):
+            return [images]
+        if images.ndim in (3, 4):  # (B, H, W) gray or (B, H, W, C)
+            return list(images)
+        raise ValueError(f"expected an image (H, W[, C]) or a batch (B, H, W[, C]), got {images.shape}")
+    return [np.asarray(im) for im in images]
+
+
+def _to_rgb(image: np.ndarray, index: int) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise ValueError(f"image {index}: SAM preprocessing takes uint8 images, got {image.dtype} "
+                         "(window/scale 16-bit radiographs to 8 bits first)")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:  # grayscale radiograph: the same value in R, G and B
+        return np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return image
+    raise ValueError(f"image {index}: expected (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+
+
+def preprocess(images_uint8, img_size: int = 1024) -> SamInputs:
+    """Resize (long side -> img_size), normalise and pad images as SamPredictor.set_image does.
+
+    images_uint8: one image or a sequence/batch of images, each (H, W) grayscale, (H, W, 1) or
+    (H, W, 3) RGB, uint8; sizes may differ. Resizing is PIL's bilinear (antialiased) resize on the
+    uint8 image, as the official `ResizeLongestSide.apply_image`; then (x - PIXEL_MEAN) / PIXEL_STD
+    in float32 and zero padding at the bottom/right. Host-side NumPy, not jit-able.
+    """
+    imgs = _as_image_list(images_uint8)
+    if not imgs:
+        raise ValueError("preprocess got no images")
+    mean = np.asarray(PIXEL_MEAN, np.float32)
+    std = np.asarray(PIXEL_STD, np.float32)
+    out = np.zeros((len(imgs), img_size, img_size, 3), np.float32)
+    input_sizes = np.zeros((len(imgs), 2), np.int32)
+    original_sizes = np.zeros((len(imgs), 2), np.int32)
+    for i, im in enumerate(imgs):
+        rgb = _to_rgb(im, i)
+        h, w = sam_input_size(rgb.shape[:2], img_size)
+        resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+        out[i, :h, :w] = (resized.astype(np.float32) - mean) / std
+        input_sizes[i] = (h, w)
+        original_sizes[i] = rgb.shape[:2]
+    return SamInputs(out, input_sizes, original_sizes)
+
+
+def _scale_xy(coords, original_size, img_size: int):
+    """coords (..., 2k) x/y interleaved, original_size (..., 2) (H, W) a prefix-batch of coords."""
+    is_jax = isinstance(coords, jax.Array) or isinstance(original_size, jax.Array)
+    xp = jnp if is_jax else np
+    dtype = jnp.float32 if is_jax else np.float64
+    coords = xp.asarray(coords, dtype)
+    size = xp.asarray(original_size, dtype)
+    if size.shape[-1] != 2:
+        raise ValueError(f"original_size must end in (H, W), got shape {size.shape}")
+    extra = coords.ndim - size.ndim
+    if extra < 0 or coords.shape[:size.ndim - 1] != size.shape[:-1]:
+        raise ValueError(f"original_size {size.shape} is not a batch prefix of coordinates {coords.shape}")
+    size = size.reshape(size.shape[:-1] + (1,) * extra + (2,))
+    old_h, old_w = size[..., 0], size[..., 1]
+    scale = img_size * 1.0 / xp.maximum(old_h, old_w)
+    new_h, new_w = xp.floor(old_h * scale + 0.5), xp.floor(old_w * scale + 0.5)
+    k = coords.shape[-1] // 2
+    factors = xp.stack([new_w / old_w, new_h / old_h], axis=-1)  # (..., 2) as (x, y)
+    factors = xp.concatenate([factors] * k, axis=-1)
+    out = coords * factors
+    return out.astype(jnp.float32) if is_jax else out.astype(np.float32)
+
+
+def transform_boxes(boxes, original_size, img_size: int = 1024):
+    """Boxes (..., 4) (x0, y0, x1, y1) in original-image pixels -> the SAM input frame
+    (ResizeLongestSide.apply_boxes). original_size (H, W), or (..., 2) for a leading batch of boxes,
+    e.g. boxes (B, P, 4) with original_sizes (B, 2). NumPy in (float64 maths) -> NumPy float32 out;
+    JAX arrays in -> JAX float32 (jit-able)."""
+    if np.shape(boxes)[-1] != 4:
+        raise ValueError(f"boxes must be (..., 4), got shape {np.shape(boxes)}")
+    return _scale_xy(boxes, original_size, img_size)
+
+
+def transform_points(points, original_size, img_size: int = 1024):
+    """Points (..., 2) (x, y) in original-image pixels -> the SAM input frame
+    (ResizeLongestSide.apply_coords). original_size as in `transform_boxes`."""
+    if np.shape(points)[-1] != 2:
+        raise ValueError(f"points must be (..., 2), got shape {np.shape(points)}")
+    return _scale_xy(points, original_size, img_size)
+
+
+def embed(model: Sam, variables: dict, images: jax.Array) -> jax.Array:
+    """Image embeddings (B, S/16, S/16, 256) of preprocessed images (B, S, S, 3). Jit with
+    static_argnums=0."""
+    return model.apply(variables, images, method=Sam.embed_images)
+
+
+def upscale_logits(low_res_logits: jax.Array, img_size: int) -> jax.Array:
+    """(..., L, L) -> (..., img_size, img_size): torch's bilinear, align_corners=False, no antialias."""
+    lh, lw = low_res_logits.shape[-2:]
+    m_h = jnp.asarray(linear_resize_matrix(lh, img_size))
+    m_w = jnp.asarray(linear_resize_matrix(lw, img_size))
+    return jnp.einsum("yi,...ij,xj->...yx", m_h, low_res_logits, m_w, precision=_HIGHEST)
+
+
+def decode(model: Sam, variables: dict, embeddings: jax.Array, boxes: jax.Array | None = None,
+           points: jax.Array | None = None, point_labels: jax.Array | None = None,
+           mask_input: jax.Array | None = None, multimask: bool = True,
+           prompt_valid: jax.Array | None = None, return_masks: bool = False) -> dict:
+    """Masks for B images x P prompts each (padded to a common P; prompt_valid marks real ones).
+
+    embeddings (B, h, w, 256) from `embed`. Prompts in the SAM input frame:
+      boxes (B, P, 4); points (B, P, N, 2) with point_labels (B, P, N) (1 foreground,
+      0 background, -1 padding point); mask_input (B, P, 4h, 4w) low-res logits (e.g. from a
+      previous call). Any combination; at least one of them.
+    prompt_valid (B, P) bool: outputs of invalid prompts are INVALID_PROMPT_LOGIT / IoU 0.
+    Returns {"low_res_logits": (B, P, M, 4h, 4w), "iou_predictions": (B, P, M)} with M = 3 if
+    multimask else 1, plus "masks" (B, P, M, S, S) bool in the padded SAM input frame if
+    return_masks (crop/resize per image with `postprocess` for the original frame).
+    Jit with static_argnums=0 and static_argnames=("multimask", "return_masks").
+    """
+    b = embeddings.shape[0]
+    given = [x for x in (boxes, points, mask_input) if x is not None]
+    if not given:
+        raise ValueError("decode needs at least one prompt: boxes, points or mask_input")
+    p = given[0].shape[1]
+    for name, x in (("boxes", boxes), ("points", points), ("point_labels", point_labels),
+                    ("mask_input", mask_input), ("prompt_valid", prompt_valid)):
+        if x is not None and tuple(x.shape[:2]) != (b, p):
+            raise ValueError(f"{name} must start with (B, P) = {(b, p)}, got shape {x.shape}")
+    if (points is None) != (point_labels is None):
+        raise ValueError("points and point_labels go together")
+
+    def flat(x):
+        return None if x is None else x.reshape(b * p, *x.shape[2:])
+
+    _, h, w, c = embeddings.shape
+    per_prompt = jnp.broadcast_to(embeddings[:, None], (b, p, h, w, c)).reshape(b * p, h, w, c)
+    logits, iou = model.apply(variables, per_prompt, flat(boxes), flat(points), flat(point_labels),
+                              flat(mask_input), multimask, method=Sam.predict_masks)
+    logits = logits.reshape(b, p, *logits.shape[1:])
+    iou = iou.reshape(b, p, -1)
+    if prompt_valid is not None:
+        valid = jnp.asarray(prompt_valid, bool)
+        logits = jnp.where(valid[:, :, None, None, None], logits, INVALID_PROMPT_LOGIT)
+        iou = jnp.where(valid[:, :, None], iou, 0.0)
+    out = {"low_res_logits": logits, "iou_predictions": iou}
+    if return_masks:
+        out["masks"] = upscale_logits(logits, model.config.img_size) > MASK_THRESHOLD
+    return out
+
+
+def postprocess(low_res_logits: jax.Array, input_size: Sequence[int], original_size: Sequence[int],
+                img_size: int = 1024, return_logits: bool = False) -> jax.Array:
+    """Low-res logits (..., L, L) of one image -> its original frame (..., H, W).
+
+    As Sam.postprocess_masks: bilinear (align_corners=False, no antialias) upscale to img_size,
+    crop to input_size (h, w), bilinear resize to original_size (H, W); the three linear steps are
+    folded into one matrix per axis. Returns bool masks (logit > 0.0) or, with return_logits, the
+    logits. Sizes must be concrete ints (they fix output shapes).
+    """
+    in_h, in_w = (int(v) for v in input_size)
+    out_h, out_w = (int(v) for v in original_size)
+    lh, lw = low_res_logits.shape[-2:]
+    if not (0 < in_h <= img_size and 0 < in_w <= img_size):
+        raise ValueError(f"input_size {(in_h, in_w)} must lie within img_size {img_size}")
+    m_h = linear_resize_matrix(in_h, out_h) @ linear_resize_matrix(lh, img_size)[:in_h]
+    m_w = linear_resize_matrix(in_w, out_w) @ linear_resize_matrix(lw, img_size)[:in_w]
+    logits = jnp.einsum("yi,...ij,xj->...yx", jnp.asarray(m_h), low_res_logits, jnp.asarray(m_w),
+                        precision=_HIGHEST)
+    return logits if return_logits else logits > MASK_THRESHOLD
