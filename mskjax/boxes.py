@@ -10,6 +10,7 @@ covers [j, j + 1) x [i, i + 1).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -63,6 +64,7 @@ def argmax_2d(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
     return flat // w, flat % w
 
 
+@functools.partial(jax.jit, static_argnames=("box_side", "input_side", "border"))
 def peak_boxes(maps, box_side: float | None = None, input_side: float | None = None,
                border: str = "clip") -> PeakBoxes:
     """The report's localisation: a square box centred on the map's maximum.
@@ -113,6 +115,7 @@ def peak_boxes(maps, box_side: float | None = None, input_side: float | None = N
     return _unbatch(out, single)
 
 
+@jax.jit
 def connected_components(mask) -> jax.Array:
     """8-connected component labels of boolean masks (B, H, W) -> int32 (B, H, W).
 
@@ -150,6 +153,7 @@ def connected_components(mask) -> jax.Array:
     return labels[0] if single else labels
 
 
+@functools.partial(jax.jit, static_argnames=("score",))
 def component_boxes(labels, values=None, score: str = "sum"):
     """Bounding box and score of every component of `connected_components` labels.
 
@@ -194,6 +198,7 @@ def component_boxes(labels, values=None, score: str = "sum"):
     return _unbatch(out, single)
 
 
+@functools.partial(jax.jit, static_argnames=("bins",))
 def otsu_threshold(maps, bins: int = 256) -> jax.Array:
     """Otsu's threshold of each map (B, H, W) -> (B,), jit-able.
 
@@ -224,6 +229,7 @@ def otsu_threshold(maps, bins: int = 256) -> jax.Array:
     return thr[0] if single else thr
 
 
+@functools.partial(jax.jit, static_argnames=("method", "k", "score"))
 def threshold_boxes(maps, fraction: float = 0.5, method: str = "fraction", k: int = 4,
                     score: str = "sum") -> ThresholdBoxes:
     """Boxes around the connected components of a thresholded map, the best `k` of them.

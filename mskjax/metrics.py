@@ -494,8 +494,14 @@ def dice_of_thresholded_map(maps, gt_masks, thresholds=0.5, normalize: bool = Tr
     return d[0] if t.ndim == 0 else d
 
 
-def _best_iou_per_threshold(maps, gt_boxes, gt_valid, thresholds):
-    """(T, B): for each CAM threshold, the best IoU between any component box and any GT box."""
+def best_box_iou_curve(maps, gt_boxes, gt_valid, thresholds):
+    """(T, B) float32: for each CAM threshold t, the best IoU between any box of an 8-connected
+    component of (maps > t) and any valid GT box (0 when there is none). jit-able.
+
+    maps (B, H, W) (already normalised if wanted); gt_boxes (B, G, 4); gt_valid (B, G) bool;
+    thresholds (T,). Keep these per batch to compute MaxBoxAccV2 over a whole dataset
+    (hit = IoU >= delta; accuracy = mean over images with a GT box; max over t).
+    """
 
     def at(thr):
         labels = connected_components(maps > thr)
@@ -507,7 +513,7 @@ def _best_iou_per_threshold(maps, gt_boxes, gt_valid, thresholds):
     return jax.lax.map(at, thresholds)
 
 
-_best_iou_jit = jax.jit(_best_iou_per_threshold)
+_best_iou_jit = jax.jit(best_box_iou_curve)
 
 
 def max_box_acc_v2(maps, gt_boxes, gt_valid=None, thresholds=None,
