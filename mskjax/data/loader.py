@@ -326,13 +326,17 @@ class Loader:
             if not pending:
                 return
             b_epoch, b_step, rows = pending.popleft()
+            self._check_current(generation)
             batch = self._assemble(b_epoch, b_step, rows)
-            if generation != self._generation:
-                raise RuntimeError("this loader iterator was superseded by a newer iter(), restore() or close()")
+            self._check_current(generation)
             self._epoch, self._step = b_epoch, b_step + 1
             if self._step == self.steps_per_epoch:
                 self._epoch, self._step = b_epoch + 1, 0
             yield batch
+
+    def _check_current(self, generation: int) -> None:
+        if generation != self._generation:
+            raise RuntimeError("this loader iterator was superseded by a newer iter(), restore() or close()")
 
     def _positions(self, step: int) -> np.ndarray:
         """Epoch-order positions of this process's rows of global batch `step` (may exceed N-1)."""

@@ -277,3 +277,16 @@ def test_a_new_iterator_supersedes_the_old_one(good):
 def test_bad_arguments_are_refused(good, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Loader(good, image_size=S, **kwargs)
+
+
+def test_close_stops_threads_and_the_loader_can_start_again(good):
+    ld = Loader(good, global_batch_size=4, image_size=S, shuffle=False, process_index=0, process_count=1,
+                workers=2, prefetch=3)
+    it = iter(ld)
+    first = next(it)
+    ld.close()
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(it)
+    second = next(iter(ld))  # continues from the saved position with a new pool
+    np.testing.assert_array_equal(first["index"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(second["index"], [4, 5, 6, 7])
