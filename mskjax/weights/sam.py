@@ -52,6 +52,24 @@ def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     raise SamCheckpointError(f"unexpected {value.ndim}-d kernel at {'/'.join(path)}")
 
 
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Inverse of `_to_flax_layout` on shapes."""
+    if path[-1] != "kernel":
+        return tuple(shape)
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    kh, kw, cin, cout = shape
+    if tuple(path[-3:-1]) in _CONV_TRANSPOSE:
+        return (cin, cout, kh, kw)
+    return (cout, cin, kh, kw)
+
+
+def expected_state_dict_shapes(arch: str, img_size: int = 1024) -> dict[str, tuple[int, ...]]:
+    """The official state-dict keys and tensor shapes that `build_sam(arch, img_size)` takes."""
+    expected = flatten_dict(sam_variable_shapes(build_sam(arch, img_size)))
+    return {_torch_key(path[1:]): _torch_shape(path, tuple(v.shape)) for path, v in expected.items()}
+
+
 def _as_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, possibly bf16/fp16 or on a GPU
         value = value.detach().cpu().float().numpy()

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from mskjax.models.sam.image_encoder import ImageEncoderViT
@@ -140,9 +141,51 @@ def _init_inputs(config: SamConfig):
 
 
 def init_sam_variables(model: Sam, rng: jax.Array) -> dict:
-    """Freshly initialised variables ({"params", "buffers"}), initialised like segment_anything's
-    modules are in spirit (position tables and pos_embed zero)."""
-    return jax.jit(model.init)(rng, *_init_inputs(model.config))
+    """Freshly initialised variables {"params", "buffers"} for training from scratch.
+
+    All random leaves are slices of ONE normal draw: XLA on CPU compiles each separate random op
+    slowly (hundreds of per-parameter initialisers took minutes), one op compiles in seconds.
+    Scaling: kernels LeCun normal (std 1 / sqrt(fan_in), fan_in = product of all axes but the
+    last); embeddings and the positional-encoding gaussian N(0, 1); biases, pos_embed and the
+    relative-position tables zero (as segment_anything); LayerNorm scales one.
+    """
+    shapes = sam_variable_shapes(model)
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    treedef = jax.tree_util.tree_structure(shapes)
+
+    def init(key):
+        random = [(path, leaf) for path, leaf in paths_and_leaves if _init_kind(path) != "const"]
+        total = sum(int(np.prod(leaf.shape)) for _, leaf in random)
+        draw = jax.random.normal(key, (total,), jnp.float32)
+        out, offset = [], 0
+        for path, leaf in paths_and_leaves:
+            kind, size = _init_kind(path), int(np.prod(leaf.shape))
+            if kind == "const":
+                fill = 1.0 if _leaf_name(path) == "scale" else 0.0
+                out.append(jnp.full(leaf.shape, fill, jnp.float32))
+                continue
+            x = draw[offset:offset + size].reshape(leaf.shape)
+            offset += size
+            if kind == "kernel":
+                x = x / np.sqrt(np.prod(leaf.shape[:-1]))
+            out.append(x)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(init)(rng)
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def _init_kind(path) -> str:
+    """'kernel' (LeCun normal), 'normal' (N(0, 1)) or 'const' (zeros / ones)."""
+    name = _leaf_name(path)
+    if name == "kernel":
+        return "kernel"
+    if name in ("embedding", "positional_encoding_gaussian_matrix"):
+        return "normal"
+    return "const"  # bias, scale, pos_embed, rel_pos_h, rel_pos_w
 
 
 def sam_variable_shapes(model: Sam) -> dict:
