@@ -288,7 +288,7 @@ def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=()) -> Fracture:
     u = rng.random()
     if tg.displace and u < 0.38:
         kind = "displaced"
-    elif u < 0.75:
+    elif u < 0.8:
         kind = "complete"
     else:
         kind = "hairline"
@@ -298,11 +298,11 @@ def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=()) -> Fracture:
     kw = dict(bone=tg.bone, seg=tg.seg, t=t, angle=angle, jag_amp=jag_amp, jag_period=jag_period,
               jag_phase=float(rng.uniform(0, 2 * math.pi)), kind=kind)
     if kind == "hairline":
-        gap = float(rng.uniform(1.4, 2.0)) * unit
+        gap = float(rng.uniform(1.7, 2.3)) * unit
         window = (-9.0, 9.0) if rng.random() < 0.5 else (
             (-1.3, float(rng.uniform(0.1, 0.6))) if rng.random() < 0.5 else (float(rng.uniform(-0.6, -0.1)), 1.3))
-        return Fracture(gap=gap, residual=float(rng.uniform(0.15, 0.35)), window=window, **kw)
-    gap = float(rng.uniform(2.0, 3.4)) * unit
+        return Fracture(gap=gap, residual=float(rng.uniform(0.1, 0.3)), window=window, **kw)
+    gap = float(rng.uniform(2.2, 3.6)) * unit
     if kind == "complete":
         return Fracture(gap=gap, residual=float(rng.uniform(0.0, 0.12)), **kw)
     sign = 1.0 if rng.random() < 0.5 else -1.0
@@ -315,11 +315,11 @@ def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=()) -> Lytic:
     tg = _pick_target(rng, anatomy.targets, lambda t: t.lesion and t.bone not in exclude)
     t = float(rng.uniform(tg.t_lo, tg.t_hi)) if tg.t_hi > tg.t_lo else tg.t_lo
     r_loc = _local_radius(anatomy, tg, t)
-    b = max(float(rng.uniform(0.45, 0.75)) * r_loc, 2.4 * unit)
+    b = max(float(rng.uniform(0.5, 0.8)) * r_loc, 3.0 * unit)
     b = min(b, 0.9 * r_loc) if r_loc > 2.7 * unit else 0.95 * r_loc
     a = b * float(rng.uniform(1.1, 2.4))
     d = float(rng.uniform(-1.0, 1.0)) * max(0.0, (r_loc - b) / r_loc) * 0.8
-    return Lytic(bone=tg.bone, seg=tg.seg, t=t, d=d, a=a, b=b, depth=float(rng.uniform(0.55, 0.85)),
+    return Lytic(bone=tg.bone, seg=tg.seg, t=t, d=d, a=a, b=b, depth=float(rng.uniform(0.6, 0.9)),
                  rim=float(rng.uniform(0.1, 0.35)) if rng.random() < 0.4 else 0.0,
                  tilt=float(rng.normal(0, 8)))
 
@@ -351,7 +351,7 @@ def draw_hardware(rng, anatomy: Anatomy, unit: float) -> Hardware:
             wires.append((t, float(rng.uniform(15, 50) * rng.choice([-1, 1])),
                           float(rng.uniform(2.5, 5.0)) * r_shaft + 6.0,
                           float(rng.uniform(3, 8)) if rng.random() < 0.4 else 0.0))
-        params = dict(t_mid=t_mid, r=max(0.7, 0.55 * unit), wires=tuple(wires))
+        params = dict(t_mid=t_mid, r=max(0.7, 0.7 * unit), wires=tuple(wires))
     elif kind == "screws":
         n = int(rng.integers(1, 3))
         t_mid = float(rng.uniform(tg.t_lo, tg.t_hi)) if tg.t_hi > tg.t_lo else tg.t_lo
