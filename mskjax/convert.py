@@ -2,6 +2,11 @@
 
     python -m mskjax.convert --source torchvision --arch resnet50 resnet50-0676ba61.pth OUT_DIR
         [--num_classes 1] [--in_channels 1] [--seed 0]
+    python -m mskjax.convert --source timm --arch tf_efficientnet_b3 model.safetensors OUT_DIR
+    python -m mskjax.convert --source keras --arch EfficientNetB3 efficientnetb3_notop.h5 OUT_DIR --num_classes 1
+
+--arch is the source's model name (timm: "tf_efficientnet_b3[.tag]"; keras: "EfficientNetB3"); the
+checkpoint records our architecture ("efficientnet_b3") with the variant settings that reproduce it.
 
 Nothing is downloaded: INPUT is a file you already have.
 """
@@ -28,17 +33,18 @@ def convert(source: str, arch: str, input_path: str | Path, output_dir: str | Pa
         meta["source"] = {"format": "segment_anything", "file": input_path.name,
                           "sha256": checkpoint.file_sha256(input_path)}
     else:
-        state_dict = weights.read_torch_state_dict(input_path)
+        state_dict = weights.read_state_dict(source, input_path)
         ckpt_classes = weights.checkpoint_classes(source, arch, state_dict)
         variables = weights.from_state_dict(source, arch, state_dict, num_classes=num_classes,
                                             in_channels=in_channels, seed=seed)
         classes = ckpt_classes if num_classes is None else num_classes
+        ours = weights.model_arch(source, arch)
         meta = checkpoint.classifier_metadata(
-            arch, classes, in_channels, native_resolution(arch), weights.variant_for(source, arch),
-            weights.IMAGENET_NORMALIZATION,
+            ours, classes, in_channels, native_resolution(ours), weights.variant_for(source, arch),
+            weights.normalization_for(source, arch, state_dict),
             {"format": source, "file": input_path.name, "sha256": checkpoint.file_sha256(input_path),
              "checkpoint_classes": ckpt_classes, "new_head": classes != ckpt_classes,
-             "stem_summed_to_one_channel": in_channels == 1})
+             "stem_summed_to_one_channel": in_channels == 1, **weights.source_details(source, arch, state_dict)})
     checkpoint.save(output_dir, variables, meta, overwrite=overwrite)
     return checkpoint.read_metadata(output_dir)
 
@@ -46,7 +52,7 @@ def convert(source: str, arch: str, input_path: str | Path, output_dir: str | Pa
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mskjax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, choices=["torchvision", "sam"])
+    p.add_argument("--source", required=True, choices=["torchvision", "timm", "keras", "sam"])
     p.add_argument("--arch", required=True)
     p.add_argument("input")
     p.add_argument("output_dir")
