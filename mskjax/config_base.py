@@ -1,0 +1,108 @@
+"""The base training configuration every `configs/*.py` starts from, and its validation.
+
+Every field exists here with its type, so a mistyped override (`--config.train.batchsize=8`) is an
+error that lists the valid names instead of a silent new field.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
+                "depthwise_impl")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "classifier"
+    c.seed = 0
+    c.init_from = ""  # an mskjax checkpoint directory (mskjax.convert output) to start from
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "resnet18"
+    c.model.num_classes = 1  # one abnormality logit (sigmoid)
+    c.model.in_channels = 1
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
+    c.model.dropout = -1.0  # EfficientNet: < 0 means the variant's own rate
+    c.model.stochastic_depth = 0.2  # EfficientNet only
+    c.model.padding = "symmetric"
+    c.model.depthwise_impl = ""  # EfficientNet: "" picks per backend
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "synthetic"  # synthetic | mura | fracatlas
+    c.data.root = "data/synthetic"
+    c.data.image_size = 128
+    c.data.mode = "resize"  # resize (the report) | letterbox (aspect kept, zero padding)
+    c.data.normalization = "none"  # none ([0, 1], the report) | imagenet (mean/std)
+    c.data.body_parts = ""  # comma-separated MURA body parts; "" = all
+    c.data.valid_fraction = 0.15  # MURA/FracAtlas: carved from train, patient/image-disjoint
+    c.data.synthetic_studies = 700  # generated when data.root has no dataset
+    c.data.synthetic_seed = 0
+    c.data.workers = 2
+    c.data.cache = True
+    c.data.augment = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global, over all devices and processes
+    c.train.epochs = 10
+    c.train.optimizer = "adamw"  # adamw | sgd
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4
+    c.train.momentum = 0.9
+    c.train.warmup_epochs = 1.0
+    c.train.grad_clip = 1.0
+    c.train.label_smoothing = 0.0
+    c.train.class_weighting = True  # the MURA paper's weights from abnormal/normal frequencies
+    c.train.ema_decay = 0.0  # 0 disables the parameter EMA
+    c.train.log_every = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.every_epochs = 1
+    c.eval.threshold = 0.5
+    c.eval.bootstrap = 200
+    c.eval.test_split = "test"  # evaluated once with the best checkpoint; "" to skip
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
+    c.checkpoint.async_writes = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, naming the field."""
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    from mskjax.models import ARCHITECTURES
+
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config.{field}: {msg}")
+
+    need(c.model.arch in ARCHITECTURES, "model.arch", f"{c.model.arch!r} is not one of {list(ARCHITECTURES)}")
+    need(c.model.num_classes >= 1, "model.num_classes", "must be >= 1")
+    need(c.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
+    need(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
+    need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
+    need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
+    need(c.data.normalization in ("none", "imagenet"), "data.normalization", "none | imagenet")
+    need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+    need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
+    need(c.train.batch_size % num_devices == 0, "train.batch_size",
+         f"{c.train.batch_size} is not divisible by the {num_devices} devices")
+    need(c.eval.batch_size % num_devices == 0, "eval.batch_size",
+         f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
+    need(c.train.epochs > 0, "train.epochs", "must be > 0")
+    need(c.train.learning_rate > 0, "train.learning_rate", f"must be > 0, got {c.train.learning_rate}")
+    need(c.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(c.train.optimizer in ("adamw", "sgd"), "train.optimizer", "adamw | sgd")
+    need(0 <= c.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    need(0 <= c.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -1,0 +1,46 @@
+"""Device meshes and multi-host start-up.
+
+Data parallelism is `jax.jit` over a 1-D ('data',) mesh: batches are sharded on their leading axis,
+parameters replicated. The same code runs on 1 CPU, 8 GPUs or a TPU pod slice; several processes
+join with `jax.distributed.initialize` first.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+               cpu_collectives: str = "gloo") -> None:
+    """Joins a multi-process run. With no arguments, does nothing unless the environment names a
+    cluster (JAX_COORDINATOR_ADDRESS or a TPU/SLURM environment jax recognises), in which case
+    `jax.distributed.initialize()` discovers it. On CPU, cross-process collectives use gloo."""
+    if coordinator:
+        if num_processes <= 0 or process_id < 0:
+            raise ValueError("a coordinator address needs num_processes > 0 and process_id >= 0")
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+
+
+def data_mesh() -> Mesh:
+    """A ('data',) mesh over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
