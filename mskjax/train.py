@@ -480,7 +480,12 @@ def main(argv=None) -> int:
                                config.distributed.process_id)
         jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir).absolute() / ".jax_cache"))
         try:
-            train_and_evaluate(config, FLAGS.workdir)
+            if config.get("kind", "classifier") == "sam":
+                # SAM fine-tuning shares the mesh, checkpoints and CLI; its loop lives in train_sam.
+                from mskjax import train_sam
+                train_sam.train_and_evaluate(config, FLAGS.workdir)
+            else:
+                train_and_evaluate(config, FLAGS.workdir)
         except (ConfigError, TrainingDiverged, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 3 if isinstance(e, TrainingDiverged) else 2
