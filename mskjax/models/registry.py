@@ -9,6 +9,10 @@ from mskjax.models.efficientnet import SCALING, EfficientNet, torchvision_bn
 from mskjax.models.resnet import STAGE_SIZES, ResNet
 
 RESNETS = {f"resnet{d}": d for d in STAGE_SIZES}
+# ResNet v1 as Keras builds ResNet50: bottleneck stride on the first 1x1 conv, conv biases, BatchNorm
+# eps 1.001e-5 and Keras momentum 0.99.
+RESNETS_V1 = {"resnet50_v1": 50}
+RESNETS.update(RESNETS_V1)
 EFFICIENTNETS = {f"efficientnet_{v}": v for v in SCALING}
 ARCHITECTURES = tuple(RESNETS) + tuple(EFFICIENTNETS)
 
@@ -30,6 +34,9 @@ def default_variant(name: str) -> dict[str, Any]:
     if name in EFFICIENTNETS:
         eps, mom = torchvision_bn(EFFICIENTNETS[name])
         return {"bn_epsilon": eps, "bn_momentum": mom, "padding": "symmetric"}
+    if name in RESNETS_V1:
+        return {"bn_epsilon": 1.001e-5, "bn_momentum": 0.01, "padding": "symmetric", "stride_in_1x1": True,
+                "conv_bias": True}
     if name in RESNETS:
         return {"bn_epsilon": 1e-5, "bn_momentum": 0.1, "padding": "symmetric"}
     raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")

@@ -8,6 +8,7 @@ global average pool -> "fc".
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -48,19 +49,22 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (with the stride), 1x1 expand to 4 x `features`."""
+    """1x1 reduce, 3x3 (with the stride), 1x1 expand to 4 x `features`. `stride_in_1x1` puts the
+    stride on the first 1x1 conv instead (ResNet v1 as Keras and Caffe build it)."""
 
     features: int
     stride: int
     bn: Any
     conv: Any
+    stride_in_1x1: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         out = self.features * 4
         residual = x
-        y = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, 1, name="conv1")(x), train))
-        y = nn.relu(self.bn(name="bn2")(self.conv(self.features, 3, self.stride, name="conv2")(y), train))
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        y = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, s1, name="conv1")(x), train))
+        y = nn.relu(self.bn(name="bn2")(self.conv(self.features, 3, s3, name="conv2")(y), train))
         y = self.bn(name="bn3")(self.conv(out, 1, 1, name="conv3")(y), train)
         if self.stride != 1 or x.shape[-1] != out:
             residual = self.conv(out, 1, self.stride, name="downsample_conv")(x)
@@ -80,6 +84,8 @@ class ResNet(SplitModel):
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.1
     padding: str = "symmetric"
+    stride_in_1x1: bool = False  # True: ResNet v1 (Keras' ResNet50): bottleneck stride on the first 1x1
+    conv_bias: bool = False  # True: every conv has a bias (Keras' ResNet50)
     dtype: Any = jnp.float32
 
     @property
@@ -91,7 +97,8 @@ class ResNet(SplitModel):
         bn = partial(BatchNorm, epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype)
 
         def conv(features, kernel, stride, name):
-            return Conv(features, kernel, stride, padding=self.padding, dtype=self.dtype, name=name)
+            return Conv(features, kernel, stride, use_bias=self.conv_bias, padding=self.padding, dtype=self.dtype,
+                        name=name)
         return bn, conv
 
     def run_segment(self, name: str, x: jax.Array, train: bool) -> jax.Array:
@@ -104,7 +111,7 @@ class ResNet(SplitModel):
             # torch pads max-pool input with -inf; reduce_window's init value does the same.
             return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         kind, sizes = STAGE_SIZES[self.depth]
-        block = BasicBlock if kind == "basic" else Bottleneck
+        block = BasicBlock if kind == "basic" else partial(Bottleneck, stride_in_1x1=self.stride_in_1x1)
         i = int(name[len("layer"):]) - 1
         features = 64 * 2 ** i
         for j in range(sizes[i]):

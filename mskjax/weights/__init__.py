@@ -7,8 +7,9 @@ Sources and what `arch` names:
   "torchvision"  our architecture name ("resnet50", "efficientnet_b3"), a `.pth` state dict
   "timm"         timm's model name ("resnet50", "efficientnet_b3", "tf_efficientnet_b3[.tag]"),
                  a `.pth` / `.bin` / `.safetensors` state dict (mskjax.weights.timm)
-  "keras"        a keras.applications EfficientNet ("EfficientNetB3" or "efficientnet_b3"), a
-                 `.h5` / `.weights.h5` / `.keras` file (mskjax.weights.keras)
+  "keras"        a keras.applications EfficientNet ("EfficientNetB3" or "efficientnet_b3") or
+                 ResNet50 (-> our "resnet50_v1"), a `.h5` / `.weights.h5` / `.keras` file
+                 (mskjax.weights.keras)
 `normalization_for(source, arch, state_dict)` says what input each expects.
 """
 from __future__ import annotations
@@ -73,6 +74,8 @@ def normalization_for(source: str, arch: str, state_dict: Mapping[str, Any] | No
         return timm.normalization(arch)
     if source == "keras":
         from mskjax.weights import keras
+        if keras.arch_for(arch) == "resnet50_v1":
+            return keras.resnet_normalization()
         if state_dict is None:
             raise ValueError("Keras normalisation is read from the weight file: pass its state_dict")
         return keras.normalization(state_dict)
@@ -86,6 +89,10 @@ def source_details(source: str, arch: str, state_dict: Mapping[str, Any]) -> dic
         return {"name": arch}
     if source == "keras":
         from mskjax.weights import keras
+        if keras.arch_for(arch) == "resnet50_v1":
+            return {"name": arch, "keras_input_range": [0, 255],
+                    "keras_preprocessing": "caffe (BGR, mean subtraction) outside the model; "
+                                           "our stem takes RGB (kernel channels reversed)"}
         rescale, why = keras.imagenet_rescaling(state_dict)
         return {"name": arch, "keras_input_range": [0, 255], "imagenet_rescaling": rescale,
                 "imagenet_rescaling_reason": why}

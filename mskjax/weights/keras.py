@@ -62,22 +62,33 @@ _VAR_NAMES = {
 _LEGACY_VAR = {"depthwise_kernel": "kernel"}
 
 _KERAS_ARCH = re.compile(r"(?:efficientnet_?|EfficientNet)[bB]([0-7])")
+_KERAS_RESNET = re.compile(r"ResNet50|resnet50(_v1)?")
+
+# keras.applications.imagenet_utils.preprocess_input(mode="caffe") for ResNet50: RGB -> BGR, then
+# subtract these BGR means from pixels in [0, 255]; no scaling.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def arch_for(name: str) -> str:
     """Our architecture for a Keras application name: "EfficientNetB3", "efficientnetb3" or
-    "efficientnet_b3" -> "efficientnet_b3"."""
+    "efficientnet_b3" -> "efficientnet_b3"; "ResNet50" / "resnet50" -> "resnet50_v1"."""
+    if _KERAS_RESNET.fullmatch(name):
+        return "resnet50_v1"
     m = _KERAS_ARCH.fullmatch(name)
     if not m:
         raise ValueError(f"unsupported Keras application {name!r}: expected EfficientNetB0..B7 "
-                         "(also written efficientnetb3 / efficientnet_b3)")
+                         "(also written efficientnetb3 / efficientnet_b3) or ResNet50")
     return f"efficientnet_b{m[1]}"
 
 
 def variant(name: str) -> dict:
-    """Variant settings of Keras' EfficientNet: TF 'SAME' padding, BatchNorm eps 1e-3 and Keras momentum
-    0.99 (0.01 in our torch convention)."""
-    arch_for(name)
+    """Variant settings of the Keras model. EfficientNet: TF 'SAME' padding, BatchNorm eps 1e-3 and
+    Keras momentum 0.99 (0.01 in our torch convention). ResNet50: v1 (`resnet50_v1`'s defaults:
+    stride on the first 1x1 conv, conv biases, eps 1.001e-5, momentum 0.01)."""
+    arch = arch_for(name)
+    if arch == "resnet50_v1":
+        from mskjax.models import default_variant
+        return default_variant(arch)
     return {"padding": "same", "bn_epsilon": 1e-3, "bn_momentum": 0.01}
 
 
@@ -193,18 +204,43 @@ def efficientnet_key(key: str, tree_has) -> Target | None:
     return None
 
 
+def resnet_key(key: str, tree_has) -> Target | None:
+    """Keras ResNet50: conv1_{conv,bn} -> conv1 / bn1; conv{s}_block{b}_{k}_{conv,bn} ->
+    layer{s-1}_block{b-1}/{conv,bn}{k}, k = 0 the shortcut (downsample_{conv,bn}); predictions -> fc."""
+    if key.startswith("__keras__/"):
+        return Target.IGNORE
+    layer, _, var = key.rpartition("/")
+    if var not in _VAR_TARGET:
+        return None
+    collection, leaf = _VAR_TARGET[var]
+    if layer in ("conv1_conv", "conv1_bn"):
+        return Target(collection, ("conv1" if layer == "conv1_conv" else "bn1",), leaf)
+    if layer == "predictions":
+        return Target(collection, ("fc",), leaf)
+    m = re.fullmatch(r"conv([2-5])_block(\d+)_([0-3])_(conv|bn)", layer)
+    if not m:
+        return None
+    module = f"downsample_{m[4]}" if m[3] == "0" else f"{m[4]}{m[3]}"
+    return Target(collection, (f"layer{int(m[1]) - 1}_block{int(m[2]) - 1}", module), leaf)
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], name: str, expected) -> dict:
     """Maps a flat Keras dict (see `read_weights`) onto the `expected` variables tree.
 
     Returns {"params", "batch_stats"} as float32 numpy; raises CheckpointMismatch naming every
-    unexpected key, missing leaf and shape mismatch."""
+    unexpected key, missing leaf and shape mismatch. For ResNet50 the stem kernel's input channels
+    are reversed, so our model takes RGB where Keras' takes BGR."""
+    resnet = arch_for(name) == "resnet50_v1"
     relaid = {}
     for k, v in state_dict.items():
         v = np.asarray(v)
         if k.endswith("_dwconv/kernel") and v.ndim == 4:
             v = np.transpose(v, (0, 1, 3, 2))  # (k, k, C, 1) -> (k, k, 1, C)
+        if resnet and k == "conv1_conv/kernel" and v.ndim == 4:
+            v = v[:, :, ::-1, :]  # BGR -> RGB input channels
         relaid[k] = v.astype(np.float32) if v.dtype.kind == "f" else v
-    return map_state_dict(relaid, efficientnet_key, lambda v, leaf: v, expected, source=f"keras {name}")
+    key_map = resnet_key if resnet else efficientnet_key
+    return map_state_dict(relaid, key_map, lambda v, leaf: v, expected, source=f"keras {name}")
 
 
 def head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
@@ -238,6 +274,12 @@ def imagenet_rescaling(state_dict: Mapping[str, np.ndarray]) -> tuple[bool, str]
             and np.allclose(var, PUBLISHED_NORMALIZATION_VARIANCE, atol=1e-6)):
         return True, "the Normalization holds Keras' published ImageNet statistics"
     return False, "one Rescaling layer and Normalization statistics other than Keras' published ones"
+
+
+def resnet_normalization() -> dict:
+    """Keras ResNet50's caffe preprocessing with the channel flip folded into the stem: RGB pixels
+    in [0, 255] minus the ImageNet means (RGB order), no scaling."""
+    return {"input_range": [0.0, 255.0], "mean": [float(v) for v in CAFFE_MEAN_BGR[::-1]], "std": [1.0, 1.0, 1.0]}
 
 
 def normalization(state_dict: Mapping[str, np.ndarray], rescale: bool | None = None) -> dict:

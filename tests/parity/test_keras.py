@@ -284,3 +284,55 @@ def test_convert_cli_round_trip(tmp_dir, tmp_path):
     assert meta["source"]["format"] == "keras" and meta["source"]["imagenet_rescaling"] is False
     for a, c in zip(jax.tree.leaves(restored), jax.tree.leaves(b["variables"])):
         np.testing.assert_array_equal(a, c)
+
+
+# ------------------------------------------------------------------------------ ResNet50 (v1)
+
+@functools.lru_cache(maxsize=None)
+def built_resnet50(tmp: str):
+    km = build_keras(keras.applications.ResNet50, weights=None, input_shape=(SIDE, SIDE, 3), classes=7,
+                     classifier_activation=None)
+    randomise(km)
+    path = os.path.join(tmp, "resnet50.weights.h5")
+    km.save_weights(path)
+    rgb = np.random.RandomState(2).uniform(0, 255, (2, SIDE, SIDE, 3)).astype(np.float32)
+    caffe = rgb[..., ::-1] - np.asarray(keras_weights.CAFFE_MEAN_BGR, np.float32)  # Keras' preprocess_input
+    both = keras.Model(km.input, [km.get_layer("conv5_block3_out").output, km.output])
+    ref = tuple(np.asarray(a) for a in both.predict(caffe, verbose=0))
+    variables = load("keras", "ResNet50", path)
+    norm = normalization_for("keras", "ResNet50")
+    model = create(model_arch("keras", "ResNet50"), num_classes=7, **variant_for("keras", "ResNet50"))
+    lo, hi = norm["input_range"]
+    x = (rgb / 255.0 * (hi - lo) + lo - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
+
+    @jax.jit
+    def run(v, x):
+        f = model.apply(v, x, method="features")
+        return f, model.apply(v, f, method="head")
+
+    ours = tuple(np.asarray(a) for a in run(variables, jnp.asarray(x)))
+    return dict(km=km, model=model, variables=variables, ours=ours, ref=ref, caffe=caffe)
+
+
+def test_resnet50_v1_eval_logits_and_features(tmp_dir):
+    b = built_resnet50(tmp_dir)
+    (feat, logits), (ref_feat, ref_logits) = b["ours"], b["ref"]
+    assert logits.shape == ref_logits.shape == (2, 7) and feat.shape == ref_feat.shape
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * max(1.0, np.abs(ref_logits).max())
+    assert np.abs(feat - ref_feat).max() <= 1e-4 * max(1.0, np.abs(ref_feat).max())
+
+
+def test_resnet50_v1_variant_parameters_and_preprocessing(tmp_dir):
+    """Parameter count, BatchNorm settings, and the caffe constants Keras' preprocess_input uses."""
+    from keras.applications.resnet50 import preprocess_input
+    b = built_resnet50(tmp_dir)
+    want = sum(int(np.prod(w.shape)) for w in b["km"].trainable_weights)
+    assert sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(b["variables"]["params"])) == want
+    bns = [l for l in b["km"].layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert {(l.epsilon, l.momentum) for l in bns} == {(b["model"].bn_epsilon, 1 - b["model"].bn_momentum)}
+    assert b["model"].stride_in_1x1 and b["model"].conv_bias
+    rgb = np.random.RandomState(3).uniform(0, 255, (1, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(preprocess_input(rgb.copy())),
+                               rgb[..., ::-1] - np.asarray(keras_weights.CAFFE_MEAN_BGR, np.float32), rtol=1e-6)
+    assert normalization_for("keras", "ResNet50") == {"input_range": [0.0, 255.0], "mean": [123.68, 116.779, 103.939],
+                                                      "std": [1.0, 1.0, 1.0]}
