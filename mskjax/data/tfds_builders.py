@@ -5,6 +5,9 @@
     source = tb.data_source("synthetic_mura", "~/tfds", "train")   # random access, numpy dicts
     source[0]["image"]                                              # uint8 (H, W)
 
+Importing this module registers the builders with TFDS, so ``tfds.builder("mura", data_dir=...)``
+and ``tfds.data_source("synthetic_mura", split="train", data_dir=...)`` find prepared copies too.
+
 Builders: ``mura`` (MURA-v1.1, manual download), ``fracatlas`` (the FracAtlas development folder,
 see ../shared/data/README.md) and ``synthetic_mura`` (``python -m mskjax.data.synthetic``). None
 downloads anything: the source folder is the TFDS *manual dir* (``DownloadConfig(manual_dir=...)``,
@@ -49,6 +52,9 @@ Order: examples are stored in the reader's order (CSV order); shuffling is disab
 because the loader shuffles per epoch with its own seed. Splits the source has but that hold no
 readable image are left out (TFDS cannot write an empty split) and listed in the metadata.
 
+Cost (2-core machine, shared): all 2,138 FracAtlas images (long side <= 512) build in about 70 s
+into 130 MB, most of it TFDS's zlib compression of the pixels; reading takes about 6 ms per example.
+
 Bad input: rows the reader skips (missing file, bad label, bad box, ...) and images or masks that
 fail to decode are skipped, logged (one warning per split with the counts) and written to the
 dataset's ``metadata.json``: per split ``records``, ``written``, ``skipped``, ``skipped_by_kind``,
@@ -61,7 +67,8 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -476,10 +483,18 @@ def build(
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{name}: source folder {source} does not exist")
     builder = get_builder(name, data_dir, **settings)
-    mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if overwrite and builder.data_path.exists():
+        # A builder made over prepared data has its info frozen from disk (TFDS then refuses to
+        # set the file format), so delete the old copy and start from a fresh builder.
+        shutil.rmtree(os.fspath(builder.data_path))
+        builder = get_builder(name, data_dir, **settings)
     builder.download_and_prepare(
         file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=source, download_mode=mode, try_download_gcs=False),
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=source,
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+            try_download_gcs=False,
+        ),
     )
     return builder
 

@@ -185,6 +185,18 @@ def test_reuse_and_errors(synthetic_dir, synthetic_built, tmp_path):
     before = os.stat(info_file).st_mtime_ns
     again = tb.build("synthetic_mura", data_dir, synthetic_dir)  # prepared already: reused
     assert os.stat(info_file).st_mtime_ns == before and len(again.as_data_source("test")) > 0
+    # overwrite=True rebuilds from the current source: a file removed since is now a skip.
+    src = tmp_path / "synth"
+    shutil.copytree(synthetic_dir, src)
+    first = tb.build("synthetic_mura", tmp_path / "tfds", src)
+    n = first.info.splits["train"].num_examples
+    os.remove(read_mura(src, "train")[0][0].path)
+    assert tb.build("synthetic_mura", tmp_path / "tfds", src).info.splits["train"].num_examples == n  # reused
+    rebuilt = tb.build("synthetic_mura", tmp_path / "tfds", src, overwrite=True)
+    assert rebuilt.info.splits["train"].num_examples == n - 1
+    assert tb.skip_report(rebuilt, "train").counts() == {"missing_file": 1}
+    assert len(tb.data_source("synthetic_mura", tmp_path / "tfds", "train")) == n - 1
+
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         tb.data_source("synthetic_mura", data_dir, "train", max_side=32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
