@@ -49,7 +49,7 @@ order, ``hardware``, ``multiscan`` (bool), ``fracture_count`` (int32) and ``body
 of `FRACATLAS_BODY_PARTS`).
 
 Order: examples are stored in the reader's order (CSV order); shuffling is disabled in the builder
-because the loader shuffles per epoch with its own seed. Splits the source has but that hold no
+because consumers shuffle per epoch with their own seed. Splits the source has but that hold no
 readable image are left out (TFDS cannot write an empty split) and listed in the metadata.
 
 Cost (2-core machine, shared): all 2,138 FracAtlas images (long side <= 512) build in about 70 s
