@@ -1,0 +1,489 @@
+"""classify -> CAM -> boxes -> SAM masks: one jitted function per batch, with static shapes.
+
+    pipe = Pipeline.from_directories("runs/synthetic/best", "runs/sam/best")
+    for result in pipe.run(items, batch_size=8):        # items: [Item(path=...), ...]
+        result.probability, result.boxes, result.mask   # original-image frame
+
+Frames (boxes are (x0, y0, x1, y1) float pixels, pixel i covers [i, i + 1)):
+
+* original: the decoded radiograph (H0, W0) (`mskjax.data.images.decode_image`, EXIF applied);
+* classifier input: (S, S), made by `mskjax.data.preprocess.preprocess` with the checkpoint's
+  `data.mode` ("resize" squashes, "letterbox" centres and pads) and `input_size`; its
+  `mskjax.geometry.Geometry` maps between the two;
+* SAM input: the original resized so its long side is SAM's img_size T, zero-padded bottom/right
+  (`mskjax.sam.preprocess`); `mskjax.sam.transform_boxes` maps original -> SAM.
+
+Host side (outside the jit): decoding, classifier input and geometry, SAM input, padding a short
+batch, and afterwards mapping maps and masks back to each image's own original size. Inside one
+jit (`make_step`): probability, CAM of the abnormal class, boxes in the classifier frame, the same
+boxes in the original and SAM frames, SAM image embedding and box-prompted masks (multimask off).
+
+Static shapes: every batch has B images (a short last batch is padded, `valid` False), K CAM
+boxes per image (1 for "peak", `max_boxes` for "threshold", with validity) and G ground-truth
+boxes (0 when there are none). An image judged normal (probability < threshold) gets its prompts
+marked invalid: SAM still runs on it (static shapes) but its masks come out empty by construction
+(`mskjax.sam.INVALID_PROMPT_LOGIT`), not by a Python branch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mskjax import boxes as boxlib
+from mskjax import cam as camlib
+from mskjax import checkpoint
+from mskjax import geometry as geo
+from mskjax import sam as samfn
+from mskjax.models.sam.common import linear_resize_matrix
+from mskjax.models.sam.sam import MASK_THRESHOLD
+from mskjax.weights.mapping import CheckpointMismatch
+
+BOX_METHODS = ("peak", "threshold")
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot be built as asked (unknown CAM method, wrong checkpoint kind ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the jitted step does (all fields static: changing one recompiles).
+
+    cam: a method of `mskjax.cam.METHODS` (default "grad_cam"), computed for the abnormal class.
+    cam_layer: stage name for the CAM (None: the last feature map).
+    boxes: "peak" (the report's square box around the CAM maximum: 50 px at a 224 px input,
+      scaled to the classifier's input size; box_side overrides) or "threshold" (connected
+      components of CAM >= box_fraction * max, the best max_boxes by CAM mass, with validity).
+    threshold: an image is abnormal when its probability >= threshold; only abnormal images get
+      masks.
+    """
+
+    cam: str = "grad_cam"
+    cam_layer: str | None = None
+    boxes: str = "peak"
+    threshold: float = 0.5
+    box_side: float | None = None
+    box_fraction: float = 0.5
+    max_boxes: int = 3
+
+    def __post_init__(self):
+        if self.cam not in camlib.METHODS:
+            raise PipelineError(f"unknown CAM method {self.cam!r}: expected one of {list(camlib.METHODS)}")
+        if self.boxes not in BOX_METHODS:
+            raise PipelineError(f"unknown box method {self.boxes!r}: expected one of {list(BOX_METHODS)}")
+        if self.max_boxes < 1:
+            raise PipelineError(f"max_boxes must be >= 1, got {self.max_boxes}")
+        if not 0.0 < self.box_fraction <= 1.0:
+            raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
+
+    @property
+    def num_boxes(self) -> int:
+        return 1 if self.boxes == "peak" else int(self.max_boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def load_classifier(directory: str | os.PathLike):
+    """(model, variables, metadata) of a classifier checkpoint; errors name the directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"classifier checkpoint not found: {directory} (expected a directory "
+                                "with mskjax.json and variables/, e.g. WORKDIR/best from mskjax.train)")
+    meta = checkpoint.read_metadata(directory)
+    if meta.get("kind") != "classifier":
+        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a classifier")
+    return checkpoint.load_model(directory)
+
+
+def load_sam(directory: str | os.PathLike):
+    """(model, variables {"params", "buffers"}, metadata) of a SAM checkpoint (kind "sam", with
+    arch and img_size). Uses `mskjax.train_sam.load_sam` when that module provides it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"SAM checkpoint not found: {directory} (expected a directory with "
+                                "mskjax.json and variables/, e.g. WORKDIR/best from configs/sam_synthetic.py)")
+    meta = checkpoint.read_metadata(directory)
+    if meta.get("kind") != "sam":
+        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a SAM")
+    try:
+        from mskjax.train_sam import load_sam as trained_loader  # the trainer's own reader, if any
+    except Exception:  # not in this checkout (or broken): the equivalent reader below
+        trained_loader = None
+    if trained_loader is not None:
+        return trained_loader(directory)
+    from mskjax.models.sam import build_sam, sam_variable_shapes
+    for key in ("arch", "img_size"):
+        if key not in meta:
+            raise CheckpointMismatch(f"{directory / checkpoint.METADATA_FILE}: SAM metadata lacks {key!r}")
+    model = build_sam(meta["arch"], int(meta["img_size"]))
+    variables, _ = checkpoint.restore(directory)
+    checkpoint.check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
+    return model, variables, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted step
+
+class _GrayAsRGB:
+    """Presents a classifier that takes C != 3 channels to `mskjax.cam`, which takes (B, H, W, 3)
+    inputs: it feeds the model the first C channels (the gray image is repeated, so nothing is lost).
+    Duck-typed: cam only uses `apply`, `segments` and `num_classes`."""
+
+    def __init__(self, model, channels: int):
+        self.model, self.channels = model, channels
+        self.segments = model.segments
+        self.num_classes = model.num_classes
+
+    def apply(self, variables, x, *args, method=None, **kwargs):
+        if method in (None, "features"):
+            x = x[..., :self.channels]
+        return self.model.apply(variables, x, *args, method=method, **kwargs)
+
+
+def abnormal_class(num_classes: int) -> int:
+    """Index of the abnormal logit: 0 for a single-logit head (sigmoid), else class 1."""
+    return 0 if num_classes == 1 else 1
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+    """(B, K) logits -> (B,) probability of abnormal (sigmoid of one logit, else softmax class 1)."""
+    if logits.shape[-1] == 1:
+        return jax.nn.sigmoid(logits[:, 0])
+    return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+
+def content_mask(geom: geo.Geometry) -> jax.Array:
+    """(B, H, W) bool: pixels of the classifier input that hold image content (not letterbox
+    padding). Traceable (batched geometry with (B,) fields)."""
+    ch, cw = geom.content_hw
+    rows = jnp.arange(geom.input_h, dtype=jnp.float32)[None, :, None]
+    cols = jnp.arange(geom.input_w, dtype=jnp.float32)[None, None, :]
+    top = jnp.asarray(geom.top, jnp.float32)[:, None, None]
+    left = jnp.asarray(geom.left, jnp.float32)[:, None, None]
+    return ((rows >= top) & (rows < top + jnp.asarray(ch)[:, None, None])
+            & (cols >= left) & (cols < left + jnp.asarray(cw)[:, None, None]))
+
+
+def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int):
+    """The per-batch function (not yet jitted; `Pipeline` jits it).
+
+    step(classifier_variables, sam_variables, batch) with batch a dict of
+      images (B, S, S, 1) float32 in [0, 1] (classifier input frame, before normalisation);
+      geometry: batched `Geometry` original -> classifier input;
+      sam_images (B, T, T, 3) float32 (`mskjax.sam.preprocess` output);
+      original_hw (B, 2) float32 (H0, W0);
+      valid (B,) bool (False for padding);
+      threshold () float32: abnormal when probability >= threshold (an input, so changing it does
+        not recompile; `Pipeline.prepare` takes it from the config);
+      gt_boxes (B, G, 4) float32 original frame and gt_valid (B, G) bool (G may be 0).
+    returns a dict of arrays:
+      logits (B, num_classes); probability (B,); abnormal (B,) bool (valid & p >= threshold);
+      cam (B, S, S) in [0, 1] (classifier frame, zero on letterbox padding);
+      boxes_input (B, K, 4) classifier frame; boxes (B, K, 4) original frame (clipped);
+      boxes_sam (B, K, 4) SAM frame; box_scores (B, K); box_valid (B, K) (a real box of an abnormal
+      image, non-empty inside the original image);
+      mask_logits (B, K, L, L) SAM low-res logits (INVALID_PROMPT_LOGIT where not box_valid);
+      mask_iou (B, K) SAM's predicted IoU;
+      gt_mask_logits (B, G, L, L) and gt_boxes_sam (B, G, 4) when G > 0 (SAM prompted with the
+      ground-truth boxes, whatever the classifier said).
+    """
+    from mskjax.train import prepare_images
+    cam_model = classifier if channels == 3 else _GrayAsRGB(classifier, channels)
+    target = abnormal_class(classifier.num_classes)
+    img_size = sam_model.config.img_size
+
+    def cam_maps(variables, x3, targets):
+        if config.cam == "score_cam":
+            return camlib.score_cam(cam_model, variables, x3, targets, config.cam_layer)
+        return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
+
+    def step(cvars, svars, batch):
+        x = prepare_images(batch["images"], normalization, channels)
+        logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
+        prob = probabilities(logits)
+        valid = batch["valid"]
+        abnormal = valid & (prob >= batch["threshold"])
+        b = x.shape[0]
+        x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
+        targets = jnp.full((b,), target, jnp.int32)
+        geom = batch["geometry"]
+        maps = cam_maps(cvars, x3, targets) * content_mask(geom)
+        side = float(max(maps.shape[1:]))
+        if config.boxes == "peak":
+            pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side)
+            boxes_in = pk.boxes[:, None]
+            scores = pk.scores[:, None]
+            bvalid = jnp.ones((b, 1), bool)
+        else:
+            tb = boxlib.threshold_boxes(maps, fraction=config.box_fraction, k=config.num_boxes)
+            boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
+        hw = batch["original_hw"]
+        boxes_orig = geo.clip_boxes(geo.boxes_to_original(boxes_in, geom), hw)
+        nonempty = (boxes_orig[..., 2] > boxes_orig[..., 0]) & (boxes_orig[..., 3] > boxes_orig[..., 1])
+        bvalid = bvalid & nonempty & abnormal[:, None]
+        boxes_sam = samfn.transform_boxes(boxes_orig, hw, img_size)
+        emb = samfn.embed(sam_model, svars, batch["sam_images"])
+        prompts, pvalid = boxes_sam, bvalid
+        g = batch["gt_boxes"].shape[1]
+        if g:
+            gt_sam = samfn.transform_boxes(batch["gt_boxes"], hw, img_size)
+            gvalid = batch["gt_valid"] & valid[:, None]
+            prompts = jnp.concatenate([boxes_sam, gt_sam], axis=1)
+            pvalid = jnp.concatenate([bvalid, gvalid], axis=1)
+        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, multimask=False, prompt_valid=pvalid)
+        low = dec["low_res_logits"][:, :, 0]
+        iou = dec["iou_predictions"][:, :, 0]
+        k = boxes_in.shape[1]
+        out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps,
+               "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
+               "box_valid": bvalid, "mask_logits": low[:, :k], "mask_iou": iou[:, :k]}
+        if g:
+            out["gt_mask_logits"] = low[:, k:]
+            out["gt_boxes_sam"] = gt_sam
+        return out
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: items, batches, results
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input image and whatever ground truth it has.
+
+    path: the image file. study: id of its study (study-level decisions average over it).
+    label: 0/1 or None (unknown). body_part: optional group name. mask_path: optional 0/255 PNG in
+    the original frame. gt_boxes: tuple of (x0, y0, x1, y1) original-frame boxes.
+    """
+
+    path: str
+    study: str
+    label: int | None = None
+    body_part: str | None = None
+    mask_path: str | None = None
+    gt_boxes: tuple = ()
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """Everything the pipeline found for one image, in its original frame (H0, W0).
+
+    probability: P(abnormal). predicted: probability >= threshold. cam: (H0, W0) float32 in [0, 1].
+    boxes (n, 4), box_scores (n,): the valid CAM boxes (none for images judged normal). mask: (H0, W0)
+    bool, union of SAM's masks for those boxes. gt_box_mask: (H0, W0) bool from SAM prompted with
+    the ground-truth boxes, or None. gt_mask: the ground-truth mask, or None. image: (H0, W0) float32.
+    """
+
+    item: Item
+    image: np.ndarray
+    probability: float
+    predicted: bool
+    cam: np.ndarray
+    boxes: np.ndarray
+    box_scores: np.ndarray
+    mask: np.ndarray
+    mask_iou: np.ndarray
+    gt_mask: np.ndarray | None = None
+    gt_box_mask: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class Unreadable:
+    """An input the run skipped: `path`, `reason`."""
+
+    path: str
+    reason: str
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
+    """A 0/255 (any non-zero = inside) mask PNG as bool (H0, W0); ValueError naming the file if
+    its size differs from the image's."""
+    from PIL import Image
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 0
+    if m.shape != tuple(hw):
+        raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]} (WxH) but its image is {hw[1]}x{hw[0]}")
+    return m
+
+
+def sam_logits_to_original(low_res_logits: np.ndarray, input_size, original_size, img_size: int) -> np.ndarray:
+    """`mskjax.sam.postprocess(..., return_logits=True)` in numpy: (..., L, L) low-res logits of one
+    image -> (..., H0, W0) float32 logits in its original frame (upscale to img_size, crop the
+    padding, resize). Numpy so that every new image size does not compile a new XLA program."""
+    in_h, in_w = (int(v) for v in input_size)
+    out_h, out_w = (int(v) for v in original_size)
+    lh, lw = low_res_logits.shape[-2:]
+    m_h = linear_resize_matrix(in_h, out_h) @ linear_resize_matrix(lh, img_size)[:in_h]
+    m_w = linear_resize_matrix(in_w, out_w) @ linear_resize_matrix(lw, img_size)[:in_w]
+    return np.einsum("yi,...ij,xj->...yx", m_h, np.asarray(low_res_logits, np.float32), m_w).astype(np.float32)
+
+
+class Pipeline:
+    """Models, settings and the compiled step. Build with `from_directories` or the constructor."""
+
+    def __init__(self, classifier, classifier_variables, classifier_meta: dict, sam_model, sam_variables,
+                 sam_meta: dict | None = None, config: PipelineConfig = PipelineConfig()):
+        self.classifier, self.sam_model, self.config = classifier, sam_model, config
+        self.classifier_meta = dict(classifier_meta)
+        self.sam_meta = dict(sam_meta or {})
+        data = self.classifier_meta.get("data", {})
+        self.input_size = int(data.get("image_size", self.classifier_meta["input_size"]))
+        self.mode = data.get("mode", "resize")
+        self.channels = int(self.classifier_meta.get("in_channels", 3))
+        norm = self.classifier_meta.get("normalization") or {}
+        rng = norm.get("input_range", [0.0, 1.0])
+        if [float(v) for v in rng] != [0.0, 1.0]:
+            raise PipelineError(f"classifier expects inputs in {rng}; the pipeline feeds [0, 1] images "
+                                "(convert the checkpoint's normalization first)")
+        self.normalization = {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0])}
+        self.sam_img_size = int(sam_model.config.img_size)
+        self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
+        self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)
+        self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels))
+
+    @classmethod
+    def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
+        model, variables, meta = load_classifier(classifier_dir)
+        smodel, svars, smeta = load_sam(sam_dir)
+        return cls(model, variables, meta, smodel, svars, smeta, config)
+
+    # -- host-side preparation ------------------------------------------------------------
+    def prepare(self, images: Sequence[np.ndarray], batch_size: int,
+                gt_boxes: Sequence[np.ndarray] | None = None, num_gt: int = 0) -> dict:
+        """Decoded (H0, W0) float32 [0, 1] images -> the step's batch dict, padded to batch_size.
+        gt_boxes: per image (n_i, 4) original-frame boxes, n_i <= num_gt."""
+        from mskjax.data.preprocess import preprocess
+        n = len(images)
+        if not 0 < n <= batch_size:
+            raise ValueError(f"prepare needs 1..{batch_size} images, got {n}")
+        s = self.input_size
+        x = np.zeros((batch_size, s, s, 1), np.float32)
+        geoms, hw = [], np.ones((batch_size, 2), np.float32)
+        for i, im in enumerate(images):
+            x[i], g = preprocess(im, s, self.mode, channels=1)
+            geoms.append(g)
+            hw[i] = im.shape
+        pad_geom = geo.Geometry(1.0, 1.0, 0.0, 0.0, 1.0, 1.0, input_h=s, input_w=s)
+        geoms += [pad_geom] * (batch_size - n)
+        sam_in = samfn.preprocess([_to_uint8(im) for im in images], self.sam_img_size)
+        t = self.sam_img_size
+        sam_images = np.zeros((batch_size, t, t, 3), np.float32)
+        sam_images[:n] = sam_in.images
+        gb = np.zeros((batch_size, num_gt, 4), np.float32)
+        gv = np.zeros((batch_size, num_gt), bool)
+        for i, boxes in enumerate(gt_boxes or []):
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            if len(boxes) > num_gt:
+                raise ValueError(f"image {i} has {len(boxes)} ground-truth boxes, more than num_gt={num_gt}")
+            gb[i, :len(boxes)] = boxes
+            gv[i, :len(boxes)] = True
+        valid = np.arange(batch_size) < n
+        return {"images": x, "geometry": geo.stack_geometries(geoms), "sam_images": sam_images,
+                "original_hw": hw, "valid": valid, "threshold": np.float32(self.config.threshold), "gt_boxes": gb, "gt_valid": gv,
+                "sam_input_sizes": np.concatenate([sam_in.input_sizes, np.ones((batch_size - n, 2), np.int32)])}
+
+    def step(self, batch: dict) -> dict:
+        """Runs the jitted step on a prepared batch; numpy outputs."""
+        args = {k: v for k, v in batch.items() if k != "sam_input_sizes"}
+        out = self._step(self.classifier_variables, self.sam_variables, args)
+        return jax.tree.map(np.asarray, out)
+
+    def finish(self, batch: dict, out: dict, index: int, image: np.ndarray, item: Item,
+               gt_mask: np.ndarray | None) -> ImageResult:
+        """Image `index` of a batch's outputs mapped back to its original frame."""
+        h0, w0 = image.shape
+        g = batch["geometry"]
+        geom = geo.Geometry(*(float(np.asarray(f)[index]) for f in g._data()), input_h=g.input_h, input_w=g.input_w)
+        cam_orig = np.clip(geo.map_to_original(out["cam"][index].astype(np.float64), geom, (h0, w0)), 0, 1)
+        keep = out["box_valid"][index]
+        in_size = batch["sam_input_sizes"][index]
+
+        def masks_of(logits):
+            if not len(logits):
+                return np.zeros((h0, w0), bool)
+            return (sam_logits_to_original(logits, in_size, (h0, w0), self.sam_img_size) > MASK_THRESHOLD).any(axis=0)
+
+        mask = masks_of(out["mask_logits"][index][keep])
+        gt_box_mask = None
+        if "gt_mask_logits" in out and batch["gt_valid"][index].any():
+            gt_box_mask = masks_of(out["gt_mask_logits"][index][batch["gt_valid"][index]])
+        return ImageResult(
+            item=item, image=image, probability=float(out["probability"][index]),
+            predicted=bool(out["abnormal"][index]), cam=cam_orig.astype(np.float32),
+            boxes=out["boxes"][index][keep].astype(np.float64), box_scores=out["box_scores"][index][keep],
+            mask=mask, mask_iou=out["mask_iou"][index][keep], gt_mask=gt_mask, gt_box_mask=gt_box_mask)
+
+    # -- whole runs ----------------------------------------------------------------------------
+    def run(self, items: Iterable[Item], batch_size: int = 8, unreadable: list | None = None,
+            progress=None) -> Iterator[ImageResult]:
+        """Decodes, batches and runs `items`, yielding one ImageResult per readable image in order.
+
+        Files that cannot be decoded (or whose mask cannot be read) are appended to `unreadable`
+        as `Unreadable(path, reason)` and skipped. progress(done, total) is called after each
+        batch when given (total counts every item).
+        """
+        from mskjax.data.images import decode_image
+        items = list(items)
+        num_gt = max([len(it.gt_boxes) for it in items] + [0])
+        skipped = unreadable if unreadable is not None else []
+        pending: list[tuple[Item, np.ndarray, np.ndarray | None]] = []
+        done = 0
+
+        def flush():
+            nonlocal done
+            batch = self.prepare([im for _, im, _ in pending], batch_size,
+                                 [it.gt_boxes for it, _, _ in pending], num_gt)
+            out = self.step(batch)
+            results = [self.finish(batch, out, i, im, it, gm) for i, (it, im, gm) in enumerate(pending)]
+            pending.clear()
+            return results
+
+        for it in items:
+            try:
+                image = decode_image(it.path).image
+                gm = read_mask(it.mask_path, image.shape) if it.mask_path else None
+                if it.gt_boxes:
+                    geo.validate_boxes(np.asarray(it.gt_boxes), image.shape, name=f"ground-truth boxes of {it.path}")
+            except (OSError, ValueError) as e:  # FileNotFoundError, ImageDecodeError, bad mask/boxes
+                skipped.append(Unreadable(it.path, f"{type(e).__name__}: {e}"))
+                done += 1
+                continue
+            pending.append((it, image, gm))
+            if len(pending) == batch_size:
+                n = len(pending)
+                yield from flush()
+                done += n
+                if progress:
+                    progress(done, len(items))
+        if pending:
+            n = len(pending)
+            yield from flush()
+            done += n
+        if progress:
+            progress(done, len(items))
+
+
+def describe(pipe: Pipeline) -> dict:
+    """JSON-able settings of a pipeline, for reports."""
+    c = dataclasses.asdict(pipe.config)
+    return {"pipeline": c, "classifier": {k: pipe.classifier_meta.get(k) for k in
+                                          ("arch", "input_size", "in_channels", "data", "source")},
+            "sam": {k: pipe.sam_meta.get(k) for k in ("arch", "img_size", "source")},
+            "classifier_input": {"size": pipe.input_size, "mode": pipe.mode}}
+
+
+__all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+           "abnormal_class", "content_mask", "describe", "load_classifier", "load_sam", "make_step",
+           "probabilities", "read_mask", "sam_logits_to_original"]

@@ -1,0 +1,228 @@
+"""The jitted pipeline: each output equals the library function it stands for, frames line up,
+normal images get no mask, padding is inert, unreadable files are reported, checkpoints load."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mskjax import boxes as boxlib
+from mskjax import cam as camlib
+from mskjax import checkpoint, geometry
+from mskjax import sam as samfn
+from mskjax.data.images import decode_image
+from mskjax.data.mura import read_mura
+from mskjax.models import create
+from mskjax.models.sam import build_sam, sam_variable_shapes
+from mskjax.pipeline import (Item, Pipeline, PipelineConfig, PipelineError, content_mask, load_classifier,
+                             load_sam, sam_logits_to_original)
+from mskjax.weights.mapping import CheckpointMismatch
+from mskjax.weights.sam import sam_metadata
+
+CLS_SIZE = 64
+SAM_SIZE = 64
+
+
+def random_variables(shapes, seed: int):
+    """Numpy variables for a tree of ShapeDtypeStructs without compiling an initialiser: kernels
+    LeCun normal, BatchNorm var / LayerNorm scale 1, biases and means 0, embeddings N(0, 1)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+        if name in ("scale", "var"):
+            return np.ones(s.shape, np.float32)
+        if name in ("embedding", "positional_encoding_gaussian_matrix"):
+            return rng.normal(size=s.shape).astype(np.float32)
+        return np.zeros(s.shape, np.float32)
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def make_checkpoints(root: Path, mode: str, seed: int = 0) -> tuple[Path, Path]:
+    """A 1-channel ResNet18 classifier (input CLS_SIZE, `mode`) and a vit_tiny SAM (SAM_SIZE),
+    random weights, in the checkpoint contract."""
+    model = create("resnet18", num_classes=1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, CLS_SIZE, CLS_SIZE, 1)), train=False))
+    meta = checkpoint.classifier_metadata("resnet18", 1, 1, CLS_SIZE, {"padding": "symmetric"},
+                                          {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
+    meta["data"] = {"mode": mode, "image_size": CLS_SIZE}
+    cls_dir = checkpoint.save(root / "classifier", random_variables(shapes, seed), meta)
+    sam = build_sam("vit_tiny", SAM_SIZE)
+    sam_dir = checkpoint.save(root / "sam", random_variables(sam_variable_shapes(sam), seed + 1),
+                              sam_metadata("vit_tiny", SAM_SIZE))
+    return cls_dir, sam_dir
+
+
+def make_synthetic(out: Path) -> Path:
+    """8 studies (one abnormal, with masks and boxes), all in a 'test' split, small images."""
+    subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(out), "--studies", "8", "--seed", "0",
+                    "--splits", "test:1.0", "--size-range", "96", "160", "--workers", "1"], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    cls_dir, sam_dir = make_checkpoints(root, "letterbox")
+    pipe = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.5))
+    data = make_synthetic(root / "syn")
+    records, _ = read_mura(data, "test")
+    return pipe, records, cls_dir, sam_dir
+
+
+def _batch_of(pipe, records, n, batch_size):
+    recs = sorted(records, key=lambda r: -r.label)[:n]  # the abnormal images first
+    images = [decode_image(r.path).image for r in recs]
+    num_gt = max(len(r.boxes) for r in recs)
+    return recs, images, pipe.prepare(images, batch_size, [r.boxes for r in recs], num_gt)
+
+
+def test_step_outputs_equal_their_parts(setup):
+    pipe, records, _, _ = setup
+    recs, images, batch = _batch_of(pipe, records, 3, 4)
+    assert batch["gt_boxes"].shape[1] >= 1 and batch["gt_valid"][0].any()
+    batch["threshold"] = np.float32(-1.0)  # every real image "abnormal": all its prompts decode
+    out = pipe.step(batch)
+    model, cvars = pipe.classifier, pipe.classifier_variables
+
+    # References, jitted once (eager SAM / ResNet would compile op by op).
+    @jax.jit
+    def reference(batch):
+        x = (batch["images"] - 0.5) / 0.25
+        logits = model.apply(cvars, x, train=False)
+        # Grad-CAM by hand for the 1-channel model, zeroed on the letterbox padding.
+        acts = model.apply(cvars, x, method="features")
+        grads = jax.grad(lambda a: model.apply(cvars, a, method="head")[:, 0].sum())(acts)
+        raw = jnp.einsum("bhwc,bc->bhw", acts, grads.mean(axis=(1, 2)))
+        cam = camlib.postprocess(raw, (CLS_SIZE, CLS_SIZE)) * content_mask(batch["geometry"])
+        return jax.nn.sigmoid(logits[:, 0]), cam
+
+    p, cam = reference(batch)
+    np.testing.assert_allclose(out["probability"], np.asarray(p), atol=1e-5)
+    np.testing.assert_array_equal(out["abnormal"], [True, True, True, False])  # the 4th row is padding
+    np.testing.assert_allclose(out["cam"], np.asarray(cam), atol=1e-5)
+
+    # Peak boxes (the report's 50 px at 224, scaled) in the classifier frame, then original, then SAM.
+    pk = boxlib.peak_boxes(jnp.asarray(out["cam"]))
+    np.testing.assert_allclose(out["boxes_input"][:, 0], np.asarray(pk.boxes), atol=1e-5)
+    b = np.asarray(pk.boxes)
+    inside = (b[:, 0] > 0) & (b[:, 2] < CLS_SIZE)  # not clipped at the border
+    np.testing.assert_allclose((b[:, 2] - b[:, 0])[inside], 50 * CLS_SIZE / 224, atol=1e-4)
+    g = batch["geometry"]
+    for i, im in enumerate(images):
+        h0, w0 = im.shape
+        s, top, left = float(g.scale_x[i]), float(g.top[i]), float(g.left[i])
+        b = out["boxes_input"][i, 0]
+        by_hand = np.clip([(b[0] - left) / s, (b[1] - top) / float(g.scale_y[i]), (b[2] - left) / s,
+                           (b[3] - top) / float(g.scale_y[i])], 0, [w0, h0, w0, h0])
+        np.testing.assert_allclose(out["boxes"][i, 0], by_hand, atol=1e-3)
+        np.testing.assert_allclose(out["boxes_sam"][i, 0], samfn.transform_boxes(by_hand, (h0, w0), SAM_SIZE),
+                                   atol=1e-3)
+        assert out["box_valid"][i, 0] == (by_hand[2] > by_hand[0] and by_hand[3] > by_hand[1])
+    assert not out["box_valid"][3].any()
+
+    # SAM masks: the same logits as embedding + decoding the SAM-frame boxes separately.
+    gt_sam = samfn.transform_boxes(batch["gt_boxes"], batch["original_hw"].astype(np.float64), SAM_SIZE)
+    prompts = jnp.concatenate([jnp.asarray(out["boxes_sam"]), jnp.asarray(gt_sam)], axis=1)
+
+    @jax.jit
+    def sam_reference(images, prompts):
+        emb = samfn.embed(pipe.sam_model, pipe.sam_variables, images)
+        return samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=prompts, multimask=False)
+    low = np.asarray(sam_reference(jnp.asarray(batch["sam_images"]), prompts)["low_res_logits"][:, :, 0])
+    k = out["mask_logits"].shape[1]
+    for i in range(3):
+        for j in range(k):
+            if out["box_valid"][i, j]:
+                np.testing.assert_allclose(out["mask_logits"][i, j], low[i, j], atol=2e-3)
+        for j in range(batch["gt_boxes"].shape[1]):
+            if batch["gt_valid"][i, j]:
+                np.testing.assert_allclose(out["gt_mask_logits"][i, j], low[i, k + j], atol=2e-3)
+    assert np.all(out["mask_logits"][~out["box_valid"]] == samfn.INVALID_PROMPT_LOGIT)
+
+    # Back to the original frame: the numpy path equals mskjax.sam.postprocess.
+    h0, w0 = images[0].shape
+    mine = sam_logits_to_original(out["gt_mask_logits"][0], batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE)
+    ref = samfn.postprocess(jnp.asarray(out["gt_mask_logits"][0]), batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE,
+                            return_logits=True)
+    np.testing.assert_allclose(mine, np.asarray(ref), atol=1e-3)
+
+
+def test_normal_images_get_no_mask_and_threshold_needs_no_recompile(setup):
+    pipe, records, _, _ = setup
+    _, _, batch = _batch_of(pipe, records, 2, 4)
+    batch["threshold"] = np.float32(2.0)  # nothing reaches it
+    before = pipe._step._cache_size()
+    out = pipe.step(batch)
+    assert pipe._step._cache_size() == before
+    assert not out["abnormal"].any() and not out["box_valid"].any()
+    assert np.all(out["mask_logits"] == samfn.INVALID_PROMPT_LOGIT)
+    # Ground-truth prompts still decode (they do not depend on the classifier's decision).
+    assert np.all(out["gt_mask_logits"][batch["gt_valid"]] > samfn.INVALID_PROMPT_LOGIT)
+
+
+def test_run_maps_back_to_original_size_and_reports_unreadable(setup, shared_data, tmp_path):
+    pipe, records, _, _ = setup
+    frac = sorted((shared_data / "fracatlas" / "images").iterdir())[:2]
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    syn = sorted(records, key=lambda r: -r.label)[:3]  # as in the first test: same shapes, no recompile
+    items = ([Item(str(p), "frac") for p in frac] + [Item(str(bad), "bad"), Item(str(tmp_path / "missing.jpg"), "x")]
+             + [Item(r.path, r.study, r.label, r.body_part, r.mask_path, r.boxes) for r in syn])
+    unreadable, calls = [], []
+    results = list(pipe.run(items, batch_size=4, unreadable=unreadable, progress=lambda d, t: calls.append((d, t))))
+    assert [r.item.path for r in results] == [str(p) for p in frac] + [r.path for r in syn]
+    assert sorted(u.path for u in unreadable) == sorted([str(bad), str(tmp_path / "missing.jpg")])
+    assert any("FileNotFoundError" in u.reason for u in unreadable)
+    assert calls[-1] == (7, 7)
+    for r in results:
+        h0, w0 = decode_image(r.item.path).image.shape
+        assert r.cam.shape == r.mask.shape == (h0, w0) and r.mask.dtype == bool
+        assert 0.0 <= r.cam.min() and r.cam.max() <= 1.0
+        assert r.predicted == (r.probability >= 0.5)
+        if not r.predicted:
+            assert len(r.boxes) == 0 and not r.mask.any()
+        for b in r.boxes:
+            assert 0 <= b[0] < b[2] <= w0 and 0 <= b[1] < b[3] <= h0
+    last = results[2]
+    assert last.item.label == 1 and last.gt_mask is not None and last.gt_mask.shape == last.mask.shape
+    assert last.gt_box_mask is not None and last.gt_box_mask.shape == last.mask.shape
+
+
+def test_checkpoint_errors_name_the_path(setup, tmp_path):
+    _, _, cls_dir, sam_dir = setup
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        load_classifier(tmp_path / "nope")
+    with pytest.raises(CheckpointMismatch, match=f"{sam_dir}.*not a classifier"):
+        load_classifier(sam_dir)
+    with pytest.raises(CheckpointMismatch, match=f"{cls_dir}.*not a SAM"):
+        load_sam(cls_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointMismatch, match="mskjax.json is missing"):
+        load_sam(tmp_path / "empty")
+    model, variables, meta = load_sam(sam_dir)
+    assert meta["img_size"] == SAM_SIZE and set(variables) == {"params", "buffers"}
+
+
+def test_config_validation():
+    with pytest.raises(PipelineError, match="unknown CAM method"):
+        PipelineConfig(cam="gradcam")
+    with pytest.raises(PipelineError, match="unknown box method"):
+        PipelineConfig(boxes="otsu")
+    assert PipelineConfig(boxes="threshold", max_boxes=4).num_boxes == 4
+    assert PipelineConfig().num_boxes == 1
+
+
+def test_content_mask_covers_only_the_letterboxed_image():
+    g = geometry.stack_geometries([geometry.letterbox_geometry((40, 80), 16), geometry.letterbox_geometry((80, 40), 16)])
+    m = np.asarray(content_mask(jax.tree.map(jnp.asarray, g)))
+    assert m[0].sum() == 16 * 8 and m[0][4:12].all() and not m[0][:4].any()
+    assert m[1].sum() == 16 * 8 and m[1][:, 4:12].all() and not m[1][:, 12:].any()
