@@ -28,7 +28,9 @@ Semantics follow pytorch-grad-cam 1.5 (`pytorch_grad_cam`), which the parity tes
   project on the top right-singular vector);
 * post-processing (`BaseCAM.forward` + `scale_cam_image`): ReLU, per-image min-max scaling
   (m - min) / (max(m - min) + 1e-7), bilinear resize to the input size (cv2.INTER_LINEAR:
-  half-pixel centres, edge clamp, no antialiasing — done here with exact interpolation matrices),
+  half-pixel centres, edge clamp, no antialiasing — done here with exact interpolation matrices;
+  `jax.image.resize(..., "bilinear")` agrees with cv2 when upsampling but antialiases when
+  shrinking, so it is not used),
   then ReLU and min-max scaling once more (pytorch-grad-cam's layer aggregation rescales the
   resized map, whose minimum is usually no longer 0);
 * `aug_smooth=True` (pytorch-grad-cam's default test-time augmentation, `ttach`): the map is the
@@ -410,7 +412,7 @@ eigen_cam = _make("eigen_cam", "EigenCAM: first principal component of the activ
 
 
 def score_cam(model, variables, images: Array, targets: Array | None = None, layer: str | None = None,
-              *, aug_smooth: bool = False, eigen_smooth: bool = False, chunk_size: int = 64,
+              *, aug_smooth: bool = False, eigen_smooth: bool = False, chunk_size: int = 16,
               max_channels: int | None = None, score_fn: Callable | None = None) -> jax.Array:
     """Score-CAM: channel weights = softmax over channels of the target score of the image masked
     by each channel's upsampled, min-max-scaled activation.
@@ -423,7 +425,10 @@ def score_cam(model, variables, images: Array, targets: Array | None = None, lay
     of each image are scored and the softmax runs over those (other channels get weight 0) —
     an approximation pytorch-grad-cam does not make; None (default) scores every channel, as it does.
 
-    Args: as `grad_cam`, plus chunk_size (channels per forward) and max_channels.
+    Memory: one step holds B x chunk_size masked images and their forward pass (at 224 px,
+    resnet50 needs roughly 25 MB per image), so shrink chunk_size for large batches.
+
+    Args: as `grad_cam`, plus chunk_size (channels per step) and max_channels.
     Returns: (B, H, W) float32 maps in [0, 1] in the model-input frame.
     """
     _check_images(images)
