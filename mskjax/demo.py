@@ -1,0 +1,190 @@
+"""`python -m mskjax.demo [--workdir runs/demo]`: the whole method on a fresh machine, no downloads.
+
+Stages, each a subprocess of this Python (so a failure names its stage), each skipped when its
+output already exists (so a rerun continues where the last one stopped):
+
+  data        synthetic radiographs with masks and boxes     WORKDIR/data/synthetic.json
+  classifier  python -m mskjax.train --config configs/synthetic.py
+                                                              WORKDIR/classifier/best (+ results.json)
+  sam         python -m mskjax.train --config configs/sam_synthetic.py
+                                                              WORKDIR/sam/best
+  segment     python -m mskjax.segment on the held-out test split
+                                                              WORKDIR/segment/metrics.json
+
+then prints study AUROC and kappa, the pointing game, and Dice with ground-truth and CAM boxes.
+Each stage's output is also logged to WORKDIR/logs/STAGE.log. When configs/sam_synthetic.py does
+not exist (SAM fine-tuning not available in this checkout) the demo says so and stops after the
+classifier.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+CLASSIFIER_CONFIG = CONFIGS / "synthetic.py"
+SAM_CONFIG = CONFIGS / "sam_synthetic.py"
+
+
+class StageFailed(RuntimeError):
+    """A stage's subprocess failed; the message names the stage, its command and its log."""
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    command: list[str]
+    output: Path          # exists -> the stage is done
+    done: bool
+    missing: str = ""     # non-empty: the stage cannot run (why)
+
+
+def _load_config(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_demo_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _has_field(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        try:
+            if part not in node:
+                return False
+        except TypeError:
+            return False
+        node = node[part]
+    return True
+
+
+def _done(*paths: Path) -> bool:
+    return any(p.exists() for p in paths)
+
+
+def plan(workdir: str | Path) -> list[Stage]:
+    """The demo's stages for `workdir`, each with its command and whether its output exists."""
+    w = Path(workdir).absolute()
+    py = sys.executable
+    data = w / "data"
+    stages = []
+    if CLASSIFIER_CONFIG.is_file():
+        c = _load_config(CLASSIFIER_CONFIG)
+        studies, seed = int(c.data.synthetic_studies), int(c.data.synthetic_seed)
+    else:
+        studies, seed = 700, 0
+    stages.append(Stage("data", [py, "-m", "mskjax.data.synthetic", "--out", str(data), "--studies", str(studies),
+                                 "--seed", str(seed)], data / "synthetic.json", _done(data / "synthetic.json")))
+    cls = w / "classifier"
+    stages.append(Stage("classifier", [py, "-m", "mskjax.train", "--config", str(CLASSIFIER_CONFIG), "--workdir", str(cls),
+                                       f"--config.data.root={data}"],
+                        cls / "best", _done(cls / "results.json", cls / "best" / "mskjax.json"),
+                        "" if CLASSIFIER_CONFIG.is_file() else f"{CLASSIFIER_CONFIG} does not exist"))
+    sam = w / "sam"
+    cmd = [py, "-m", "mskjax.train", "--config", str(SAM_CONFIG), "--workdir", str(sam)]
+    missing = ""
+    if SAM_CONFIG.is_file():
+        sc = _load_config(SAM_CONFIG)
+        if _has_field(sc, "data.root"):
+            cmd.append(f"--config.data.root={data}")
+    else:
+        missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train_sam with "
+                   "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")
+    stages.append(Stage("sam", cmd, sam / "best", _done(sam / "results.json", sam / "best" / "mskjax.json"), missing))
+    seg = w / "segment"
+    stages.append(Stage("segment", [py, "-m", "mskjax.segment", "--classifier", str(cls / "best"), "--sam",
+                                    str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg)],
+                        seg / "metrics.json", _done(seg / "metrics.json")))
+    return stages
+
+
+def run_stage(stage: Stage, log_dir: Path) -> None:
+    """Runs one stage with its output shown and logged; StageFailed names it on failure."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{stage.name}.log"
+    print(f"== stage {stage.name}: {' '.join(stage.command)}", flush=True)
+    tail: list[str] = []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(stage.command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            f.write(line)
+            if line[:1] in "IW" and line[1:5].isdigit():  # absl INFO/WARNING lines (I1126 ...): log only
+                continue
+            sys.stdout.write(line)
+            tail = (tail + [line])[-20:]
+        rc = proc.wait()
+    if rc != 0:
+        raise StageFailed(f"stage {stage.name!r} failed with exit status {rc}\n  command: {' '.join(stage.command)}\n"
+                          f"  log: {log}\n  last lines:\n" + "".join("    " + t for t in tail))
+
+
+def summary(workdir: str | Path) -> str:
+    """The demo's headline numbers from WORKDIR/segment/metrics.json."""
+    m = json.loads((Path(workdir) / "segment" / "metrics.json").read_text())
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+    st = (m.get("classification") or {}).get("overall", {}).get("study", {})
+    loc, seg = m["localization"], m["segmentation"]
+    return "\n".join([
+        f"test split: {m['counts']['processed']} images, {m['counts']['studies']} studies "
+        f"({m['counts']['unreadable']} unreadable)",
+        f"  study AUROC            {f(st.get('auroc', {}).get('value'))}",
+        f"  study kappa            {f(st.get('kappa', {}).get('value'))}",
+        f"  pointing game          {f(loc['pointing_game']['accuracy'])}  (n={loc['pointing_game']['n']})",
+        f"  Dice, ground-truth box {f(seg['dice_gt_boxes']['mean'])}  (n={seg['dice_gt_boxes']['n']})",
+        f"  Dice, CAM box          {f(seg['dice_cam_boxes']['mean'])}  (n={seg['dice_cam_boxes']['n']})",
+        f"report: {Path(workdir) / 'segment' / 'index.html'}"])
+
+
+def _classifier_summary(workdir: Path) -> str:
+    path = workdir / "classifier" / "results.json"
+    if not path.is_file():
+        return f"classifier: {workdir / 'classifier' / 'best'}"
+    test = json.loads(path.read_text()).get("test") or {}
+    st = test.get("overall", {}).get("study", {})
+    if not st:
+        return f"classifier results: {path}"
+    return (f"classifier on the test split: study AUROC {st['auroc']['value']:.4f}, kappa {st['kappa']['value']:.4f} "
+            f"({path})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mskjax.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="runs/demo", help="where every stage writes (default runs/demo)")
+    ap.add_argument("--dry-run", action="store_true", help="print the stages and what would run, run nothing")
+    args = ap.parse_args(argv)
+    workdir = Path(args.workdir).absolute()
+    stages = plan(workdir)
+    if args.dry_run:
+        for s in stages:
+            state = "done (skipped)" if s.done else ("cannot run: " + s.missing if s.missing else "to run")
+            print(f"{s.name:<11} {state}\n            {' '.join(s.command)}")
+        return 0
+    for s in stages:
+        if s.done:
+            print(f"== stage {s.name}: output exists ({s.output}), skipped", flush=True)
+            continue
+        if s.missing:
+            print(f"== stage {s.name}: cannot run: {s.missing}", file=sys.stderr, flush=True)
+            print(_classifier_summary(workdir))
+            return 3
+        try:
+            run_stage(s, workdir / "logs")
+        except StageFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print("\n" + summary(workdir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""`python -m mskjax.segment`: the pipeline over images or a dataset, with figures and a report.
+
+    python -m mskjax.segment --classifier runs/synthetic/best --sam runs/sam/best \
+        (--images PATH... | --dataset mura:DIR[:SPLIT] | fracatlas:DIR[:SPLIT] | synthetic:DIR[:SPLIT]) \
+        --out OUT [--cam grad_cam] [--boxes peak|threshold] [--threshold 0.5] [--batch 8] [--limit N]
+
+Writes to OUT:
+  overlays/NAME.png   the report's figure per image (gray radiograph, CAM heatmap, boxes, mask,
+                      ground truth when known), rescaled for display (long side 512..1024 px)
+  masks/NAME.png      the predicted mask at the image's original size (0/255; empty when the
+                      image was judged normal)
+  thumbs/NAME.png     thumbnails for index.html
+  predictions.csv     one row per image: image- and study-level decisions, boxes (original
+                      pixels), mask area, Dice/IoU against the ground truth where it exists
+  metrics.json        classification (image and study level, per body part, bootstrap CIs),
+                      localisation (pointing game, box IoU), segmentation (Dice/IoU with CAM
+                      boxes and with ground-truth boxes), unreadable inputs, settings
+  index.html          the same tables and every thumbnail (plain HTML)
+
+Dataset splits default to the held-out one: synthetic "test", MURA "valid", FracAtlas "valid".
+For --images, a file's study is its folder (MURA keeps a study's views in one folder) and there
+are no labels, so only the decisions are reported. Unreadable files are listed and counted, never
+fatal. Exit status: 0 done, 2 bad arguments or checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+DEFAULT_SPLITS = {"synthetic": "test", "mura": "valid", "fracatlas": "valid"}
+
+
+class InputError(ValueError):
+    """Inputs that cannot be resolved (unknown dataset kind, missing folder)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def items_from_paths(paths: Sequence[str]):
+    """Items for files and folders (searched recursively for image files, sorted). A path that
+    does not exist still becomes an item, so the run reports it as unreadable."""
+    from mskjax.pipeline import Item
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(str(q) for q in Path(p).rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            files += found
+        else:
+            files.append(p)
+    return [Item(path=os.path.abspath(f), study=os.path.dirname(os.path.abspath(f))) for f in files]
+
+
+def parse_dataset(spec: str) -> tuple[str, str, str]:
+    """'kind:DIR[:SPLIT]' -> (kind, DIR, SPLIT) with the kind's default split."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in DEFAULT_SPLITS or not rest:
+        raise InputError(f"--dataset must be mura:DIR, fracatlas:DIR or synthetic:DIR (optionally :SPLIT); got {spec!r}")
+    root, split = rest, DEFAULT_SPLITS[kind]
+    if not os.path.isdir(rest) and ":" in rest:
+        head, tail = rest.rsplit(":", 1)
+        if tail and "/" not in tail:
+            root, split = head, tail
+    if not os.path.isdir(root):
+        raise InputError(f"--dataset {spec}: folder not found: {root}")
+    return kind, root, split
+
+
+def items_from_dataset(spec: str):
+    """(items, reader_skips [(where, reason)], description) for a dataset spec."""
+    from mskjax.pipeline import Item
+    kind, root, split = parse_dataset(spec)
+    if kind in ("mura", "synthetic"):
+        from mskjax.data.mura import read_mura
+        records, report = read_mura(root, split)
+    else:
+        from mskjax.data.fracatlas import read_fracatlas
+        records, report = read_fracatlas(root, splits=[split])
+    items = [Item(path=r.path, study=r.study, label=r.label, body_part=r.body_part, mask_path=r.mask_path,
+                  gt_boxes=tuple(r.boxes)) for r in records]
+    skips = [(s.where, f"[{s.kind}] {s.reason}") for s in report]
+    return items, skips, f"{kind} at {root}, split {split!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+def _mean_entry(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()) if v.size else float("nan"), "n": int(v.size)}
+
+
+def image_measures(r) -> dict:
+    """Per-image localisation / segmentation numbers against whatever ground truth r has."""
+    from mskjax import metrics
+    out: dict = {"mask_area": int(r.mask.sum()), "has_gt_mask": r.gt_mask is not None}
+    gt = r.gt_mask
+    if gt is not None and gt.any():
+        out["pointing_hit"] = bool(np.asarray(metrics.pointing_game(r.cam[None], gt[None]).hits)[0])
+        out["dice"] = float(metrics.dice(r.mask, gt))
+        out["iou"] = float(metrics.iou(r.mask, gt))
+        if r.gt_box_mask is not None:
+            out["dice_gt_box"] = float(metrics.dice(r.gt_box_mask, gt))
+            out["iou_gt_box"] = float(metrics.iou(r.gt_box_mask, gt))
+    if r.item.gt_boxes:
+        gtb = np.asarray(r.item.gt_boxes, np.float64).reshape(-1, 4)
+        out["box_iou"] = float(np.max(metrics.pairwise_box_iou(r.boxes, gtb))) if len(r.boxes) else 0.0
+    return out
+
+
+def summarise(results, measures: list[dict], threshold: float, bootstrap: int) -> dict:
+    """Classification (when every image has a label), localisation and segmentation summaries."""
+    from mskjax import metrics
+    out: dict = {}
+    labels = [r.item.label for r in results]
+    if results and all(lab is not None for lab in labels):
+        parts = [r.item.body_part or "all" for r in results]
+        out["classification"] = metrics.classification_report(
+            np.array([r.probability for r in results]), np.array(labels), np.array([r.item.study for r in results]),
+            np.array(parts), threshold=threshold, n_bootstrap=bootstrap, seed=0)
+    else:
+        out["classification"] = None
+        out["classification_note"] = "no labels for these inputs" if results else "no readable images"
+    hits = [m["pointing_hit"] for m in measures if "pointing_hit" in m]
+    box_ious = [m["box_iou"] for m in measures if "box_iou" in m]
+    out["localization"] = {
+        "pointing_game": {"accuracy": float(np.mean(hits)) if hits else float("nan"), "hits": int(np.sum(hits)),
+                          "n": len(hits), "note": "CAM maximum inside the ground-truth mask (tolerance 0 px)"},
+        "box_iou": {**_mean_entry(box_ious),
+                    "hit_rate_iou_0.5": float(np.mean(np.asarray(box_ious) >= 0.5)) if box_ious else float("nan"),
+                    "note": "best IoU of the predicted boxes with the ground-truth boxes; 0 when none predicted"},
+    }
+    normals = [r for r in results if r.item.label == 0]
+    out["segmentation"] = {
+        "dice_cam_boxes": {**_mean_entry([m["dice"] for m in measures if "dice" in m]),
+                           "note": "pipeline masks (empty when judged normal) vs ground-truth masks"},
+        "iou_cam_boxes": _mean_entry([m["iou"] for m in measures if "iou" in m]),
+        "dice_cam_boxes_detected": {**_mean_entry([m["dice"] for r, m in zip(results, measures)
+                                                   if "dice" in m and r.predicted]),
+                                    "note": "as dice_cam_boxes, only images judged abnormal"},
+        "dice_gt_boxes": {**_mean_entry([m["dice_gt_box"] for m in measures if "dice_gt_box" in m]),
+                          "note": "SAM prompted with the ground-truth boxes"},
+        "iou_gt_boxes": _mean_entry([m["iou_gt_box"] for m in measures if "iou_gt_box" in m]),
+        "normal_images_with_mask": {"count": int(sum(m["mask_area"] > 0 for r, m in zip(results, measures)
+                                                     if r.item.label == 0)), "n": len(normals)},
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def output_name(index: int, path: str) -> str:
+    """'0007_XR_HAND_patient00012_study1_positive_image2' — unique (index) and readable."""
+    p = Path(path)
+    parts = [*p.parent.parts[-3:], p.stem]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts)).strip("_")[-80:]
+    return f"{index:04d}_{name}"
+
+
+def _fmt_boxes(boxes: np.ndarray) -> str:
+    return ";".join(" ".join(f"{v:.1f}" for v in b) for b in np.asarray(boxes).reshape(-1, 4))
+
+
+def _progress(done: int, total: int, t0: float) -> None:
+    width = 30
+    frac = done / max(total, 1)
+    rate = done / max(time.time() - t0, 1e-9)
+    bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+    end = "\n" if done >= total else ""
+    print(f"\r[{bar}] {done}/{total} images  {rate:.1f} img/s", end=end, file=sys.stderr, flush=True)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _clean(o):
+    """nan/inf -> None, so metrics.json is strict JSON."""
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not math.isfinite(float(o)):
+        return None
+    return o
+
+
+def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstrap: int = 200,
+        reader_skips=(), description: str = "", progress: bool = True) -> dict:
+    """Runs `pipe` over `items` and writes every output into out_dir; returns metrics.json's dict."""
+    from mskjax import viz
+    from mskjax.pipeline import Unreadable, describe
+    out = Path(out_dir)
+    for sub in ("overlays", "masks", "thumbs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    unreadable: list = [Unreadable(w, r) for w, r in reader_skips]
+    t0 = time.time()
+    results, measures, names = [], [], []
+    cb = (lambda d, t: _progress(d, t, t0)) if progress else None
+    for r in pipe.run(items, batch_size=batch_size, unreadable=unreadable, progress=cb):
+        name = output_name(len(results), r.item.path)
+        m = image_measures(r)
+        label = "abnormal" if r.predicted else "normal"
+        lines = [f"p(abnormal) = {r.probability:.3f}  ->  {label}"]
+        if r.item.label is not None:
+            lines[0] += f"   (truth: {'abnormal' if r.item.label else 'normal'})"
+        extra = [f"{k.replace('_', ' ')} {m[k]:.2f}" for k in ("dice", "dice_gt_box", "box_iou") if k in m]
+        if extra:
+            lines.append("   ".join(extra))
+        fig = viz.overlay(r.image, r.cam, r.boxes, r.mask if r.predicted else None, gt_mask=r.gt_mask,
+                          gt_boxes=np.asarray(r.item.gt_boxes).reshape(-1, 4) if r.item.gt_boxes else None,
+                          caption="\n".join(lines))
+        viz.save_png(out / "overlays" / f"{name}.png", fig)
+        viz.save_png(out / "thumbs" / f"{name}.png", viz.thumbnail(fig))
+        viz.save_png(out / "masks" / f"{name}.png", r.mask)
+        results.append(r)
+        measures.append(m)
+        names.append(name)
+        # Keep memory flat over long runs: the summary needs only the numbers in `m`.
+        r.image = r.cam = r.mask = r.gt_mask = r.gt_box_mask = None
+
+    # Study-level decisions: mean of the study's image probabilities.
+    thr = pipe.config.threshold
+    by_study: dict[str, list[float]] = {}
+    for r in results:
+        by_study.setdefault(r.item.study, []).append(r.probability)
+    study_p = {s: float(np.mean(v)) for s, v in by_study.items()}
+
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "path", "study", "label", "probability", "predicted", "study_probability",
+                    "study_predicted", "boxes", "box_scores", "mask_area", "dice", "iou", "dice_gt_box",
+                    "iou_gt_box", "box_iou", "pointing_hit"])
+        for name, r, m in zip(names, results, measures):
+            sp = study_p[r.item.study]
+            w.writerow([name, r.item.path, r.item.study, "" if r.item.label is None else r.item.label,
+                        f"{r.probability:.6f}", int(r.predicted), f"{sp:.6f}", int(sp >= thr), _fmt_boxes(r.boxes),
+                        " ".join(f"{s:.4f}" for s in r.box_scores), m["mask_area"],
+                        *(("" if k not in m else f"{m[k]:.6f}") for k in ("dice", "iou", "dice_gt_box", "iou_gt_box",
+                                                                            "box_iou")),
+                        "" if "pointing_hit" not in m else int(m["pointing_hit"])])
+
+    summary = summarise(results, measures, thr, bootstrap)
+    report = {
+        "inputs": description, "settings": describe(pipe),
+        "counts": {"inputs": len(items), "processed": len(results), "unreadable": len(unreadable),
+                   "predicted_abnormal_images": int(sum(r.predicted for r in results)),
+                   "studies": len(study_p), "predicted_abnormal_studies": int(sum(p >= thr for p in study_p.values()))},
+        **summary,
+        "unreadable": [{"path": u.path, "reason": u.reason} for u in unreadable],
+        "seconds": round(time.time() - t0, 2),
+    }
+    (out / "metrics.json").write_text(json.dumps(_clean(report), indent=2, default=_json_default) + "\n")
+    _write_html(out, report, results, measures, names, study_p, thr)
+    return report
+
+
+def _write_html(out: Path, report: dict, results, measures, names, study_p, thr) -> None:
+    from mskjax import viz
+    sections = []
+    c = report["counts"]
+    sections.append(("Run", viz.html_table(["", "value"], [
+        ("inputs", report["inputs"] or "files"), ("images given", c["inputs"]), ("processed", c["processed"]),
+        ("unreadable / skipped", c["unreadable"]), ("judged abnormal (images)", c["predicted_abnormal_images"]),
+        ("studies", c["studies"]), ("judged abnormal (studies)", c["predicted_abnormal_studies"]),
+        ("threshold", thr), ("CAM", report["settings"]["pipeline"]["cam"]),
+        ("boxes", report["settings"]["pipeline"]["boxes"])])))
+    cls = report.get("classification")
+    if cls:
+        rows = []
+        for group, g in [("overall", cls["overall"])] + sorted(cls["by_body_part"].items()):
+            for level in ("image", "study"):
+                for name, e in g[level].items():
+                    rows.append((group, level, name, e["value"], e["ci_low"], e["ci_high"]))
+        sections.append(("Classification (95% bootstrap CIs over studies)",
+                         viz.html_table(["group", "level", "metric", "value", "CI low", "CI high"], rows)))
+    else:
+        sections.append(("Classification", f"<p class='note'>{report.get('classification_note', '')}</p>"))
+    loc, seg = report["localization"], report["segmentation"]
+    sections.append(("Localisation", viz.html_table(["metric", "value", "n", "note"], [
+        ("pointing game", loc["pointing_game"]["accuracy"], loc["pointing_game"]["n"], loc["pointing_game"]["note"]),
+        ("box IoU (mean best)", loc["box_iou"]["mean"], loc["box_iou"]["n"], loc["box_iou"]["note"]),
+        ("box hit rate (IoU >= 0.5)", loc["box_iou"]["hit_rate_iou_0.5"], loc["box_iou"]["n"], "")])))
+    sections.append(("Segmentation", viz.html_table(["metric", "mean", "n", "note"], [
+        ("Dice, CAM boxes", seg["dice_cam_boxes"]["mean"], seg["dice_cam_boxes"]["n"], seg["dice_cam_boxes"]["note"]),
+        ("IoU, CAM boxes", seg["iou_cam_boxes"]["mean"], seg["iou_cam_boxes"]["n"], ""),
+        ("Dice, CAM boxes (judged abnormal)", seg["dice_cam_boxes_detected"]["mean"], seg["dice_cam_boxes_detected"]["n"],
+         seg["dice_cam_boxes_detected"]["note"]),
+        ("Dice, ground-truth boxes", seg["dice_gt_boxes"]["mean"], seg["dice_gt_boxes"]["n"], seg["dice_gt_boxes"]["note"]),
+        ("IoU, ground-truth boxes", seg["iou_gt_boxes"]["mean"], seg["iou_gt_boxes"]["n"], ""),
+        ("normal images given a mask", float(seg["normal_images_with_mask"]["count"]),
+         seg["normal_images_with_mask"]["n"], "count")])))
+    if report["unreadable"]:
+        sections.append((f"Unreadable or skipped inputs ({len(report['unreadable'])})",
+                         viz.html_table(["path", "reason"], [(u["path"], u["reason"]) for u in report["unreadable"]])))
+    cards = []
+    for name, r, m in zip(names, results, measures):
+        lines = [f"p = {r.probability:.3f} ({'abnormal' if r.predicted else 'normal'})",
+                 f"study p = {study_p[r.item.study]:.3f}"]
+        if r.item.label is not None:
+            lines.append(f"truth: {'abnormal' if r.item.label else 'normal'}")
+        if "dice" in m:
+            lines.append(f"Dice {m['dice']:.2f}" + (f", GT-box Dice {m['dice_gt_box']:.2f}" if "dice_gt_box" in m else ""))
+        cards.append({"thumb": f"thumbs/{name}.png", "link": f"overlays/{name}.png", "title": r.item.path,
+                      "lines": lines, "abnormal": r.predicted})
+    has_gt = any(m["has_gt_mask"] for m in measures)
+    viz.write_report(out / "index.html", "mskjax segmentation report", sections, cards,
+                     legend=viz.legend_items(True, has_gt),
+                     subtitle=f"classifier {report['settings']['classifier'].get('arch')} -> "
+                              f"{report['settings']['pipeline']['cam']} -> {report['settings']['pipeline']['boxes']} boxes -> "
+                              f"SAM {report['settings']['sam'].get('arch')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    from mskjax.cam import METHODS
+    from mskjax.pipeline import BOX_METHODS
+    ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classifier", required=True, help="classifier checkpoint directory (e.g. WORKDIR/best)")
+    ap.add_argument("--sam", required=True, help="SAM checkpoint directory (kind 'sam')")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders")
+    src.add_argument("--dataset", metavar="KIND:DIR[:SPLIT]", help="mura:DIR | fracatlas:DIR | synthetic:DIR")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--cam", default="grad_cam", choices=list(METHODS))
+    ap.add_argument("--cam-layer", default=None, help="stage for the CAM (default: the last feature map)")
+    ap.add_argument("--boxes", default="peak", choices=list(BOX_METHODS))
+    ap.add_argument("--max-boxes", type=int, default=3, help="boxes per image with --boxes threshold")
+    ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N inputs")
+    ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs (0: none)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error("--batch must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be >= 1")
+    from mskjax.pipeline import Pipeline, PipelineConfig, PipelineError
+    from mskjax.weights.mapping import CheckpointMismatch
+    try:
+        if args.images:
+            items, skips, desc = items_from_paths(args.images), [], ""
+        else:
+            items, skips, desc = items_from_dataset(args.dataset)
+        if args.limit is not None:
+            items = items[:args.limit]
+        if not items:
+            raise InputError("no input images found")
+        config = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, boxes=args.boxes, threshold=args.threshold,
+                                max_boxes=args.max_boxes)
+        pipe = Pipeline.from_directories(args.classifier, args.sam, config)
+    except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = run(pipe, items, args.out, batch_size=args.batch, bootstrap=args.bootstrap, reader_skips=skips,
+                 description=desc, progress=not args.no_progress)
+    c = report["counts"]
+    print(f"{c['processed']} images ({c['unreadable']} unreadable or skipped), "
+          f"{c['predicted_abnormal_images']} judged abnormal; report: {Path(args.out) / 'index.html'}")
+    cls = report.get("classification")
+    if cls:
+        s = cls["overall"]["study"]
+        print(f"study AUROC {s['auroc']['value']:.4f}  kappa {s['kappa']['value']:.4f}")
+    seg, loc = report["segmentation"], report["localization"]
+    print(f"pointing game {loc['pointing_game']['accuracy']:.4f} (n={loc['pointing_game']['n']})  "
+          f"Dice GT boxes {seg['dice_gt_boxes']['mean']:.4f} (n={seg['dice_gt_boxes']['n']})  "
+          f"Dice CAM boxes {seg['dice_cam_boxes']['mean']:.4f} (n={seg['dice_cam_boxes']['n']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

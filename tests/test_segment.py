@@ -1,0 +1,176 @@
+"""`python -m mskjax.segment` end to end on tiny random-weight checkpoints (synthetic dataset with a
+corrupt file, FracAtlas images with unreadable inputs), its errors, and the demo's stage plan."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mskjax import demo, segment
+
+def _pipeline_helpers():
+    """test_pipeline.py's checkpoint and data builders (tests/ is not a package: load by path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_mskjax_test_pipeline", Path(__file__).with_name("test_pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_checkpoints = _pipeline_helpers().make_checkpoints
+make_synthetic = _pipeline_helpers().make_synthetic
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("ckpt"), "resize", seed=3)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = make_synthetic(tmp_path_factory.mktemp("data") / "syn")
+    victim = sorted((root / "test").rglob("*.png"))[-1]  # a normal study's image
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated: unreadable, must be reported
+    return root, victim
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_dataset_run_writes_every_output(ckpts, synthetic, tmp_path, capsys):
+    cls_dir, sam_dir = ckpts
+    root, victim = synthetic
+    out = tmp_path / "out"
+    rc = segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", f"synthetic:{root}",
+                       "--out", str(out), "--threshold", "0.0", "--batch", "8", "--bootstrap", "20"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "images" in err and "img/s" in err  # the progress bar
+    n_images = len(open(root / "test_image_paths.csv").read().split())
+    rows = _rows(out / "predictions.csv")
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == n_images - 1 == m["counts"]["processed"]
+    assert m["counts"]["unreadable"] == 1 and m["unreadable"][0]["path"] == str(victim)
+    assert "ImageDecodeError" in m["unreadable"][0]["reason"]
+    html = (out / "index.html").read_text()
+    assert str(victim) in html and "Classification" in html and "<script" not in html
+
+    # Threshold 0: every image is judged abnormal and gets its box; study decisions are means.
+    assert all(r["predicted"] == "1" for r in rows) and all(r["boxes"] for r in rows)
+    by_study: dict = {}
+    for r in rows:
+        by_study.setdefault(r["study"], []).append(float(r["probability"]))
+    for r in rows:
+        assert float(r["study_probability"]) == pytest.approx(np.mean(by_study[r["study"]]), abs=1e-5)
+
+    # Masks at original size; mask areas in the CSV match the PNGs; overlays and thumbnails exist.
+    for r in rows:
+        mask = np.asarray(Image.open(out / "masks" / f"{r['name']}.png"))
+        assert mask.shape == Image.open(r["path"]).size[::-1]
+        assert int((mask > 0).sum()) == int(r["mask_area"])
+        assert (out / "overlays" / f"{r['name']}.png").is_file() and (out / "thumbs" / f"{r['name']}.png").is_file()
+
+    # Ground truth: the abnormal study's images carry masks and boxes, so every measure is there.
+    abnormal = [r for r in rows if r["label"] == "1"]
+    assert abnormal and all(r["dice"] and r["dice_gt_box"] and r["box_iou"] and r["pointing_hit"] for r in abnormal)
+    assert m["segmentation"]["dice_gt_boxes"]["n"] == len(abnormal) == m["segmentation"]["dice_cam_boxes"]["n"]
+    assert m["segmentation"]["dice_cam_boxes"]["mean"] == pytest.approx(np.mean([float(r["dice"]) for r in abnormal]), abs=1e-5)
+    assert m["localization"]["pointing_game"]["n"] == len(abnormal)
+    cls = m["classification"]["overall"]
+    assert cls["n_images"] == n_images - 1 and cls["n_studies"] == len(by_study)
+    assert m["settings"]["pipeline"]["cam"] == "grad_cam" and m["settings"]["classifier_input"]["mode"] == "resize"
+
+
+def test_images_run_with_threshold_boxes_and_unreadable_files(ckpts, shared_data, tmp_path):
+    cls_dir, sam_dir = ckpts
+    frac = sorted((shared_data / "fracatlas" / "images").iterdir())[:2]
+    truncated = shared_data / "quirks" / "truncated.jpg"
+    out = tmp_path / "out"
+    rc = segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--images", *map(str, frac), str(truncated),
+                       str(tmp_path / "missing.png"), "--out", str(out), "--boxes", "threshold", "--max-boxes", "2",
+                       "--cam", "grad_cam_plus_plus", "--threshold", "0.0", "--batch", "2", "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["counts"] == {**m["counts"], "inputs": 4, "processed": 2, "unreadable": 2}
+    assert {u["path"] for u in m["unreadable"]} == {str(truncated), str(tmp_path / "missing.png")}
+    assert m["classification"] is None and "no labels" in m["classification_note"]
+    rows = _rows(out / "predictions.csv")
+    assert [r["path"] for r in rows] == [str(p) for p in frac]
+    for r in rows:
+        boxes = [list(map(float, b.split())) for b in r["boxes"].split(";") if b]
+        assert 1 <= len(boxes) <= 2 and r["label"] == "" and r["dice"] == ""
+        w, h = Image.open(r["path"]).size
+        assert all(0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h for b in boxes)
+    assert m["settings"]["pipeline"]["boxes"] == "threshold"
+
+
+def test_errors_name_the_path(ckpts, tmp_path, capsys):
+    cls_dir, sam_dir = ckpts
+    missing = tmp_path / "no_such_checkpoint"
+    args = ["--images", str(tmp_path), "--out", str(tmp_path / "o")]
+    (tmp_path / "x.png").write_bytes(b"")
+    assert segment.main(["--classifier", str(missing), "--sam", str(sam_dir), *args]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert segment.main(["--classifier", str(sam_dir), "--sam", str(sam_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert str(sam_dir) in err and "not a classifier" in err
+    assert segment.main(["--classifier", str(cls_dir), "--sam", str(cls_dir), *args]) == 2
+    assert "not a SAM" in capsys.readouterr().err
+    assert segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", "kaggle:/x",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "--dataset must be" in capsys.readouterr().err
+    assert segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", f"mura:{missing}",
+                         "--out", str(tmp_path / "o")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_dataset_spec_and_names(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert segment.parse_dataset(f"synthetic:{tmp_path / 'd'}") == ("synthetic", str(tmp_path / "d"), "test")
+    assert segment.parse_dataset(f"mura:{tmp_path / 'd'}:train") == ("mura", str(tmp_path / "d"), "train")
+    assert segment.parse_dataset(f"fracatlas:{tmp_path / 'd'}")[2] == "valid"
+    a = segment.output_name(3, "/x/train/XR_HAND/patient1/study1_positive/image1.png")
+    assert a == "0003_XR_HAND_patient1_study1_positive_image1"
+    items = segment.items_from_paths([str(tmp_path)])
+    assert items == []
+
+
+def test_demo_plan_skips_finished_stages(tmp_path, capsys):
+    stages = {s.name: s for s in demo.plan(tmp_path)}
+    assert list(stages) == ["data", "classifier", "sam", "segment"]
+    assert not any(s.done for s in stages.values())
+    assert stages["classifier"].command[1:4] == ["-m", "mskjax.train", "--config"]
+    assert f"--config.data.root={tmp_path / 'data'}" in stages["classifier"].command
+    assert stages["segment"].command[-4:] == ["--dataset", f"synthetic:{tmp_path / 'data'}:test", "--out",
+                                              str(tmp_path / "segment")]
+    if demo.SAM_CONFIG.is_file():
+        assert stages["sam"].missing == ""
+    else:
+        assert "sam_synthetic.py does not exist" in stages["sam"].missing
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic.json").write_text("{}")
+    (tmp_path / "classifier" / "best").mkdir(parents=True)
+    (tmp_path / "classifier" / "best" / "mskjax.json").write_text("{}")
+    stages = {s.name: s for s in demo.plan(tmp_path)}
+    assert stages["data"].done and stages["classifier"].done and not stages["sam"].done
+    assert demo.main(["--workdir", str(tmp_path), "--dry-run"]) == 0
+    assert "done (skipped)" in capsys.readouterr().out
+
+
+def test_demo_summary_reads_the_segment_metrics(tmp_path):
+    seg = tmp_path / "segment"
+    seg.mkdir()
+    st = {"auroc": {"value": 0.97}, "kappa": {"value": 0.81}}
+    (seg / "metrics.json").write_text(json.dumps({
+        "counts": {"processed": 10, "studies": 4, "unreadable": 0},
+        "classification": {"overall": {"study": st}},
+        "localization": {"pointing_game": {"accuracy": 0.5, "n": 4}},
+        "segmentation": {"dice_gt_boxes": {"mean": 0.7, "n": 4}, "dice_cam_boxes": {"mean": None, "n": 0}}}))
+    text = demo.summary(tmp_path)
+    assert "0.9700" in text and "0.8100" in text and "0.7000" in text and "n/a" in text
