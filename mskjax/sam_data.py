@@ -1,0 +1,320 @@
+"""Examples for box-prompted SAM training: images, one box per lesion, each lesion's own mask.
+
+Frames (boxes (x0, y0, x1, y1) float pixels, pixel i covers [i, i + 1)):
+- original: the decoded image, (H, W).
+- SAM input: resized so the long side is S = img_size ((h, w) = `mskjax.sam.sam_input_size`),
+  placed at the top-left of an S x S canvas (padding bottom/right), exactly as `mskjax.sam.preprocess`.
+
+One prompt per lesion. Records carry one box per lesion but a single mask per image (the union of
+its lesions: synthetic masks and FracAtlas masks both are). A lesion's own mask is taken as the
+union mask inside that lesion's box: the box is the extent of the lesion's own mask, so this holds
+all of the lesion and nothing outside its box; only where two lesions' boxes overlap can it also
+hold a piece of the other one (synthetic train split: 107 of 560 images have two lesions, rarely
+overlapping). Each lesion is scored against that same mask, so train and test agree.
+
+Prompts of an image are decoded together (one image embedding, up to `max_prompts` prompts, padded
+with a validity flag); an image with more lesions becomes several examples. Everything lives in host
+memory as uint8: images (N, S, S) gray, masks (N, P, S, S) 0..255 (antialiased resize of the 0/255
+lesion mask, so partial coverage survives at S), and, for scoring, each lesion's mask in the
+original frame cropped to its box.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mskjax.data.images import ImageDecodeError, decode_image
+from mskjax.data.records import Record, SkipReport
+from mskjax.models.sam.common import linear_resize_matrix
+from mskjax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
+from mskjax.sam import sam_input_size
+
+
+class SamDataError(ValueError):
+    """A split that yields no usable example, naming the split and what was skipped."""
+
+
+@dataclasses.dataclass
+class LesionTruth:
+    """One lesion's ground truth in the original frame, for scoring.
+
+    example, prompt: where its prompt sits in `SamExamples` (boxes[example, prompt]).
+    box_px: (x0, y0, x1, y1) int pixel extent in the original frame (the box rounded outward).
+    crop: bool (y1 - y0, x1 - x0), the lesion's mask inside box_px (zero outside it).
+    """
+
+    example: int
+    prompt: int
+    type: str
+    path: str
+    box_px: tuple[int, int, int, int]
+    crop: np.ndarray
+
+
+@dataclasses.dataclass
+class SamExamples:
+    """All examples of one split, in host memory.
+
+    images (N_img, S, S) uint8: grayscale, resized into the top-left (h, w), zero elsewhere.
+    input_sizes (N_img, 2) int32 (h, w); original_sizes (N_img, 2) int32 (H, W).
+    image_index (N, ) int32: the image of each example.
+    boxes (N, P, 4) float32: ground-truth boxes in the SAM input frame (unjittered).
+    masks (N, P, S, S) uint8 0..255: each prompt's lesion mask in the SAM input frame.
+    valid (N, P) bool: real prompts (False = padding).
+    types (N, P): lesion type strings ("" for padding).
+    lesions: one LesionTruth per valid prompt.
+    skipped: what was left out and why.
+    """
+
+    img_size: int
+    images: np.ndarray
+    input_sizes: np.ndarray
+    original_sizes: np.ndarray
+    paths: list[str]
+    image_index: np.ndarray
+    boxes: np.ndarray
+    masks: np.ndarray
+    valid: np.ndarray
+    types: np.ndarray
+    lesions: list[LesionTruth]
+    skipped: SkipReport
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    @property
+    def max_prompts(self) -> int:
+        return int(self.boxes.shape[1])
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    """float [0, 1] (H, W) -> uint8 (round to nearest)."""
+    return np.clip(np.rint(np.asarray(image01, np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def resize_into_canvas(image_u8: np.ndarray, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H, W) uint8 -> ((S, S) uint8 with the image resized into the top-left (h, w), (h, w)).
+
+    PIL's antialiased bilinear resize on uint8, as `mskjax.sam.preprocess` (per channel, and the
+    three channels of a gray image are equal)."""
+    h, w = sam_input_size(image_u8.shape[:2], img_size)
+    resized = np.asarray(Image.fromarray(image_u8).resize((w, h), Image.BILINEAR))
+    canvas = np.zeros((img_size, img_size), np.uint8)
+    canvas[:h, :w] = resized
+    return canvas, (h, w)
+
+
+def normalize_gray(images, input_sizes):
+    """SAM input (B, S, S, 3) float32 from gray canvases (B, S, S) uint8 and (B, 2) (h, w): each
+    channel (x - PIXEL_MEAN) / PIXEL_STD inside the image, 0 in the padding. Equals
+    `mskjax.sam.preprocess` of the original gray images. Jit-able (jnp in, jnp out)."""
+    s = images.shape[-1]
+    x = images.astype(jnp.float32)[..., None]
+    x = (x - jnp.asarray(PIXEL_MEAN, jnp.float32)) / jnp.asarray(PIXEL_STD, jnp.float32)
+    rows = jnp.arange(s)[None, :, None] < input_sizes[:, 0, None, None]
+    cols = jnp.arange(s)[None, None, :] < input_sizes[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], x, 0.0)
+
+
+def box_pixels(box: Sequence[float], hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A float box -> the int pixel extent it touches, (floor x0, floor y0, ceil x1, ceil y1),
+    clipped to the image."""
+    h, w = hw
+    x0, y0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+    x1, y1 = min(w, int(math.ceil(box[2]))), min(h, int(math.ceil(box[3])))
+    return x0, y0, x1, y1
+
+
+def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, split: str = "",
+                   log=None) -> SamExamples:
+    """Decodes every record with boxes and a mask and makes its examples (see module docstring).
+
+    Records without boxes (normal images) give no example and are not reported. Skipped and
+    reported in `skipped`: records with boxes but no mask, files that cannot be decoded, a mask
+    whose size differs from its image, a lesion whose box holds no mask pixel.
+    """
+    s, p = img_size, max_prompts
+    skipped = SkipReport()
+    images, in_sizes, orig_sizes, paths = [], [], [], []
+    ex_image, ex_boxes, ex_masks, ex_valid, ex_types, lesions = [], [], [], [], [], []
+    for rec in records:
+        if not rec.boxes:
+            continue
+        if rec.mask_path is None:
+            skipped.add(rec.path, "no_mask", f"{len(rec.boxes)} box(es) but no mask")
+            continue
+        try:
+            image = decode_image(rec.path).image
+            mask = decode_image(rec.mask_path).image > 0.5
+        except (ImageDecodeError, FileNotFoundError) as e:
+            skipped.add(rec.path, "unreadable", str(e))
+            continue
+        if mask.shape != image.shape:
+            skipped.add(rec.path, "mask_size", f"mask {rec.mask_path} is {mask.shape[::-1]}, image {image.shape[::-1]}")
+            continue
+        hw = image.shape
+        kept = []  # (box, type, box_px, crop)
+        for box, kind in zip(rec.boxes, rec.box_types):
+            bx = box_pixels(box, hw)
+            crop = mask[bx[1]:bx[3], bx[0]:bx[2]]
+            if bx[2] <= bx[0] or bx[3] <= bx[1] or not crop.any():
+                skipped.add(rec.path, "empty_lesion", f"{kind} box {tuple(box)} holds no mask pixel")
+                continue
+            kept.append((box, kind, bx, crop.copy()))
+        if not kept:
+            continue
+        canvas, (h, w) = resize_into_canvas(to_uint8(image), s)
+        img_idx = len(images)
+        images.append(canvas)
+        in_sizes.append((h, w))
+        orig_sizes.append(hw)
+        paths.append(rec.path)
+        sx, sy = w / hw[1], h / hw[0]  # ResizeLongestSide's effective scale per axis
+        for start in range(0, len(kept), p):
+            chunk = kept[start:start + p]
+            boxes = np.zeros((p, 4), np.float32)
+            masks = np.zeros((p, s, s), np.uint8)
+            valid = np.zeros((p,), bool)
+            types = np.full((p,), "", object)
+            for j, (box, kind, bx, crop) in enumerate(chunk):
+                boxes[j] = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                own = np.zeros(hw, np.uint8)
+                own[bx[1]:bx[3], bx[0]:bx[2]] = crop * np.uint8(255)
+                masks[j, :h, :w] = np.asarray(Image.fromarray(own).resize((w, h), Image.BILINEAR))
+                valid[j] = True
+                types[j] = kind
+                lesions.append(LesionTruth(len(ex_image), j, kind, rec.path, bx, crop))
+            ex_image.append(img_idx)
+            ex_boxes.append(boxes)
+            ex_masks.append(masks)
+            ex_valid.append(valid)
+            ex_types.append(types)
+    if log is not None and skipped:
+        log(f"{split or 'split'}: {skipped.summary(limit=5)}")
+    n = len(ex_image)
+    return SamExamples(
+        img_size=s,
+        images=np.stack(images) if images else np.zeros((0, s, s), np.uint8),
+        input_sizes=np.asarray(in_sizes, np.int32).reshape(-1, 2),
+        original_sizes=np.asarray(orig_sizes, np.int32).reshape(-1, 2),
+        paths=paths,
+        image_index=np.asarray(ex_image, np.int32),
+        boxes=np.stack(ex_boxes) if n else np.zeros((0, p, 4), np.float32),
+        masks=np.stack(ex_masks) if n else np.zeros((0, p, s, s), np.uint8),
+        valid=np.stack(ex_valid) if n else np.zeros((0, p), bool),
+        types=np.stack(ex_types) if n else np.zeros((0, p), object),
+        lesions=lesions,
+        skipped=skipped,
+    )
+
+
+def gather_batch(ex: SamExamples, indices: np.ndarray, repeat_prompts: bool = False) -> dict[str, np.ndarray]:
+    """Host arrays for the examples `indices` (B,): images (B, S, S) uint8, input_sizes (B, 2),
+    boxes (B, P, 4), masks (B, P, S, S) uint8, valid (B, P). Indices < 0 are padding rows (copies
+    of example 0 with valid all False).
+
+    repeat_prompts (training): the padding prompt slots of an example with k < P lesions take
+    copies of its lesions (slot j gets lesion j mod k) and count as valid. The decoder runs on
+    every slot anyway; each copy gets its own box jitter, so the slots add training signal for free.
+    """
+    idx = np.asarray(indices)
+    real = idx >= 0
+    safe = np.where(real, idx, 0)
+    img = ex.image_index[safe]
+    boxes, masks, valid = ex.boxes[safe], ex.masks[safe], ex.valid[safe]
+    if repeat_prompts:
+        p = ex.max_prompts
+        k = np.maximum(valid.sum(axis=1, keepdims=True), 1)  # real lesions come first in each example
+        src = np.arange(p)[None, :] % k  # (B, P)
+        rows = np.arange(len(safe))[:, None]
+        boxes, masks, valid = boxes[rows, src], masks[rows, src], valid[rows, src]
+    return {"images": ex.images[img], "input_sizes": ex.input_sizes[img], "boxes": boxes,
+            "masks": masks, "valid": valid & real[:, None]}
+
+
+def lesion_masks_original(low_res_logits: np.ndarray, input_size, original_size, img_size: int) -> np.ndarray:
+    """Low-res logits (P, L, L) of one example -> bool masks (P, H, W) in the original frame.
+
+    NumPy (float64) version of `mskjax.sam.postprocess` (upscale to S, crop to (h, w), resize to
+    (H, W), all bilinear align_corners=False, folded into one matrix per axis; logit > 0)."""
+    in_h, in_w = (int(v) for v in input_size)
+    out_h, out_w = (int(v) for v in original_size)
+    lh, lw = low_res_logits.shape[-2:]
+    m_h = _resize_matrix(lh, img_size, in_h, out_h)
+    m_w = _resize_matrix(lw, img_size, in_w, out_w)
+    logits = m_h @ np.asarray(low_res_logits, np.float64) @ m_w.T  # (P, H, W)
+    return logits > 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _resize_matrix(low: int, img_size: int, inner: int, out: int) -> np.ndarray:
+    """(out, low) float64: low-res -> img_size, crop to inner, -> out (bilinear, as postprocess)."""
+    return linear_resize_matrix(inner, out).astype(np.float64) @ linear_resize_matrix(low, img_size)[:inner]
+
+
+def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:
+    """(Dice, IoU) of a predicted (H, W) bool mask against one lesion's mask (zero outside its box)."""
+    x0, y0, x1, y1 = truth.box_px
+    inter = float(np.logical_and(pred[y0:y1, x0:x1], truth.crop).sum())
+    p, g = float(pred.sum()), float(truth.crop.sum())
+    dice = 2 * inter / (p + g) if p + g > 0 else 1.0
+    union = p + g - inter
+    return dice, (inter / union if union > 0 else 1.0)
+
+
+def dice_report(scores: list[tuple[str, float, float]]) -> dict:
+    """[(type, dice, iou)] -> {"dice", "iou", "n", "by_type": {type: {"dice", "iou", "n"}}} (means)."""
+    def summary(rows):
+        return {"dice": float(np.mean([r[1] for r in rows])) if rows else float("nan"),
+                "iou": float(np.mean([r[2] for r in rows])) if rows else float("nan"), "n": len(rows)}
+    out = summary(scores)
+    out["by_type"] = {t: summary([r for r in scores if r[0] == t]) for t in sorted({r[0] for r in scores})}
+    return out
+
+
+def class_counts(ex: SamExamples) -> dict[str, int]:
+    return {t: sum(1 for l in ex.lesions if l.type == t) for t in sorted({l.type for l in ex.lesions})}
+
+
+class EpochIterator:
+    """Seeded shuffled batches of example indices, resumable from `state()`.
+
+    Epoch e visits a permutation drawn from numpy's Generator seeded with (seed, e); each batch
+    takes the next `batch_size` indices; an epoch's remainder is dropped (static shapes). The state
+    is {"epoch", "position"} (JSON), saved in every run checkpoint.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, state: dict | None = None):
+        if n < batch_size:
+            raise SamDataError(f"{n} training examples cannot fill one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        if state is not None:
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+            self._perm_epoch = self.epoch
+        out = self._perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return out

@@ -1,0 +1,491 @@
+"""Box-prompted SAM training (MedSAM's recipe) through the classifier's CLI, mesh and checkpoints.
+
+    python -m mskjax.train --config configs/sam_synthetic.py --workdir runs/sam_synthetic \
+        [--config.train.epochs=4 ...]
+
+`mskjax.train` sends configs with kind "sam" here. The recipe, after MedSAM (Ma et al. 2024):
+
+- one box prompt per lesion, each scored against that lesion's own mask (`mskjax.sam_data`);
+- boxes jittered outward by U(0, 20) px per side in a 1024 px SAM input frame (scaled by
+  img_size / 1024: 5 px at 256), clipped to the image (`jitter_boxes`);
+- single-mask output (multimask=False);
+- the prompt encoder frozen (parameters and its random-feature buffer), the mask decoder trained,
+  the image encoder trained or frozen (`train.train_image_encoder`); with a frozen encoder the image
+  embeddings can be computed once and kept in memory (`train.cache_embeddings`);
+- loss = Dice (MONAI's squared form, as MedSAM) + binary cross-entropy. Computed by default on the
+  low-res logits bilinearly upscaled to the S x S input frame against the lesion mask resized to
+  that frame (`train.loss_frame = "input"`, MedSAM likewise upscales before its loss): the
+  synthetic lesions are 5-20 px wide at 256 px, and a fracture line that is one S/4 cell wide
+  would only be a blur on the S/4 grid. The S/4 grid ("low_res") is 16x cheaper for the loss
+  itself; the decoder costs the same either way.
+
+Same machinery as the classifier (`mskjax.train`): one jitted step with donated state over a
+('data',) mesh (batches sharded, parameters replicated and created already sharded), Orbax run
+checkpoints with the data position and fallback, resume by rerunning, the best model by validation
+Dice exported to WORKDIR/best in the checkpoint contract (kind "sam"; `load_sam` reads it),
+metrics.jsonl, a progress line, and TrainingDiverged on a non-finite loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mskjax import checkpoint, distributed, optim
+from mskjax import sam as samfn
+from mskjax import sam_data
+from mskjax.config_base import ConfigError
+from mskjax.config_sam import validate_sam
+from mskjax.models.sam import build_sam, init_sam_variables, sam_variable_shapes
+from mskjax.train import TrainingDiverged, _fmt_time, _host, _json_default, _log, _tensorboard, _write
+from mskjax.weights.mapping import CheckpointMismatch
+from mskjax.weights.sam import sam_metadata
+
+DICE_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr = smooth_dr default
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_sam(directory: str | Path):
+    """(model, variables {"params", "buffers"} as numpy, metadata) of an mskjax SAM checkpoint
+    (`mskjax.convert --source sam` output or WORKDIR/best of a SAM training run), checked leaf by
+    leaf against `build_sam(metadata["arch"], metadata["img_size"])`."""
+    variables, meta = checkpoint.restore(directory)
+    if meta.get("kind") != "sam":
+        raise CheckpointMismatch(f"{directory}: checkpoint kind {meta.get('kind')!r} is not 'sam'")
+    model = build_sam(meta["arch"], int(meta["img_size"]))
+    checkpoint.check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
+    return model, variables, meta
+
+
+def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
+    """Writes `variables` ({"params", "buffers"}) as an mskjax SAM checkpoint with sam_metadata."""
+    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
+                        variables)
+    meta = sam_metadata(config.model.arch, config.model.img_size)
+    meta["source"] = source
+    checkpoint.save(directory, host, meta, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: what trains and what stays
+
+
+def trainable_parts(config) -> tuple[str, ...]:
+    """Top-level parameter groups the optimizer updates. The prompt encoder never is."""
+    return ("image_encoder", "mask_decoder") if config.train.train_image_encoder else ("mask_decoder",)
+
+
+def split_variables(variables: dict, parts: tuple[str, ...]) -> tuple[dict, dict]:
+    """{"params", "buffers"} -> (trainable params {part: ...}, frozen {"params": rest, "buffers"})."""
+    params = variables["params"]
+    trainable = {k: v for k, v in params.items() if k in parts}
+    frozen = {"params": {k: v for k, v in params.items() if k not in parts},
+              "buffers": variables.get("buffers", {})}
+    return trainable, frozen
+
+
+def merge_variables(trainable: dict, frozen: dict) -> dict:
+    return {"params": {**frozen["params"], **trainable}, "buffers": frozen["buffers"]}
+
+
+def variables_from_checkpoint(directory: str, config) -> dict:
+    _, variables, meta = load_sam(directory)
+    if meta["arch"] != config.model.arch or int(meta["img_size"]) != config.model.img_size:
+        raise ConfigError(
+            f"config.init_from: {directory} holds SAM {meta['arch']} at img_size {meta['img_size']}, the config "
+            f"asks for {config.model.arch} at {config.model.img_size} (set model.arch / model.img_size to match)")
+    return variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation, loss, steps
+
+
+def jitter_scale(config) -> float:
+    """Maximum outward shift of a box side in SAM-input pixels: data.box_jitter given at 1024 px,
+    scaled by img_size / 1024."""
+    return float(config.data.box_jitter) * config.model.img_size / 1024.0
+
+
+def jitter_boxes(key: jax.Array, boxes: jax.Array, input_sizes: jax.Array, max_shift: float) -> jax.Array:
+    """MedSAM's box perturbation: every side moves outward by U(0, max_shift) px, then the box is
+    clipped to the image [0, w] x [0, h].
+
+    boxes (B, P, 4) SAM input frame; input_sizes (B, 2) (h, w) of the image inside the padding."""
+    u = jax.random.uniform(key, boxes.shape, jnp.float32, 0.0, max_shift)
+    moved = boxes + u * jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32)
+    hw = input_sizes.astype(jnp.float32)
+    upper = jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], axis=-1)[:, None, :]
+    return jnp.clip(moved, 0.0, upper)
+
+
+def hflip(key: jax.Array, images: jax.Array, masks: jax.Array, boxes: jax.Array, input_sizes: jax.Array):
+    """Flips half of the examples left-right inside their image (the padding stays at the right).
+    images (B, S, S), masks (B, P, S, S), boxes (B, P, 4), input_sizes (B, 2)."""
+    b, s = images.shape[0], images.shape[-1]
+    flip = jax.random.bernoulli(key, 0.5, (b,))
+    w = input_sizes[:, 1]
+    x = jnp.arange(s)
+    src = jnp.where(flip[:, None] & (x[None] < w[:, None]), w[:, None] - 1 - x[None], x[None])  # (B, S)
+    images = jax.vmap(lambda im, c: im[:, c])(images, src)
+    masks = jax.vmap(lambda m, c: m[..., c])(masks, src)
+    wf = w.astype(jnp.float32)[:, None]
+    flipped = jnp.stack([wf - boxes[..., 2], boxes[..., 1], wf - boxes[..., 0], boxes[..., 3]], axis=-1)
+    boxes = jnp.where(flip[:, None, None], flipped, boxes)
+    return images, masks, boxes
+
+
+def sam_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array, dice_weight: float = 1.0,
+             bce_weight: float = 1.0) -> tuple[jax.Array, dict]:
+    """Dice + BCE over mask logits, averaged over valid prompts.
+
+    logits (B, P, H, W); targets (B, P, H, W) in [0, 1] (soft at resized edges); valid (B, P).
+    Per prompt: dice = 1 - (2 sum(p t) + e) / (sum(p^2) + sum(t^2) + e), p = sigmoid(logit), e = 1e-5
+    (MONAI DiceLoss(sigmoid=True, squared_pred=True) as MedSAM); bce = mean over pixels of the
+    binary cross-entropy with logits. Returns (loss, {"dice_loss", "bce"}).
+    """
+    z = logits.astype(jnp.float32)
+    t = targets.astype(jnp.float32)
+    p = jax.nn.sigmoid(z)
+    axes = (-2, -1)
+    dice = 1.0 - (2.0 * jnp.sum(p * t, axes) + DICE_SMOOTH) / (jnp.sum(p * p, axes) + jnp.sum(t * t, axes) + DICE_SMOOTH)
+    bce = jnp.mean(jnp.maximum(z, 0.0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z))), axes)
+    v = valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(v), 1.0)
+    dice_m, bce_m = jnp.sum(dice * v) / n, jnp.sum(bce * v) / n
+    return dice_weight * dice_m + bce_weight * bce_m, {"dice_loss": dice_m, "bce": bce_m}
+
+
+def _loss_targets(masks_u8: jax.Array, frame: str) -> jax.Array:
+    """(B, P, S, S) uint8 0..255 -> float targets in the loss frame (S x S, or S/4 by 4x4 means)."""
+    t = masks_u8.astype(jnp.float32) / 255.0
+    if frame == "low_res":
+        b, p, s, _ = t.shape
+        t = t.reshape(b, p, s // 4, 4, s // 4, 4).mean(axis=(3, 5))
+    return t
+
+
+def make_train_step(model, tx, config):
+    """step(state, batch) -> (state, metrics). state: {"step", "params" (trainable groups),
+    "frozen" ({"params", "buffers"}, returned unchanged), "opt_state", "rng"}. batch: images
+    (B, S, S) uint8 | embeddings (B, e, e, 256), input_sizes (B, 2), boxes (B, P, 4), masks
+    (B, P, S, S) uint8, valid (B, P)."""
+    s = config.model.img_size
+    max_shift = jitter_scale(config)
+    frame, flip = config.train.loss_frame, config.data.hflip
+    wd, wb = config.train.dice_weight, config.train.bce_weight
+
+    def step(state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        k_flip, k_jit = jax.random.split(key)
+        boxes, masks, sizes = batch["boxes"], batch["masks"], batch["input_sizes"]
+        images = batch.get("images")
+        if flip:
+            images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
+        boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)
+        targets = _loss_targets(masks, frame)
+
+        def compute(params):
+            variables = merge_variables(params, state["frozen"])
+            if "embeddings" in batch:
+                emb = batch["embeddings"]
+            else:
+                emb = samfn.embed(model, variables, sam_data.normalize_gray(images, sizes))
+            out = samfn.decode(model, variables, emb, boxes=boxes, multimask=False)
+            logits = out["low_res_logits"][:, :, 0]
+            if frame == "input":
+                logits = samfn.upscale_logits(logits, s)
+            return sam_loss(logits, targets, batch["valid"], wd, wb)
+
+        (loss, parts), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+def make_predict(model):
+    """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), boxes (B, P, 4))
+    -> low-res logits (B, P, S/4, S/4), single-mask output."""
+    def predict(variables, images, input_sizes, boxes):
+        if images.ndim == 4:  # precomputed embeddings
+            emb = images
+        else:
+            emb = samfn.embed(model, variables, sam_data.normalize_gray(images, input_sizes))
+        return samfn.decode(model, variables, emb, boxes=boxes, multimask=False)["low_res_logits"][:, :, 0]
+    return predict
+
+
+def make_embed(model):
+    def embed(variables, images, input_sizes):
+        return samfn.embed(model, variables, sam_data.normalize_gray(images, input_sizes))
+    return embed
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> devices, evaluation
+
+
+def _global(x: np.ndarray, sharding) -> jax.Array:
+    """A host array every process holds in full -> a global array with `sharding`."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def embed_all(embed_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding) -> np.ndarray:
+    """(N_img, e, e, 256) float32 embeddings of every image of `ex`."""
+    n = ex.images.shape[0]
+    out = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        idx = np.where(idx < n, idx, 0)
+        e = _host(embed_step(variables, _global(ex.images[idx], sharding), _global(ex.input_sizes[idx], sharding)))
+        out.append(e[:min(batch_size, n - start)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
+             embeddings: np.ndarray | None = None, per_lesion: bool = False) -> dict:
+    """Dice and IoU of every lesion (ground-truth box, no jitter) in the original image frame:
+    {"dice", "iou", "n", "by_type": {type: {...}}, ["lesions": [{"path", "type", "dice", "iou"}]]}."""
+    truth = {(l.example, l.prompt): l for l in ex.lesions}
+    scores, rows = [], []
+    n = len(ex)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        idx = np.where(idx < n, idx, -1)
+        b = sam_data.gather_batch(ex, idx)
+        img = ex.image_index[np.where(idx >= 0, idx, 0)]
+        first = embeddings[img] if embeddings is not None else b["images"]
+        logits = _host(predict_step(variables, _global(first, sharding), _global(b["input_sizes"], sharding),
+                                    _global(b["boxes"], sharding)))
+        for row, e in enumerate(idx):
+            if e < 0:
+                continue
+            i = ex.image_index[e]
+            masks = sam_data.lesion_masks_original(logits[row], ex.input_sizes[i], ex.original_sizes[i], ex.img_size)
+            for j in np.flatnonzero(ex.valid[e]):
+                t = truth[(int(e), int(j))]
+                d, u = sam_data.lesion_dice(masks[j], t)
+                scores.append((t.type, d, u))
+                rows.append({"path": t.path, "type": t.type, "box_px": list(t.box_px), "dice": d, "iou": u})
+    report = sam_data.dice_report(scores)
+    if per_lesion:
+        report["lesions"] = rows
+    return report
+
+
+def _format_report(name: str, rep: dict) -> str:
+    lines = [f"{name}: mean Dice {rep['dice']:.4f}, IoU {rep['iou']:.4f} over {rep['n']} lesions"]
+    for t, r in rep["by_type"].items():
+        lines.append(f"  {t:<10} Dice {r['dice']:.4f}  IoU {r['iou']:.4f}  n {r['n']}")
+    return "\n".join(lines)
+
+
+def load_examples(config, log=_log) -> tuple[dict[str, sam_data.SamExamples], str]:
+    """The splits of config.data as SAM examples, in host memory."""
+    from mskjax.datasets import load_splits
+    splits = load_splits(config.data, seed=config.seed)
+    for split, s in splits.skipped:
+        log(f"skipped ({split}): {s}")
+    out = {}
+    for name, records in splits.records.items():
+        out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log)
+    return out, splits.description
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def create_state(model, tx, config, mesh):
+    """The train state, replicated over the mesh (created sharded; from init_from via the host)."""
+    repl = distributed.replicated(mesh)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    parts = trainable_parts(config)
+
+    def assemble(variables):
+        trainable, frozen = split_variables(variables, parts)
+        return {"step": jnp.zeros((), jnp.int32), "params": trainable, "frozen": frozen,
+                "opt_state": tx.init(trainable), "rng": state_key}
+
+    if config.init_from:  # files are read on the host, then placed
+        v = jax.tree.map(jnp.asarray, variables_from_checkpoint(config.init_from, config))
+        return jax.jit(assemble, out_shardings=repl)(v)
+    return jax.jit(lambda: assemble(init_sam_variables(model, init_key)), out_shardings=repl)()
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+    """Trains, keeps the best checkpoint by validation Dice, evaluates it on the test split.
+    Returns the dict written to WORKDIR/results.json."""
+    from mskjax.run_checkpoints import RunCheckpoints
+
+    t_start, cpu_start = time.time(), time.process_time()
+    workdir = Path(workdir).absolute()
+    mesh = distributed.data_mesh()
+    validate_sam(config, jax.device_count())
+    if config.data.hflip and config.train.cache_embeddings:
+        raise ConfigError("config.data.hflip: flips need the images, not cached embeddings "
+                          "(set train.cache_embeddings=False)")
+    data_sharding = distributed.batch_sharding(mesh)
+    repl = distributed.replicated(mesh)
+    if distributed.is_main_process():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    _log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}")
+
+    examples, description = load_examples(config)
+    train_ex = examples["train"]
+    if len(train_ex) == 0:
+        raise ConfigError(f"config.data: no training image has boxes and a mask ({description})")
+    if len(train_ex) < config.train.batch_size:
+        raise ConfigError(f"config.train.batch_size: {config.train.batch_size} is more than the {len(train_ex)} "
+                          f"training examples ({description})")
+    if len(examples.get("valid", [])) == 0:
+        raise ConfigError(f"config.data: the valid split has no lesion with a mask ({description})")
+    _log(f"data: {description}; " + ", ".join(
+        f"{k} {len(v)} examples / {len(v.lesions)} lesions {sam_data.class_counts(v)}" for k, v in examples.items()))
+    _log(f"data loaded in {time.time() - t_start:.1f}s")
+
+    model = build_sam(config.model.arch, config.model.img_size)
+    bs = config.train.batch_size
+    steps_per_epoch = max(1, len(train_ex) // bs)
+    total_steps = steps_per_epoch * config.train.epochs
+    lr = optim.schedule(config.train.learning_rate, total_steps, int(config.train.warmup_epochs * steps_per_epoch))
+    tx = optim.make_optimizer(config.train.optimizer, lr, config.train.weight_decay, config.train.momentum,
+                              config.train.grad_clip)
+
+    state = create_state(model, tx, config, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    ckpts = RunCheckpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
+                           async_writes=config.checkpoint.async_writes)
+    data_state, best = None, {"dice": -math.inf, "step": -1}
+    restored = ckpts.restore_latest(abstract, log=_log)
+    if restored is not None:
+        step0, state, saved = restored
+        data_state, best = saved["loader"], saved["best"]
+        _log(f"resumed from the checkpoint at step {step0} in {ckpts.directory}")
+
+    train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(repl, data_sharding),
+                         out_shardings=(repl, repl), donate_argnums=0)
+    predict_step = jax.jit(make_predict(model), in_shardings=(repl, data_sharding, data_sharding, data_sharding),
+                           out_shardings=data_sharding)
+    embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
+                         out_shardings=data_sharding)
+
+    cache = {}
+    if config.train.cache_embeddings:  # the encoder is frozen: its outputs never change
+        t0 = time.time()
+        v0 = merge_variables(state["params"], state["frozen"])
+        for name in ("train", "valid"):
+            cache[name] = embed_all(embed_step, v0, examples[name], config.eval.batch_size, data_sharding)
+        _log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s")
+
+    it = sam_data.EpochIterator(len(train_ex), bs, config.seed, data_state)
+    writer = _tensorboard(workdir) if distributed.is_main_process() else None
+    log_file = open(workdir / "metrics.jsonl", "a") if distributed.is_main_process() else None
+    step = int(_host(state["step"]))
+    ckpt_every = config.checkpoint.every_steps or steps_per_epoch
+    t_window, n_window, last_saved = time.time(), 0, ckpts.latest_step()
+    _log(f"training {total_steps} steps ({config.train.epochs} epochs of {steps_per_epoch}), batch {bs} images, "
+         f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px")
+    try:
+        while step < total_steps:
+            idx = next(it)
+            b = sam_data.gather_batch(train_ex, idx, repeat_prompts=config.data.repeat_prompts)
+            if "train" in cache:
+                b["embeddings"] = cache["train"][train_ex.image_index[idx]]
+                del b["images"]
+            state, m = train_step(state, {k: _global(v, data_sharding) for k, v in b.items()})
+            step += 1
+            n_window += bs
+            loss = float(_host(m["loss"]))
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
+                    f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
+            if step % config.train.log_every == 0 or step == total_steps:
+                now = time.time()
+                ips = n_window / max(now - t_window, 1e-9)
+                eta = (total_steps - step) * bs / max(ips, 1e-9)
+                _log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {loss:.4f} "
+                     f"(dice {float(_host(m['dice_loss'])):.4f} bce {float(_host(m['bce'])):.4f}) "
+                     f"lr {float(lr(step)):.2e} {ips:.1f} img/s eta {_fmt_time(eta)}")
+                _write(log_file, writer, step, {"train/loss": loss, "train/dice_loss": float(_host(m["dice_loss"])),
+                                                "train/bce": float(_host(m["bce"])), "train/lr": float(lr(step)),
+                                                "train/images_per_s": ips,
+                                                "train/grad_norm": float(_host(m["grad_norm"]))})
+                t_window, n_window = now, 0
+            end_of_epoch = step % steps_per_epoch == 0
+            if (end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0) or step == total_steps:
+                variables = merge_variables(state["params"], state["frozen"])
+                rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
+                               cache.get("valid"))
+                _log(f"valid at step {step}: Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
+                    f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items()))
+                _write(log_file, writer, step, {"valid/dice": rep["dice"], "valid/iou": rep["iou"],
+                                                **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}})
+                score = rep["dice"] if math.isfinite(rep["dice"]) else -1.0
+                if score > best["dice"]:
+                    best = {"dice": score, "step": step}
+                    if distributed.is_main_process():
+                        export_sam(workdir / "best", variables, config, _source(config, step, rep))
+            if step % ckpt_every == 0 or step == total_steps:
+                ckpts.save(step, state, {"loader": it.state(), "best": best})
+                last_saved = step
+    finally:
+        ckpts.close()
+        if log_file:
+            log_file.close()
+        if writer:
+            writer.close()
+    t_train = time.time() - t_start
+
+    # Final numbers come from the exported best model, never from the last step.
+    result = {"workdir": str(workdir), "best_step": best["step"], "valid": None, "test": None}
+    if (workdir / "best").is_dir():
+        _, bv, _ = load_sam(workdir / "best")
+        bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
+        for split in ("valid", config.eval.test_split):
+            if split and len(examples.get(split, [])):
+                emb = None
+                if config.train.cache_embeddings:
+                    emb = cache.get(split)
+                    if emb is None:
+                        emb = embed_all(embed_step, bv, examples[split], config.eval.batch_size, data_sharding)
+                rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding, emb,
+                               per_lesion=split != "valid")
+                result[split] = rep
+                title = f"{split} (best checkpoint, step {best['step']}, ground-truth boxes)"
+                _log("\n" + _format_report(title, rep))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["time"] = {"wall_s": round(time.time() - t_start, 1), "train_wall_s": round(t_train, 1),
+                      "cpu_s": round(time.process_time() - cpu_start, 1),
+                      "process_cpu_s_total": round(usage.ru_utime + usage.ru_stime, 1)}
+    result["skipped"] = {k: [str(s) for s in v.skipped] for k, v in examples.items()}
+    if distributed.is_main_process():
+        (workdir / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    _log(f"total time {_fmt_time(time.time() - t_start)} (CPU {result['time']['cpu_s']:.0f}s); "
+         f"results in {workdir / 'results.json'}")
+    return result
+
+
+def _source(config, step: int, rep: dict) -> dict:
+    return {"format": "mskjax.train_sam", "step": step, "dataset": config.data.dataset, "root": str(config.data.root),
+            "init_from": config.init_from, "trained": list(trainable_parts(config)),
+            "box_jitter_px": jitter_scale(config), "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
+            f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
+            "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}

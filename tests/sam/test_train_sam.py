@@ -1,0 +1,344 @@
+"""Box-prompted SAM training (mskjax.train_sam, mskjax.sam_data, configs/sam_*.py).
+
+Small sizes throughout: vit_tiny at 64 px on 16 synthetic studies; vit_b at 64 px with random
+weights for one step. Most of the time is XLA compilation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mskjax import distributed, optim, sam as samfn, sam_data, train_sam
+from mskjax.config_base import ConfigError
+from mskjax.data.mura import read_mura
+from mskjax.models.sam import build_sam
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+SIDE = 64
+
+
+def _load_config(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _small(config, root):
+    config.data.root = str(root)
+    config.data.synthetic_studies = 16
+    config.model.img_size = SIDE
+    config.train.batch_size = 2
+    config.eval.batch_size = 4
+    config.train.log_every = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("samdata") / "synthetic"
+    subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(root), "--studies", "16",
+                    "--seed", "0"], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_examples(data_root):
+    records, _ = read_mura(data_root, "train")
+    return sam_data.build_examples(records, SIDE, 2, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5, 4)).astype(np.float32) * 3
+    targets = (rng.uniform(size=(2, 3, 5, 4)) > 0.6).astype(np.float32)
+    targets[0, 1, 0, 0] = 0.5  # a soft edge pixel
+    valid = np.array([[True, True, False], [True, False, False]])
+    loss, parts = train_sam.sam_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(valid), 0.7, 1.3)
+    dices, bces = [], []
+    for b, p in zip(*np.nonzero(valid)):
+        z, t = logits[b, p].astype(np.float64), targets[b, p].astype(np.float64)
+        prob = 1 / (1 + np.exp(-z))
+        dices.append(1 - (2 * (prob * t).sum() + 1e-5) / ((prob ** 2).sum() + (t ** 2).sum() + 1e-5))
+        bces.append(np.mean(-(t * np.log(prob) + (1 - t) * np.log(1 - prob))))
+    np.testing.assert_allclose(float(parts["dice_loss"]), np.mean(dices), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["bce"]), np.mean(bces), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.7 * np.mean(dices) + 1.3 * np.mean(bces), rtol=1e-5)
+    # A perfect, confident prediction has almost no loss; padding prompts do not count.
+    t = targets.copy()
+    t[0, 2] = 1 - t[0, 2]
+    perfect, _ = train_sam.sam_loss(jnp.asarray(np.where(targets > 0.5, 30.0, -30.0)), jnp.asarray(t),
+                                    jnp.asarray(valid & (targets.reshape(2, 3, -1) != 0.5).all(-1)))
+    assert float(perfect) < 1e-4
+
+
+def test_box_jitter_stays_within_range_and_image():
+    config = _load_config("sam_synthetic")
+    shift = train_sam.jitter_scale(config)
+    assert shift == pytest.approx(20.0 * 256 / 1024)  # MedSAM's 20 px at 1024, scaled to 256
+    rng = np.random.default_rng(1)
+    sizes = np.array([[256, 180], [120, 256]], np.int32)  # (h, w)
+    x0 = rng.uniform(0, 100, (2, 500))
+    y0 = rng.uniform(0, 100, (2, 500))
+    boxes = np.stack([x0, y0, x0 + rng.uniform(1, 80, (2, 500)), y0 + rng.uniform(1, 20, (2, 500))], -1)
+    boxes = np.minimum(boxes, np.array([[[180, 256, 180, 256]], [[256, 120, 256, 120]]]))
+    boxes[:, :20, 2] = sizes[:, None, 1] - rng.uniform(0, 2, (2, 20))  # touching the right border
+    boxes = boxes.astype(np.float32)
+    out = np.asarray(train_sam.jitter_boxes(jax.random.key(0), jnp.asarray(boxes), jnp.asarray(sizes), shift))
+    grow = (out - boxes) * np.array([-1, -1, 1, 1])
+    assert grow.min() >= -1e-5 and grow.max() <= shift + 1e-5
+    assert grow.max() > 0.95 * shift and np.median(grow) > 0.2 * shift  # really jittered
+    for i, (h, w) in enumerate(sizes):
+        assert out[i, :, [0, 2]].min() >= 0 and out[i, :, [0, 2]].max() <= w
+        assert out[i, :, [1, 3]].min() >= 0 and out[i, :, [1, 3]].max() <= h
+    clipped = (boxes[..., 2] + shift > sizes[:, None, 1]) & (out[..., 2] == sizes[:, None, 1])
+    assert clipped.any()  # boxes near the border were clipped, not pushed outside
+
+
+def test_gray_canvas_normalisation_equals_sam_preprocess():
+    img = np.random.default_rng(2).integers(0, 256, (37, 53), dtype=np.uint8)
+    canvas, (h, w) = sam_data.resize_into_canvas(img, 64)
+    ours = np.asarray(sam_data.normalize_gray(jnp.asarray(canvas[None]), jnp.asarray([[h, w]])))
+    ref = samfn.preprocess(img, 64)
+    assert (h, w) == tuple(ref.input_sizes[0])
+    np.testing.assert_allclose(ours, ref.images, atol=1e-5)
+
+
+def test_hflip_keeps_image_box_and_mask_together():
+    rng = np.random.default_rng(3)
+    s = 16
+    images = rng.integers(0, 256, (4, s, s), dtype=np.uint8)
+    sizes = np.array([[16, 10], [12, 16], [16, 16], [9, 7]], np.int32)
+    for i, (h, w) in enumerate(sizes):
+        images[i, h:] = 0
+        images[i, :, w:] = 0
+    masks = np.zeros((4, 1, s, s), np.uint8)
+    boxes = np.array([[[1, 2, 4, 6]], [[3, 1, 9, 5]], [[0, 0, 16, 3]], [[2, 2, 5, 4]]], np.float32)
+    for i, b in enumerate(boxes[:, 0].astype(int)):
+        masks[i, 0, b[1]:b[3], b[0]:b[2]] = 255
+    key = jax.random.key(0)
+    im2, m2, b2 = (np.asarray(a) for a in train_sam.hflip(key, jnp.asarray(images), jnp.asarray(masks),
+                                                            jnp.asarray(boxes), jnp.asarray(sizes)))
+    flipped = [not np.array_equal(im2[i], images[i]) for i in range(4)]
+    assert any(flipped)
+    for i, (h, w) in enumerate(sizes):
+        assert not im2[i, :, w:].any() and not im2[i, h:].any()  # padding stays at bottom/right
+        b = b2[i, 0].astype(int)
+        box_mask = np.zeros((s, s), bool)
+        box_mask[b[1]:b[3], b[0]:b[2]] = True
+        np.testing.assert_array_equal(m2[i, 0] > 0, box_mask)
+        if flipped[i]:
+            np.testing.assert_array_equal(im2[i, :h, :w], images[i, :h, :w][:, ::-1])
+    # Flipping again with the same key restores everything.
+    back = train_sam.hflip(key, jnp.asarray(im2), jnp.asarray(m2), jnp.asarray(b2), jnp.asarray(sizes))
+    np.testing.assert_array_equal(np.asarray(back[0]), images)
+    np.testing.assert_allclose(np.asarray(back[2]), boxes)
+
+
+def test_examples_one_prompt_per_lesion(train_examples, data_root):
+    ex = train_examples
+    records, _ = read_mura(data_root, "train")
+    n_lesions = sum(len(r.boxes) for r in records if r.mask_path)
+    assert len(ex.lesions) == n_lesions == int(ex.valid.sum()) > 0
+    assert ex.images.shape[1:] == (SIDE, SIDE) and ex.masks.shape[2:] == (SIDE, SIDE)
+    for e in range(len(ex)):
+        i = ex.image_index[e]
+        h, w = ex.input_sizes[i]
+        assert not ex.images[i, h:].any() and not ex.images[i, :, w:].any()
+        for j in np.flatnonzero(ex.valid[e]):
+            x0, y0, x1, y1 = ex.boxes[e, j]
+            assert 0 <= x0 < x1 <= w + 1e-4 and 0 <= y0 < y1 <= h + 1e-4
+            m = ex.masks[e, j]
+            assert m.any()
+            ys, xs = np.nonzero(m)  # the lesion's own mask stays in (about) its box
+            assert xs.min() >= np.floor(x0) - 1 and xs.max() <= np.ceil(x1) and ys.min() >= np.floor(y0) - 1
+        assert not ex.masks[e, ~ex.valid[e]].any()
+    for les in ex.lesions:
+        assert les.crop.any() and les.crop.shape == (les.box_px[3] - les.box_px[1], les.box_px[2] - les.box_px[0])
+    # Training batches may fill empty prompt slots with copies of the image's lesions.
+    rep = sam_data.gather_batch(ex, np.arange(len(ex)), repeat_prompts=True)
+    assert rep["valid"].all()
+    single = ex.valid.sum(1) == 1
+    assert single.any()
+    np.testing.assert_array_equal(rep["masks"][single, 1], ex.masks[single, 0])
+    np.testing.assert_array_equal(rep["boxes"][single, 1], ex.boxes[single, 0])
+    plain = sam_data.gather_batch(ex, np.array([-1, 0]))
+    assert not plain["valid"][0].any() and (plain["valid"][1] == ex.valid[0]).all()
+    # Scoring a perfect prediction gives Dice 1.
+    les = ex.lesions[0]
+    h0, w0 = ex.original_sizes[ex.image_index[les.example]]
+    pred = np.zeros((h0, w0), bool)
+    pred[les.box_px[1]:les.box_px[3], les.box_px[0]:les.box_px[2]] = les.crop
+    assert sam_data.lesion_dice(pred, les) == (1.0, 1.0)
+
+
+def test_scoring_frames_agree_with_training_frames(data_root):
+    """Low-res logits made from the training masks (SAM input frame), scored the way `evaluate`
+    scores (original frame, lesion's own mask): high Dice; the same logits shifted by 3 cells: low.
+    Catches any mix-up between the frames."""
+    records, _ = read_mura(data_root, "train")
+    ex = sam_data.build_examples([r for r in records if r.boxes][:8], 256, 2)
+    truth = {(l.example, l.prompt): l for l in ex.lesions}
+    good, shifted = [], []
+    for e in range(len(ex)):
+        cover = ex.masks[e].astype(np.float64).reshape(2, 64, 4, 64, 4).mean((2, 4)) / 255
+        logits = 20 * (cover - 0.5)
+        i = ex.image_index[e]
+        for lg, out in ((logits, good), (np.roll(logits, 3, axis=-1), shifted)):
+            masks = sam_data.lesion_masks_original(lg, ex.input_sizes[i], ex.original_sizes[i], 256)
+            out += [sam_data.lesion_dice(masks[j], truth[(e, j)])[0] for j in np.flatnonzero(ex.valid[e])]
+    assert len(good) == len(ex.lesions) > 0
+    assert np.mean(good) > 0.75 and np.mean(shifted) < 0.5 * np.mean(good), (np.mean(good), np.mean(shifted))
+
+
+def test_epoch_iterator_resumes_exactly():
+    a = sam_data.EpochIterator(10, 3, seed=5)
+    first = [next(a) for _ in range(4)]  # crosses an epoch (3 batches per epoch)
+    assert len(set(np.concatenate(first[:3]).tolist())) == 9  # no repeats inside an epoch
+    state = json.loads(json.dumps(a.state()))
+    rest = [next(a) for _ in range(5)]
+    b = sam_data.EpochIterator(10, 3, seed=5, state=state)
+    for x, y in zip(rest, [next(b) for _ in range(5)]):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(first[0], sam_data.EpochIterator(10, 3, seed=6).__next__())
+
+
+def test_config_errors():
+    config = _load_config("sam_synthetic")
+    config.train.cache_embeddings = True
+    with pytest.raises(ConfigError, match="train.cache_embeddings"):
+        train_sam.validate_sam(config, 1)
+    from mskjax.train import check_overrides
+    err = check_overrides(["x", f"--config={CONFIGS / 'sam_synthetic.py'}", "--config.train.encoder=1"])
+    assert "unknown config field" in err and "train_image_encoder" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps in process
+
+
+def _state_and_step(config):
+    mesh = distributed.data_mesh()
+    model = build_sam(config.model.arch, config.model.img_size)
+    tx = optim.make_optimizer(config.train.optimizer, optim.schedule(config.train.learning_rate, 100, 0),
+                              config.train.weight_decay, config.train.momentum, config.train.grad_clip)
+    state = train_sam.create_state(model, tx, config, mesh)
+    step = jax.jit(train_sam.make_train_step(model, tx, config), donate_argnums=0)
+    return model, state, step
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+def test_loss_decreases_and_frozen_parts_stay(train_examples, data_root):
+    config = _small(_load_config("sam_synthetic"), data_root)
+    config.train.learning_rate = 1e-3
+    _, state, step = _state_and_step(config)
+    before = _copy({"frozen": state["frozen"], "params": state["params"]})
+    batch = sam_data.gather_batch(train_examples, np.arange(min(4, len(train_examples))))
+    losses = []
+    for _ in range(12):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2]), losses
+    after = _copy({"frozen": state["frozen"], "params": state["params"]})
+    assert set(after["frozen"]["params"]) == {"prompt_encoder"}
+    jax.tree.map(np.testing.assert_array_equal, before["frozen"], after["frozen"])  # bit-identical
+    assert set(after["params"]) == {"image_encoder", "mask_decoder"}
+    for part in ("image_encoder", "mask_decoder"):
+        moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before["params"][part], after["params"][part])
+        assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_vit_b_config_one_step(train_examples):
+    """The vit_b config's structure and settings, at 64 px with random weights (official weights
+    are 1024 px and not available here), takes one training step."""
+    config = _load_config("sam_finetune_fracatlas_vit_b")
+    assert config.model.arch == "vit_b" and config.model.img_size == 1024
+    assert config.init_from  # points at a converted official checkpoint
+    train_sam.validate_sam(config, 1)
+    config.init_from = ""
+    config.model.img_size = SIDE
+    config.data.max_prompts = 2
+    _, state, step = _state_and_step(config)
+    assert state["params"]["image_encoder"]["blocks_11"]["attn"]["qkv"]["kernel"].shape == (768, 2304)
+    pe_before = _copy(state["frozen"])
+    dec_before = _copy(state["params"]["mask_decoder"])
+    batch = sam_data.gather_batch(train_examples, np.arange(2))
+    state, m = step(state, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert int(state["step"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, pe_before, _copy(state["frozen"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state["params"]["mask_decoder"], dec_before)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run through the CLI
+
+
+@pytest.fixture(scope="module")
+def cli_run(data_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("samrun")
+    args = [sys.executable, "-m", "mskjax.train", f"--config={CONFIGS / 'sam_synthetic.py'}", f"--workdir={workdir}",
+            f"--config.data.root={data_root}", "--config.data.synthetic_studies=16",
+            f"--config.model.img_size={SIDE}", "--config.train.batch_size=2", "--config.train.epochs=2",
+            "--config.eval.batch_size=4", "--config.train.log_every=1", "--config.train.learning_rate=1e-3"]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return workdir, out.stdout
+
+
+def test_cli_run_writes_results_and_exports_best(cli_run):
+    workdir, stdout = cli_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["best_step"] > 0
+    for split in ("valid", "test"):
+        rep = results[split]
+        assert rep["n"] > 0 and 0.0 <= rep["dice"] <= 1.0
+        assert set(rep["by_type"]) <= {"fracture", "hardware", "lesion"}
+    assert len(results["test"]["lesions"]) == results["test"]["n"]
+    assert results["time"]["cpu_s"] > 0
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid/dice" in l for l in lines) and any("train/loss" in l for l in lines)
+    assert "valid at step" in stdout
+
+
+def test_exported_best_loads_and_predicts(cli_run, data_root):
+    workdir, _ = cli_run
+    model, variables, meta = train_sam.load_sam(workdir / "best")
+    assert meta["kind"] == "sam" and meta["arch"] == "vit_tiny" and meta["img_size"] == SIDE
+    assert meta["source"]["format"] == "mskjax.train_sam" and meta["source"]["trained"] == ["image_encoder", "mask_decoder"]
+    # The prompt encoder in the export is the untouched initialisation.
+    config = _small(_load_config("sam_synthetic"), data_root)
+    _, state, _ = _state_and_step(config)
+    init = _copy(state["frozen"])
+    jax.tree.map(np.testing.assert_array_equal, init["params"]["prompt_encoder"], variables["params"]["prompt_encoder"])
+    jax.tree.map(np.testing.assert_array_equal, init["buffers"], variables["buffers"])
+    # Predicts through the public SAM functions, with the official-style preprocess.
+    rec = next(r for r in read_mura(data_root, "test")[0] if r.boxes)
+    from mskjax.data.images import decode_image
+    img = sam_data.to_uint8(decode_image(rec.path).image)
+    batch = samfn.preprocess(img, SIDE)
+    emb = samfn.embed(model, variables, jnp.asarray(batch.images))
+    boxes = samfn.transform_boxes(np.asarray(rec.boxes, np.float32)[None], batch.original_sizes)
+    out = samfn.decode(model, variables, emb, boxes=jnp.asarray(boxes), multimask=False)
+    masks = samfn.postprocess(out["low_res_logits"][0, :, 0], batch.input_sizes[0], batch.original_sizes[0], SIDE)
+    assert masks.shape == (len(rec.boxes), *img.shape) and bool(np.isfinite(out["low_res_logits"]).all())
