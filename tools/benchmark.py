@@ -904,7 +904,7 @@ def build_rows(results: dict) -> list[dict]:
     rows = []
     peak = results["machine"].get("peak_bf16_tflops")
     for entry in results["classifiers"]:
-        jcells = entry["jax"].get("cells", {})
+        jcells = entry.get("jax", {}).get("cells", {})
         tcells = entry.get("torch", {}).get("cells", {})
         for key, j in jcells.items():
             mode, batch = key.split("@")
@@ -958,6 +958,12 @@ def markdown(results: dict) -> str:
             f"| {_f(r['torch_first_s'], '{:.2f}')} | {_f(r['jax_mem_mib'], '{:.0f}')} "
             f"| {_f(r['torch_mem_mib'], '{:.0f}')} | {_f(r['gflop'], '{:.1f}')} |"
             + (f" {_f(r['jax_mfu'], '{:.1%}')} | {_f(r['torch_mfu'], '{:.1%}')} |" if gpu else ""))
+    notes = [f"{e['arch']}@{e['size']} {side}: {e[side]['error']}" for e in results["classifiers"]
+             for side in ("jax", "torch") if e.get(side, {}).get("error")]
+    notes += [f"{e['arch']}@{e['size']} torch: {e['torch']['skipped']}" for e in results["classifiers"]
+              if e.get("torch", {}).get("skipped")]
+    if notes:
+        lines += ["", "Not measured / cut short:"] + [f"- {n}" for n in notes]
     sam = results.get("sam")
     if sam:
         j, t = sam["jax"].get("cells", {}), sam.get("torch", {}).get("cells", {})
@@ -974,8 +980,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {part.split('_')[1]} ({unit.replace('ms_per_', 'per ')}) | {_f(jr.get(unit), '{:.1f}')} "
                          f"| {_f(tr.get(unit), '{:.1f}')} | {_f(_ratio(tr.get(unit), jr.get(unit)))} "
                          f"| {_f(jr.get('compile_s'), '{:.1f}')} |")
-        if "error" in sam["jax"]:
-            lines.append(f"JAX SAM error: {sam['jax']['error']}")
+        for side in ("jax", "torch"):
+            if "error" in sam.get(side, {}):
+                lines.append(f"{side} SAM: {sam[side]['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -1016,7 +1023,7 @@ def _merge(entry: dict, side: str, r: dict) -> None:
     for k, v in r.items():
         if k == "cells":
             continue
-        if k == "error" and "error" in slot:
+        if k == "error" and "error" in slot and v not in slot["error"]:
             v = slot["error"] + "; " + v
         slot[k] = v
 
@@ -1064,7 +1071,7 @@ def main(argv=None) -> dict:
     else:
         cls_modes = [m for m in args.mode_list if m in ("eval", "train")]
         cam_batch = args.cam_batch or args.batch_list[0]
-        for arch, size in args.model_list:
+        for arch, size in (args.model_list if cls_modes or "cam" in args.mode_list else []):
             entry = {"arch": arch, "size": size}
             results["classifiers"].append(entry)
             for modes, batches in ((cls_modes, args.batch_list),
