@@ -10,8 +10,14 @@ validation Dice goes to runs/sam_synthetic/best (kind "sam"; `mskjax.segment --s
 `mskjax.train_sam.load_sam` read it); the test split is scored once, with ground-truth boxes, in
 the original image frame, per lesion type (results.json).
 
-Target: mean test Dice >= 0.75 in at most 15 minutes on 2 CPU cores. Measured result: see the
-README ("Results") / the final report of the issue that added this file.
+Target: mean test Dice >= 0.75 in at most 15 minutes on 2 CPU cores. NOT reached. Measured once
+with these settings (2-core CPU shared with other jobs, load average ~9; 2026-11-26): test mean
+Dice 0.343 over 170 lesions (fracture 0.259, hardware 0.287, lesion 0.487), valid 0.297; 19m06s
+wall, 649 s CPU of this process (about 2 images/s once compiled; the first 10 steps with
+compilation took 80 s). For scale, on the same test lesions simply filling the ground-truth box scores
+0.697 (fracture 0.745, hardware 0.425, lesion 0.866) and a perfect mask on the S/4 = 64 logit grid
+about 0.81 (valid split): from scratch, 3 epochs (1.7k images) do not yet teach the box-to-region mapping that a
+pretrained SAM has. Validation Dice was still rising (0.058, 0.223, 0.297 after epochs 1-3).
 """
 from mskjax.config_sam import sam_base_config
 
