@@ -36,10 +36,32 @@ def _pads(x: jax.Array, kernel: Sequence[int], strides: Sequence[int], dilation:
     return [conv_padding(x.shape[1 + i], kernel[i], strides[i], dilation, mode) for i in range(2)]
 
 
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """1x1 convolution as one matmul over channels: x (B, H, W, Cin), kernel (1, 1, Cin, Cout)
+    -> (B, ceil(H / stride), ceil(W / stride), Cout).
+
+    A 1x1 kernel never pads (in 'symmetric' and in 'same' mode), so a stride is a strided slice.
+    Same result as `conv_general_dilated`; XLA on CPU (jaxlib 0.10) runs the matmul 1.5-3x faster
+    forward and 2-4x faster forward + backward (docs/BENCHMARKS.md)."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    b, h, w, c = x.shape
+    y = jax.lax.dot_general(x.reshape(b * h * w, c), kernel.reshape(c, kernel.shape[-1]),
+                            (((1,), (0,)), ((), ())))
+    return y.reshape(b, h, w, kernel.shape[-1])
+
+
+def default_pointwise_impl() -> str:
+    """"matmul" on CPU (XLA's CPU convolutions are slower than its matmuls), "conv" elsewhere."""
+    return "matmul" if jax.default_backend() == "cpu" else "conv"
+
+
 class Conv(nn.Module):
     """2-D convolution with torch-style symmetric or TF-style 'SAME' padding.
 
     Input (B, H, W, Cin) -> (B, H', W', features). Kernel (kh, kw, Cin, features).
+    `pointwise_impl` for 1x1 kernels: "conv" (`conv_general_dilated`) or "matmul"
+    (`pointwise_conv`); None picks per backend at trace time (`default_pointwise_impl`).
     """
 
     features: int
@@ -48,6 +70,7 @@ class Conv(nn.Module):
     use_bias: bool = False
     padding: str = "symmetric"
     dtype: Dtype = jnp.float32
+    pointwise_impl: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,9 +80,15 @@ class Conv(nn.Module):
             "kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
             (*k, x.shape[-1], self.features), jnp.float32)
         x = x.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel.astype(self.dtype), window_strides=s, padding=_pads(x, k, s, 1, self.padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        impl = self.pointwise_impl or default_pointwise_impl()
+        if impl not in ("conv", "matmul"):
+            raise ValueError(f"unknown pointwise implementation {impl!r}: expected 'conv' or 'matmul'")
+        if self.kernel_size == 1 and impl == "matmul":
+            y = pointwise_conv(x, kernel.astype(self.dtype), self.stride)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel.astype(self.dtype), window_strides=s, padding=_pads(x, k, s, 1, self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
