@@ -49,3 +49,15 @@ def test_batchnorm_train_updates_with_unbiased_variance():
     np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 5).mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 5).std(0), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("size,stride,padding", [(7, 1, "symmetric"), (8, 2, "same"), (9, 2, "symmetric")])
+def test_pointwise_matmul_equals_conv(size, stride, padding):
+    from mskjax.models.layers import Conv
+    x = jnp.asarray(np.random.RandomState(0).randn(2, size, size, 5), jnp.float32)
+    a = Conv(4, 1, stride, padding=padding, pointwise_impl="conv")
+    b = Conv(4, 1, stride, padding=padding, pointwise_impl="matmul")
+    v = a.init(jax.random.PRNGKey(0), x)
+    ya, yb = a.apply(v, x), b.apply(v, x)
+    assert ya.shape == yb.shape
+    np.testing.assert_allclose(np.asarray(yb), np.asarray(ya), atol=1e-5)
