@@ -3,33 +3,54 @@ kept, written asynchronously and collectively (every process calls save/restore)
 
 A checkpoint that cannot be restored (half-written, corrupted) is reported and the previous one is
 tried, so a crash during a write never costs more than the steps since the checkpoint before it.
+A write that fails (full disk, permissions, I/O error) raises `CheckpointWriteError` naming the
+step, the directory and the newest complete checkpoint, which the failed write never touches.
 """
 from __future__ import annotations
 
-import sys
+import errno
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written. `errno` is the cause's (ENOSPC for a full disk)
+    when it had one; `step` is the step whose write failed. Earlier checkpoints are untouched."""
+
+    def __init__(self, code: int | None, message: str, step: int | None):
+        super().__init__(*((code, message) if code is not None else (message,)))
+        self.step = step
+
+
 class RunCheckpoints:
     def __init__(self, directory: str | Path, keep: int, async_writes: bool = True):
         self.directory = Path(directory).absolute()
+        self._in_flight: int | None = None  # step of an asynchronous write not yet confirmed
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_writes,
                                                  create=True))
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_state)), force=True)
+        """Starts writing `step` (returns before the write ends when asynchronous).
+
+        Raises CheckpointWriteError when this write, or the previous asynchronous one (which
+        Orbax finishes first anyway), fails; the message names the failed step."""
+        self.wait()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=ocp.args.JsonSave(data_state)), force=True)
+        except Exception as e:  # OSError from Python writes, ValueError & co. from TensorStore
+            raise self._write_error(step, e) from e
+        self._in_flight = step
 
     def restore_latest(self, abstract_state: Any, log=print) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of the newest checkpoint that restores cleanly, or None.
 
         Each one that fails is named with the reason before falling back to the one before it."""
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.reload()
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -65,8 +86,36 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the asynchronous write in flight ends; raises CheckpointWriteError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(self._in_flight, e) from e
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    def _write_error(self, step: int | None, cause: Exception) -> CheckpointWriteError:
+        code = getattr(cause, "errno", None)
+        if code == errno.ENOSPC:
+            reason = f"the disk holding {self.directory} is full"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = f"{self.directory} is not writable"
+        else:
+            reason = "the write failed"
+        complete = self._complete_steps()
+        kept = (f"the newest complete checkpoint, step {complete[-1]}, is untouched and a restart resumes from it"
+                if complete else "no complete checkpoint exists yet")
+        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+        return CheckpointWriteError(
+            code, f"cannot write the checkpoint of step {step} in {self.directory}: {reason} ({detail}); {kept}",
+            step)
+
+    def _complete_steps(self) -> list[int]:
+        """Finalised step directories on disk (Orbax renames `N.orbax-checkpoint-tmp` to `N` last)."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
