@@ -21,6 +21,10 @@ whose last column is c has x1 = c + 1. (The official `batched_mask_to_box` gives
 first and last pixels instead, i.e. ours minus (0, 0, 1, 1); NMS here uses those index boxes so that
 its IoUs, and thus its choices, are the official ones.) Points are (x, y) in the same frame.
 
+Precision: stability scores count pixels near +-offset, so with a small offset they move with
+TF32 matmuls/convolutions on GPUs; for comparisons run float32 at full precision
+(jax_default_matmul_precision="highest"; torch's allow_tf32 off), as the parity checks do.
+
 Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.weights.sam):
 
     out = generate(model, variables, image_uint8, points_per_side=16, max_masks=64)
