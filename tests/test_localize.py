@@ -1,0 +1,263 @@
+"""`mskjax.localize`: the pure core on hand-made maps with known answers (pointing game, PxAP, Dice,
+MaxBoxAccV2, thresholds tuned on one split and applied to another), its agreement with
+`mskjax.metrics` / `mskjax.boxes`, and the CLI end to end on a tiny synthetic dataset with a tiny
+random classifier checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mskjax import boxes as boxlib
+from mskjax import checkpoint, localize, metrics
+from mskjax.cam import METHODS
+from mskjax.models import create
+
+
+def _square_map(h, w, y0, x0, side, value=1.0, background=0.0):
+    m = np.full((h, w), background, np.float64)
+    m[y0:y0 + side, x0:x0 + side] = value
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Known answers
+
+def test_peak_inside_mask_is_a_hit_and_outside_needs_the_tolerance():
+    mask = _square_map(20, 30, 5, 5, 4).astype(bool)          # rows/cols 5..8
+    inside = np.zeros((20, 30))
+    inside[7, 6] = 1.0
+    outside = np.zeros((20, 30))
+    outside[7, 12] = 1.0                                       # nearest mask pixel (7, 8): 4 px away
+    [hit, miss] = localize.measure_maps([inside, outside], [mask, mask], tolerances=(0.0, 4.0, 3.9))
+    assert hit.hits.tolist() == [True, True, True]
+    assert miss.hits.tolist() == [False, True, False]
+    # Same answer as the library's pointing game.
+    pg = metrics.pointing_game(np.stack([inside, outside]), np.stack([mask, mask]), tolerance_px=4.0)
+    assert np.asarray(pg.hits).tolist() == [True, True]
+    s = localize.score_split([hit, miss], localize.choose_thresholds([hit, miss]), tolerances=(0.0, 4.0, 3.9))
+    assert s["pointing_game"]["0px"] == {"hit_rate": 0.5, "hits": 1, "n": 2, "tolerance_px": 0.0}
+    assert s["pointing_game"]["4px"]["hit_rate"] == 1.0
+
+
+def test_map_equal_to_mask_gives_dice_1_pxap_1_and_perfect_boxes():
+    masks = [_square_map(24, 24, 3, 4, 6).astype(bool), _square_map(16, 28, 8, 15, 5).astype(bool)]
+    gt = [np.array([[4, 3, 10, 9]]), np.array([[15, 8, 20, 13]])]
+    ms = localize.measure_maps([m.astype(float) for m in masks], masks, gt, peak_boxes=[b[0] for b in gt],
+                               threshold_boxes=[None, gt[1][0]])
+    t = localize.choose_thresholds(ms)
+    assert 0 < t.dice <= 1.0  # any t in (0, 1] reproduces the mask; ties go to the lowest
+    assert t.dice == pytest.approx(0.01)
+    s = localize.score_split(ms, t)
+    assert s["dice"]["mean"] == 1.0 and s["pxap"]["value"] == 1.0
+    assert s["max_box_acc_v2"]["value"] == 1.0 and s["max_box_acc_v2"]["n"] == 2
+    assert s["peak_box_iou"] == {"mean": 1.0, "n": 2, "hit_rate_iou_0.5": 1.0}
+    assert s["threshold_box_iou"]["mean"] == 0.5  # no threshold box on image 0 counts as IoU 0
+    # A constant map has no information: PxAP falls to the mask's pixel share.
+    flat = localize.measure_maps([np.ones((24, 24))], [masks[0]])
+    assert localize.score_split(flat, t)["pxap"]["value"] == pytest.approx(36 / 576)
+
+
+def _graded(core_is_mask: bool, offset: int):
+    """A map with a bright 4x4 core (1.0) inside a dimmer 10x10 ring (0.5): on 'tune' images the
+    ground truth is the core, on 'report' images the whole 10x10 square."""
+    m = _square_map(24, 24, offset, offset, 10, 0.5)
+    m[offset + 3:offset + 7, offset + 3:offset + 7] = 1.0
+    if core_is_mask:
+        mask = m == 1.0
+        box = [offset + 3, offset + 3, offset + 7, offset + 7]
+    else:
+        mask = m > 0
+        box = [offset, offset, offset + 10, offset + 10]
+    return m, mask, np.array([box], float)
+
+
+def test_thresholds_chosen_on_tune_are_the_ones_applied_to_report():
+    tune = [_graded(True, o) for o in (2, 5, 9)]
+    report = [_graded(False, o) for o in (1, 7)]
+    tm = localize.measure_maps(*zip(*tune))
+    rm = localize.measure_maps(*zip(*report))
+    from_tune = localize.choose_thresholds(tm)
+    from_report = localize.choose_thresholds(rm)
+    # The two splits prefer different thresholds ...
+    assert from_tune.dice == pytest.approx(0.51) and from_report.dice == pytest.approx(0.01)
+    assert all(v == pytest.approx(0.5) for v in from_tune.box.values())
+    assert all(v == pytest.approx(0.0) for v in from_report.box.values())
+    # ... and the report split is scored with the tune split's.
+    s = localize.score_split(rm, from_tune)
+    assert s["dice"]["threshold"] == from_tune.dice
+    assert s["dice"]["mean"] == pytest.approx(2 * 16 / (16 + 100))  # core predicted, whole square true
+    assert s["max_box_acc_v2"]["value"] == 0.0                      # core box vs square box: IoU 0.16
+    assert [v["threshold"] for v in s["max_box_acc_v2"]["per_iou"].values()] == list(from_tune.box.values())
+    assert s["max_box_acc_v2"]["oracle_value"] == 1.0               # its own best would have been perfect
+    assert localize.score_split(rm, from_report)["dice"]["mean"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with the library's definitions
+
+def test_components_and_box_curve_match_the_jax_implementation():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 14, 17))
+    maps[1] = np.kron(rng.random((4, 5)), np.ones((4, 4)))[:14, :17]  # blocky: larger components
+    thresholds = np.array([0.0, 0.3, 0.55, 0.8, 0.97])
+    gt = np.array([[[2, 1, 9, 8], [10, 6, 16, 13]]] * 3, float)
+    for m in maps:
+        for t in thresholds:
+            fg = m > t
+            labels = boxlib.connected_components(jnp.asarray(fg)[None])
+            b, _, valid = boxlib.component_boxes(labels)
+            want = np.asarray(b[0])[np.asarray(valid[0])]
+            got = localize.component_boxes(fg)
+            assert sorted(map(tuple, got)) == sorted(map(tuple, want.astype(float)))
+    want = np.asarray(metrics.best_box_iou_curve(jnp.asarray(maps, jnp.float32), jnp.asarray(gt, jnp.float32),
+                                                 jnp.ones((3, 2), bool), jnp.asarray(thresholds, jnp.float32)))
+    got = np.stack([localize.best_box_iou_curve(m.astype(np.float32), g, thresholds.astype(np.float32))
+                    for m, g in zip(maps, gt)])
+    np.testing.assert_allclose(got, want.T, atol=1e-6)
+    # MaxBoxAccV2 at the tuned thresholds on the same images equals the library's best-threshold value.
+    ms = localize.measure_maps(list(maps), [m > 0.5 for m in maps], list(gt))
+    s = localize.score_split(ms, localize.choose_thresholds(ms))
+    ref = metrics.max_box_acc_v2(maps, gt, thresholds=localize.BOX_THRESHOLDS)
+    assert s["max_box_acc_v2"]["value"] == pytest.approx(ref["max_box_acc_v2"], abs=1e-9)
+
+
+def test_pxap_and_dice_match_metrics_on_pooled_maps():
+    rng = np.random.default_rng(1)
+    maps = rng.random((4, 12, 15)) ** 3
+    masks = np.zeros((4, 12, 15), bool)
+    for i in range(4):
+        masks[i, 2 + i:7 + i, 3:9 + i] = True
+    ms = localize.measure_maps(list(maps), list(masks))
+    tp = np.sum([m.tp_ge for m in ms], axis=0)
+    ng = np.sum([m.n_ge for m in ms], axis=0)
+    assert localize.pxap_from_counts(tp, ng) == pytest.approx(
+        metrics.pxap(maps, masks, thresholds=localize.PXAP_THRESHOLDS), abs=1e-12)
+    t = localize.choose_thresholds(ms)
+    ref = np.asarray(metrics.dice_of_thresholded_map(maps, masks, localize.DICE_THRESHOLDS)).mean(1)
+    assert t.dice == pytest.approx(localize.DICE_THRESHOLDS[np.argmax(ref)])
+    assert localize.score_split(ms, t)["dice"]["mean"] == pytest.approx(ref.max(), abs=1e-12)
+
+
+@pytest.mark.parametrize("original_hw, mode", [((60, 37), "letterbox"), ((31, 80), "resize"), ((50, 50), "letterbox")])
+def test_map_to_original_equals_the_geometry_module(original_hw, mode):
+    from mskjax import geometry
+    from mskjax.data.preprocess import preprocess
+    _, geom = preprocess(np.zeros(original_hw, np.float32), 24, mode)
+    m = np.random.default_rng(2).random((24, 24))
+    np.testing.assert_allclose(localize.map_to_original(m, geom, original_hw),
+                               geometry.map_to_original(m, geom, original_hw), atol=1e-12)
+
+
+def test_bad_inputs_are_errors_naming_the_problem():
+    with pytest.raises(ValueError, match="empty"):
+        localize.measure_image(np.ones((4, 4)), np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="both be"):
+        localize.measure_image(np.ones((4, 5)), np.ones((4, 4), bool))
+    with pytest.raises(localize.LocalizeError, match="unknown method"):
+        localize.resolve_methods("grad_cam,nope", None)
+    assert localize.resolve_methods("all", None)[0] == list(METHODS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI end to end
+
+def _random_variables(shapes, seed: int):
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "kernel":
+            return (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+        return (np.ones if name in ("scale", "var") else np.zeros)(s.shape, np.float32)
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A 1-channel ResNet18 at 64 px (letterbox), random weights, in the checkpoint contract."""
+    model = create("resnet18", num_classes=1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)), train=False))
+    meta = checkpoint.classifier_metadata("resnet18", 1, 1, 64, {"padding": "symmetric"},
+                                          {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
+    meta["data"] = {"mode": "letterbox", "image_size": 64}
+    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "classifier", _random_variables(shapes, 0), meta)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """12 studies split valid/test (seed 0: abnormal studies in both), small images."""
+    out = tmp_path_factory.mktemp("data") / "syn"
+    subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(out), "--studies", "12", "--seed", "0",
+                    "--splits", "valid:0.5,test:0.5", "--size-range", "96", "160", "--workers", "1"], check=True,
+                   capture_output=True)
+    return out
+
+
+def test_cli_writes_both_files_for_every_method(classifier, synthetic, tmp_path, capsys):
+    # A truncated abnormal image (the dataset reader skips it) and a truncated mask (found when the
+    # run reads it): both listed with their reasons, neither fatal.
+    victim = sorted((synthetic / "test").rglob("study1_positive/image*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:150])
+    bad_mask = sorted((synthetic / "masks" / "valid").rglob("*.png"))[0]
+    bad_mask.write_bytes(bad_mask.read_bytes()[:60])
+    out = tmp_path / "out"
+    rc = localize.main(["--classifier", str(classifier), "--dataset", f"synthetic:{synthetic}", "--tune", "valid",
+                        "--report", "test", "--out", str(out), "--methods", "all", "--score-cam-limit", "2",
+                        "--score-cam-channels", "8", "--faithfulness-limit", "2", "--faithfulness-steps", "2",
+                        "--batch", "4", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "localization.json").read_text())
+    md = (out / "localization.md").read_text()
+    assert report["tune_split"] == "valid" and report["report_split"] == "test"
+    assert report["methods"] == list(METHODS)
+    n_abnormal = {}
+    for role, split in (("tune", "valid"), ("report", "test")):
+        n_abnormal[role] = sum(1 for _ in (synthetic / "masks" / split).rglob("*.png"))
+        c = report["counts"][role]
+        assert c["eligible"] + c["reader_skips"] == n_abnormal[role] and c["normal"] > 0
+        assert c["scored"] == n_abnormal[role] - 1 and c["unreadable"] == 1
+        assert set(report["results"][role]) == set(METHODS)
+    assert len(report["unreadable"]) == 2
+    [image_entry] = [u for u in report["unreadable"] if u["split"] == "test"]
+    assert str(victim) in image_entry["path"] + image_entry["reason"] and "truncated" in image_entry["reason"]
+    [mask_entry] = [u for u in report["unreadable"] if u["split"] == "valid"]
+    assert f"cannot read mask {bad_mask}" in mask_entry["reason"] and "truncated" in mask_entry["reason"]
+    for role in ("tune", "report"):
+        for method, r in report["results"][role].items():
+            n = 2 if method == "score_cam" else report["counts"][role]["scored"]
+            assert r["n_images"] == n and r["pxap"]["n"] == n
+            assert 0.0 <= r["pxap"]["value"] <= 1.0 and 0.0 <= r["dice"]["mean"] <= 1.0
+            assert r["deletion_auc"]["n"] == 2 and r["insertion_auc"]["n"] == 2
+            assert set(r["max_box_acc_v2"]["per_iou"]) == {"0.3", "0.5", "0.7"}
+            assert set(r["pointing_game"]) == {"0px", "15px"}
+            # The report split is scored at the tune split's thresholds.
+            t = report["thresholds_from_tune"][method]
+            assert r["dice"]["threshold"] == t["dice"]
+            assert {k: v["threshold"] for k, v in r["max_box_acc_v2"]["per_iou"].items()} == t["max_box_acc_v2"]
+    # Both tables, every method, split names, and the Score-CAM limit stated.
+    for text in (md, printed):
+        assert "`test`" in text and "`valid`" in text
+        assert all(f"| {m} |" in text for m in METHODS)
+        assert "first 2 images" in text
+    assert str(victim) in md and str(bad_mask) in md
+
+
+def test_cli_refuses_tuning_on_the_reported_split_and_bad_checkpoints(classifier, synthetic, tmp_path, capsys):
+    base = ["--dataset", f"synthetic:{synthetic}", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert localize.main(["--classifier", str(classifier), "--tune", "test", "--report", "test", *base]) == 2
+    assert "must differ" in capsys.readouterr().err
+    missing = tmp_path / "no_checkpoint"
+    assert localize.main(["--classifier", str(missing), "--tune", "valid", "--report", "test", *base]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert localize.main(["--classifier", str(classifier), "--tune", "valid", "--report", "test", "--layer", "nope",
+                          *base]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "localization.json").exists()
