@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
     return c
 
 
@@ -97,6 +98,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")
+    need(c.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     need(c.eval.batch_size % num_devices == 0, "eval.batch_size",
          f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
     need(c.train.epochs > 0, "train.epochs", "must be > 0")
@@ -106,3 +108,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0 <= c.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
     need(0 <= c.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: every epoch)")
+    need(c.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")

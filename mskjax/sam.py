@@ -9,6 +9,7 @@ Frames (boxes are (x0, y0, x1, y1), points (x, y), float pixels; pixel i covers 
 
 Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.weights.sam):
 
+    validate_prompt_boxes(boxes, original_size)     # user prompts: a clear error, not a bad mask
     batch = preprocess(images)                      # host-side (PIL), NumPy out
     emb = jax.jit(embed, static_argnums=0)(model, variables, batch.images)
     out = jax.jit(decode, static_argnums=0, static_argnames=("multimask", "return_masks"))(
@@ -124,6 +125,17 @@ def _scale_xy(coords, original_size, img_size: int):
     factors = xp.concatenate([factors] * k, axis=-1)
     out = coords * factors
     return out.astype(jnp.float32) if is_jax else out.astype(np.float32)
+
+
+def validate_prompt_boxes(boxes, original_size, valid=None, name: str = "prompt boxes") -> np.ndarray:
+    """Eager (NumPy) check of prompt boxes (..., 4) (x0, y0, x1, y1) in original-image pixels, before
+    `transform_boxes` (which scales without checking, so padded all-zero prompts can pass through it).
+
+    Raises `mskjax.geometry.InvalidBoxError` (a ValueError) naming the first box that is non-finite,
+    inverted, of zero area or entirely outside the image; prompts with valid=False are not checked.
+    Returns the boxes as float64."""
+    from mskjax.geometry import validate_boxes
+    return validate_boxes(boxes, original_size, valid=valid, name=name)
 
 
 def transform_boxes(boxes, original_size, img_size: int = 1024):

@@ -26,6 +26,7 @@ import optax
 
 from mskjax import checkpoint, distributed, metrics, optim
 from mskjax.config_base import ConfigError, validate
+from mskjax.run_checkpoints import CheckpointWriteError
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -477,7 +478,8 @@ def main(argv=None) -> int:
         FLAGS = flags.FLAGS
         config = FLAGS.config
         distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
-                               config.distributed.process_id)
+                               config.distributed.process_id,
+                               heartbeat_timeout_s=config.distributed.heartbeat_timeout_s or None)
         jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir).absolute() / ".jax_cache"))
         try:
             if config.get("kind", "classifier") == "sam":
@@ -486,9 +488,9 @@ def main(argv=None) -> int:
                 train_sam.train_and_evaluate(config, FLAGS.workdir)
             else:
                 train_and_evaluate(config, FLAGS.workdir)
-        except (ConfigError, TrainingDiverged, FileNotFoundError) as e:
+        except (ConfigError, TrainingDiverged, FileNotFoundError, CheckpointWriteError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 3 if isinstance(e, TrainingDiverged) else 2
+            return 3 if isinstance(e, TrainingDiverged) else 4 if isinstance(e, CheckpointWriteError) else 2
         return 0
 
     try:

@@ -804,10 +804,10 @@ def config_cases() -> list[Case]:
         _config_error("keep-zero-checkpoints", "checkpoint.keep", checkpoint__keep=0),
         _config_error("optimizer-unknown", "train.optimizer", train__optimizer="lamb"),
         _config_error("dataset-unknown", "data.dataset", data__dataset="imagenet"),
-        _config_error("eval-batch-zero", "eval.batch_size", gap=gap, eval__batch_size=0),
-        _config_error("checkpoint-every-negative", "checkpoint.every_steps", gap=gap, checkpoint__every_steps=-1),
-        _config_error("warmup-negative", "train.warmup_epochs", gap=gap, train__warmup_epochs=-1.0),
-        _config_error("threshold-above-1", "eval.threshold", gap=gap, eval__threshold=1.5),
+        _config_error("eval-batch-zero", "eval.batch_size", eval__batch_size=0),
+        _config_error("checkpoint-every-negative", "checkpoint.every_steps", checkpoint__every_steps=-1),
+        _config_error("warmup-negative", "train.warmup_epochs", train__warmup_epochs=-1.0),
+        _config_error("threshold-above-1", "eval.threshold", eval__threshold=1.5),
         # Checkpoints of the wrong architecture, or damaged.
         Case("init-from-wrong-arch", "config", _init_from_wrong_arch, "error", (ValueError,), "config.init_from"),
         Case("checkpoint-metadata-names-other-arch", "config", _load_mislabelled, "error", (CheckpointMismatch,),
@@ -841,8 +841,8 @@ def _validate_boxes(boxes, valid=None) -> Callable[[Path], Any]:
 
 def _sam_transform(boxes) -> Callable[[Path], Any]:
     def run(tmp: Path):
-        from mskjax.sam import transform_boxes
-        return transform_boxes(np.asarray(boxes, np.float64), IMAGE_HW)
+        from mskjax.sam import transform_boxes, validate_prompt_boxes
+        return transform_boxes(validate_prompt_boxes(boxes, IMAGE_HW, name="box prompts"), IMAGE_HW)
     return run
 
 
@@ -853,8 +853,6 @@ def prompt_cases() -> list[Case]:
         return Case(id, "prompt", _validate_boxes(boxes, valid), "error", (InvalidBoxError,),
                     f"prompt boxes of x.png: {index}", known_gap=gap)
 
-    sam_gap = ("mskjax.sam.transform_boxes scales prompt boxes without checking them; fix requested in the "
-               "report (sam.py is not this suite's file)")
     inf, nan = float("inf"), float("nan")
 
     def peak_negative(tmp):
@@ -886,11 +884,11 @@ def prompt_cases() -> list[Case]:
         Case("peak-box-side-negative", "prompt", peak_negative, "error", (ValueError,), "box_side"),
         Case("threshold-boxes-k-zero", "prompt", threshold_k0, "error", (ValueError,), "k must be"),
         Case("sam-prompt-box-nan", "prompt", _sam_transform([[nan, 10, 20, 30]]), "error", (ValueError,),
-             "box 0", known_gap=sam_gap),
+             "box 0"),
         Case("sam-prompt-box-inverted", "prompt", _sam_transform([[40, 10, 20, 30]]), "error", (ValueError,),
-             "box 0", known_gap=sam_gap),
+             "box 0"),
         Case("sam-prompt-box-outside", "prompt", _sam_transform([[200, 10, 220, 30]]), "error", (ValueError,),
-             "box 0", known_gap=sam_gap),
+             "box 0"),
     ]
 
 
