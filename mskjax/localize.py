@@ -2,10 +2,16 @@
 abnormal images of a labelled dataset, with thresholds chosen on one split and reported on another.
 
     python -m mskjax.localize --classifier runs/synthetic/best --dataset synthetic:data/syn \
-        --tune valid --report test --out runs/loc_synthetic [--methods all] [--layer NAME] \
-        [--score-cam-limit 32] [--faithfulness-limit 32] [--limit N] [--batch 16]
+        --tune valid --report test --out runs/loc_synthetic [--methods all|grad_cam,eigen_cam,...] \
+        [--layer NAME] [--score-cam-limit 32] [--score-cam-channels N] [--faithfulness-limit 32] \
+        [--faithfulness-steps 20] [--pointing-tolerance 0,15] [--box-fraction 0.5] [--limit N] [--batch 16]
     python -m mskjax.localize --classifier runs/fracatlas/best --dataset fracatlas:../shared/data/fracatlas \
         --tune train --report valid --out runs/loc_fracatlas
+
+FracAtlas here has only train and valid (the official test split is kept apart), and a FracAtlas
+classifier is trained on train (its own validation images carved from it), so `--tune train
+--report valid` chooses thresholds on images the classifier saw in training: allowed (no label of
+the reported split is used), but say so when quoting the numbers.
 
 Writes OUT/localization.json (every number, the thresholds, counts, unreadable inputs, settings)
 and OUT/localization.md (one markdown table per split: method x metric), and prints the tables.
@@ -712,6 +718,8 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         if not items:
             raise LocalizeError(f"split {split!r} of {kind} at {root} has no images")
         chosen, c = eligible_items(items, limit)
+        if not chosen:
+            notes.append(f"split {split!r} has no abnormal image with a ground-truth mask: nothing to score")
         before = len(unreadable)
         per_split[role] = measure_split(runner, chosen, score_cam_limit=score_cam_limit,
                                         faithfulness_limit=faithfulness_limit, tolerances=tolerances,
@@ -759,7 +767,7 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m mskjax.localize", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m mskjax.localize", description=" ".join(__doc__.split("\n\n")[0].split()),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classifier", required=True, help="classifier checkpoint directory (e.g. WORKDIR/best)")
     ap.add_argument("--dataset", required=True, metavar="KIND:DIR", help="synthetic:DIR | fracatlas:DIR | mura:DIR")

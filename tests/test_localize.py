@@ -163,6 +163,10 @@ def test_bad_inputs_are_errors_naming_the_problem():
     with pytest.raises(localize.LocalizeError, match="unknown method"):
         localize.resolve_methods("grad_cam,nope", None)
     assert localize.resolve_methods("all", None)[0] == list(METHODS)
+    model = create("resnet18", num_classes=1)
+    methods, notes = localize.resolve_methods("all", "layer3", model)
+    assert methods == [m for m in METHODS if m != "cam"] and "layer3" in notes[0]
+    assert localize.resolve_methods("eigen_cam, grad_cam,eigen_cam", None)[0] == ["eigen_cam", "grad_cam"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,3 +265,47 @@ def test_cli_refuses_tuning_on_the_reported_split_and_bad_checkpoints(classifier
                           *base]) == 2
     assert "unknown layer" in capsys.readouterr().err
     assert not (tmp_path / "o" / "localization.json").exists()
+
+
+def test_frames_line_up_when_the_map_is_the_mask(synthetic):
+    """measure_split's plumbing (input frame -> original frame, boxes moved with the geometry) on a
+    stand-in runner whose 'CAM' is the ground-truth mask preprocessed exactly like the image:
+    letterboxed into the input frame, so any frame error would cost hits, Dice and box IoU."""
+    from mskjax import boxes as boxlib
+    from mskjax.data.images import decode_image
+    from mskjax.data.preprocess import preprocess
+    from mskjax.pipeline import read_mask
+    from mskjax.segment import items_from_dataset
+
+    items, _, _ = items_from_dataset(f"synthetic:{synthetic}:test")
+    chosen, _ = localize.eligible_items(items)
+
+    class MaskRunner(localize.CamRunner):
+        def __init__(self):  # no model: only what measure_split uses
+            self.size, self.mode, self.batch_size, self.methods = 96, "letterbox", 3, ("grad_cam",)
+            self.seen = 0
+
+        def prepare(self, images):
+            self.batch_items = readable[self.seen:self.seen + len(images)]
+            self.seen += len(images)
+            return super().prepare(images)
+
+        def maps(self, raw, geom, score_cam):
+            m = np.zeros((self.batch_size, self.size, self.size), np.float32)
+            for i, it in enumerate(self.batch_items):
+                mask = read_mask(it.mask_path, decode_image(it.path).image.shape).astype(np.float32)
+                m[i] = preprocess(mask, self.size, self.mode)[0][..., 0]
+            pk = boxlib.peak_boxes(m, input_side=96.0)
+            tb = boxlib.threshold_boxes(m, fraction=0.5, k=1)
+            return {"grad_cam": {"maps": m, "peak": np.asarray(pk.boxes), "threshold": np.asarray(tb.boxes[:, 0]),
+                                 "threshold_valid": np.asarray(tb.valid[:, 0])}}
+
+    readable = chosen  # every chosen item decodes, so prepare's k-th image is readable[k]
+    unreadable: list = []
+    ms = localize.measure_split(MaskRunner(), chosen, score_cam_limit=0, faithfulness_limit=0,
+                                unreadable=unreadable, workers=2)["grad_cam"]
+    assert not unreadable and len(ms) == len(chosen) >= 3
+    s = localize.score_split(ms, localize.choose_thresholds(ms))
+    assert s["pointing_game"]["0px"]["hit_rate"] == 1.0
+    assert s["pxap"]["value"] > 0.95 and s["dice"]["mean"] > 0.9
+    assert s["max_box_acc_v2"]["value"] >= 0.9 and s["threshold_box_iou"]["mean"] > 0.6
