@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -271,7 +270,6 @@ def test_frames_line_up_when_the_map_is_the_mask(synthetic):
     """measure_split's plumbing (input frame -> original frame, boxes moved with the geometry) on a
     stand-in runner whose 'CAM' is the ground-truth mask preprocessed exactly like the image:
     letterboxed into the input frame, so any frame error would cost hits, Dice and box IoU."""
-    from mskjax import boxes as boxlib
     from mskjax.data.images import decode_image
     from mskjax.data.preprocess import preprocess
     from mskjax.pipeline import read_mask
