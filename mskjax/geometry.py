@@ -297,7 +297,7 @@ def map_to_original(maps: Array, geom: Geometry, original_hw: tuple[int, int] | 
     if xp is jnp:
         hi = jax.lax.Precision.HIGHEST  # exact float32 sums on TPU/GPU as well
         return jnp.einsum("...oh,...hw,...pw->...op", ry, m, rx, precision=hi)
-    return np.einsum("...oh,...hw,...pw->...op", ry, m, rx)
+    return np.einsum("...oh,...hw,...pw->...op", ry, m, rx, optimize=True)
 
 
 def clip_boxes(boxes: Array, hw) -> Array:

@@ -469,7 +469,7 @@ class CamRunner:
         import jax.numpy as jnp
         from mskjax import boxes as boxlib
         from mskjax import cam as camlib
-        from mskjax.pipeline import _GrayAsRGB, abnormal_class, content_mask, probabilities
+        from mskjax.pipeline import GrayAsRGB, abnormal_class, content_mask, probabilities
         from mskjax.train import prepare_images
         self.meta = dict(meta)
         data = self.meta.get("data", {})
@@ -490,7 +490,7 @@ class CamRunner:
             raise LocalizeError(f"method 'cam' needs the last stage {names[-1]!r}; got --layer {layer}")
         self.variables = jax.tree.map(jnp.asarray, variables)
         channels = self.channels
-        cam_model = model if channels == 3 else _GrayAsRGB(model, channels)
+        cam_model = model if channels == 3 else GrayAsRGB(model, channels)
         target = abnormal_class(model.num_classes)
         side = float(self.size)
         gradient_methods = tuple(m for m in self.methods if m != "score_cam")
@@ -563,16 +563,11 @@ class CamRunner:
 # Running over a dataset split
 
 def map_to_original(score_map: np.ndarray, geom, original_hw: tuple[int, int]) -> np.ndarray:
-    """One input-frame map (H, W) -> (H0, W0) float64, the same values as
-    `mskjax.geometry.map_to_original` (same interpolation matrices) computed as two matrix
-    products: its numpy path is a three-operand einsum without path optimisation, which costs
-    H0 * W0 * H * W operations (seconds per radiograph)."""
+    """One input-frame map (H, W) -> (H0, W0) float64 in the original frame
+    (`mskjax.geometry.map_to_original`: crop the padding, bilinear, no antialiasing)."""
     from mskjax import geometry as geo
-    h0, w0 = (int(v) for v in original_hw)
-    ch, cw = geom.content_hw
-    ry = geo._bilinear_matrix(np, h0, geom.input_h, geom.scale_y, geom.top, ch).astype(np.float64)
-    rx = geo._bilinear_matrix(np, w0, geom.input_w, geom.scale_x, geom.left, cw).astype(np.float64)
-    return ry @ np.asarray(score_map, np.float64) @ rx.T
+    return np.asarray(geo.map_to_original(np.asarray(score_map, np.float64), geom,
+                                          tuple(int(v) for v in original_hw)), np.float64)
 
 
 def eligible_items(items, limit: int | None = None) -> tuple[list, dict]:

@@ -131,7 +131,7 @@ def load_sam(directory: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # The jitted step
 
-class _GrayAsRGB:
+class GrayAsRGB:
     """Presents a classifier that takes C != 3 channels to `mskjax.cam`, which takes (B, H, W, 3)
     inputs: it feeds the model the first C channels (the gray image is repeated, so nothing is lost).
     Duck-typed: cam only uses `apply`, `segments` and `num_classes`."""
@@ -195,7 +195,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       ground-truth boxes, whatever the classifier said).
     """
     from mskjax.train import prepare_images
-    cam_model = classifier if channels == 3 else _GrayAsRGB(classifier, channels)
+    cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
     target = abnormal_class(classifier.num_classes)
     img_size = sam_model.config.img_size
 
@@ -484,6 +484,6 @@ def describe(pipe: Pipeline) -> dict:
             "classifier_input": {"size": pipe.input_size, "mode": pipe.mode}}
 
 
-__all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "GrayAsRGB", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "abnormal_class", "content_mask", "describe", "load_classifier", "load_sam", "make_step",
            "probabilities", "read_mask", "sam_logits_to_original"]

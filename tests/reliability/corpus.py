@@ -766,8 +766,6 @@ def _edit_metadata(tmp: Path, edit: Callable[[dict], Any]):
 
 def config_cases() -> list[Case]:
     from mskjax.weights.mapping import CheckpointMismatch
-    gap = ("config_base.validate does not check this field; fix requested in the report "
-           "(config_base.py is not this suite's file)")
     return [
         # Unknown fields (checked before absl parses the command line).
         Case("override-unknown-field", "config", _overrides("--config.train.batchsize=8"), "message",
