@@ -9,6 +9,10 @@
 - boxes jittered outward by U(0, 20) px per side in a 1024 px SAM input frame (scaled by
   img_size / 1024: 5 px at 256), clipped to the image (`jitter_boxes`);
 - single-mask output (multimask=False);
+- optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
+  as a dense mask prompt (`box_mask_prompt`): a from-scratch model learns to place small masks from
+  it in minutes, where the sparse box tokens alone took far longer (see configs/sam_synthetic.py).
+  Checkpoints record it (metadata "box_mask_prompt"); whoever decodes them must do the same;
 - the prompt encoder frozen (parameters and its random-feature buffer), the mask decoder trained,
   the image encoder trained or frozen (`train.train_image_encoder`); with a frozen encoder the image
   embeddings can be computed once and kept in memory (`train.cache_embeddings`);
@@ -49,6 +53,9 @@ from mskjax.weights.mapping import CheckpointMismatch
 from mskjax.weights.sam import sam_metadata
 
 DICE_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr = smooth_dr default
+# Logit magnitude of the box rendered as a dense mask prompt (`box_mask_prompt`): +4 for a low-res
+# cell fully inside the box, -4 fully outside, linear in the covered fraction between.
+BOX_MASK_LOGIT = 4.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +79,53 @@ def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
     host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
                         variables)
     meta = sam_metadata(config.model.arch, config.model.img_size)
+    meta["box_mask_prompt"] = uses_box_mask_prompt(config)
     meta["source"] = source
     checkpoint.save(directory, host, meta, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The box, also as a dense mask prompt
+
+
+def uses_box_mask_prompt(config_or_meta) -> bool:
+    """Whether each box prompt also goes in as a dense mask prompt: config.train.box_mask_prompt for
+    a config, "box_mask_prompt" for checkpoint metadata (absent = False)."""
+    if isinstance(config_or_meta, dict):
+        return bool(config_or_meta.get("box_mask_prompt", False))
+    return bool(config_or_meta.train.get("box_mask_prompt", False))
+
+
+def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
+    """Boxes (..., 4) (x0, y0, x1, y1) in the SAM input frame -> mask-prompt logits (..., L, L) on the
+    low-res grid (L = img_size / 4; cell k covers input pixels [4k, 4k + 4) on each axis).
+
+    A cell's logit is BOX_MASK_LOGIT * (2 f - 1), f the fraction of the cell inside the box, so the
+    box edge is located to a fraction of a cell. Why: a 16 px patch ViT gives one embedding per
+    16 x 16 px, and the lesions here are 5-40 px wide; SAM's sparse box tokens reach the mask only
+    through attention, which a model trained from scratch takes long to learn to resolve below
+    one patch. The mask prompt goes through the prompt encoder's convolutions straight into the
+    image embedding the mask upscaler reads (frozen random convolutions, as the rest of the prompt
+    encoder), and the decoder learns to use it in minutes (see configs/sam_synthetic.py).
+    """
+    low = img_size // 4
+    cell = img_size / low
+    edges = jnp.arange(low, dtype=jnp.float32) * cell
+    b = boxes.astype(jnp.float32)
+
+    def coverage(a0, a1):  # (...,) -> (..., low): covered fraction of each cell along one axis
+        return jnp.clip(jnp.minimum(a1[..., None], edges + cell) - jnp.maximum(a0[..., None], edges), 0.0, cell) / cell
+
+    fx, fy = coverage(b[..., 0], b[..., 2]), coverage(b[..., 1], b[..., 3])
+    return BOX_MASK_LOGIT * (2.0 * fy[..., :, None] * fx[..., None, :] - 1.0)
+
+
+def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool) -> jax.Array:
+    """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
+    with the boxes also given as dense mask prompts when box_mask."""
+    mask_input = box_mask_prompt(boxes, model.config.img_size) if box_mask else None
+    return samfn.decode(model, variables, embeddings, boxes=boxes, mask_input=mask_input,
+                        multimask=False)["low_res_logits"][:, :, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +152,9 @@ def merge_variables(trainable: dict, frozen: dict) -> dict:
 
 def variables_from_checkpoint(directory: str, config) -> dict:
     _, variables, meta = load_sam(directory)
+    if uses_box_mask_prompt(meta) != uses_box_mask_prompt(config):
+        _log(f"note: {directory} was trained with box_mask_prompt={uses_box_mask_prompt(meta)}, this run uses "
+             f"{uses_box_mask_prompt(config)}")
     if meta["arch"] != config.model.arch or int(meta["img_size"]) != config.model.img_size:
         raise ConfigError(
             f"config.init_from: {directory} holds SAM {meta['arch']} at img_size {meta['img_size']}, the config "
@@ -184,6 +239,7 @@ def make_train_step(model, tx, config):
     max_shift = jitter_scale(config)
     frame, flip = config.train.loss_frame, config.data.hflip
     wd, wb = config.train.dice_weight, config.train.bce_weight
+    box_mask = uses_box_mask_prompt(config)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -201,8 +257,7 @@ def make_train_step(model, tx, config):
                 emb = batch["embeddings"]
             else:
                 emb = samfn.embed(model, variables, sam_data.normalize_gray(images, sizes))
-            out = samfn.decode(model, variables, emb, boxes=boxes, multimask=False)
-            logits = out["low_res_logits"][:, :, 0]
+            logits = decode_boxes(model, variables, emb, boxes, box_mask)
             if frame == "input":
                 logits = samfn.upscale_logits(logits, s)
             return sam_loss(logits, targets, batch["valid"], wd, wb)
@@ -216,15 +271,16 @@ def make_train_step(model, tx, config):
     return step
 
 
-def make_predict(model):
+def make_predict(model, box_mask: bool = False):
     """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), boxes (B, P, 4))
-    -> low-res logits (B, P, S/4, S/4), single-mask output."""
+    -> low-res logits (B, P, S/4, S/4), single-mask output; box_mask: boxes also as mask prompts
+    (as the model was trained: `uses_box_mask_prompt` of its config or checkpoint metadata)."""
     def predict(variables, images, input_sizes, boxes):
         if images.ndim == 4:  # precomputed embeddings
             emb = images
         else:
             emb = samfn.embed(model, variables, sam_data.normalize_gray(images, input_sizes))
-        return samfn.decode(model, variables, emb, boxes=boxes, multimask=False)["low_res_logits"][:, :, 0]
+        return decode_boxes(model, variables, emb, boxes, box_mask)
     return predict
 
 
@@ -381,7 +437,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(repl, data_sharding),
                          out_shardings=(repl, repl), donate_argnums=0)
-    predict_step = jax.jit(make_predict(model), in_shardings=(repl, data_sharding, data_sharding, data_sharding),
+    predict_step = jax.jit(make_predict(model, uses_box_mask_prompt(config)), in_shardings=(repl, data_sharding, data_sharding, data_sharding),
                            out_shardings=data_sharding)
     embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
                          out_shardings=data_sharding)
@@ -401,7 +457,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     ckpt_every = config.checkpoint.every_steps or steps_per_epoch
     t_window, n_window, last_saved = time.time(), 0, ckpts.latest_step()
     _log(f"training {total_steps} steps ({config.train.epochs} epochs of {steps_per_epoch}), batch {bs} images, "
-         f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px")
+         f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px, "
+         f"box also as mask prompt: {uses_box_mask_prompt(config)}")
     try:
         while step < total_steps:
             idx = next(it)
@@ -486,6 +543,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 def _source(config, step: int, rep: dict) -> dict:
     return {"format": "mskjax.train_sam", "step": step, "dataset": config.data.dataset, "root": str(config.data.root),
             "init_from": config.init_from, "trained": list(trainable_parts(config)),
-            "box_jitter_px": jitter_scale(config), "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
+            "box_jitter_px": jitter_scale(config), "box_mask_prompt": uses_box_mask_prompt(config), "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
             "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}

@@ -89,7 +89,8 @@ def test_loss_matches_hand_computation():
 def test_box_jitter_stays_within_range_and_image():
     config = _load_config("sam_synthetic")
     shift = train_sam.jitter_scale(config)
-    assert shift == pytest.approx(20.0 * 256 / 1024)  # MedSAM's 20 px at 1024, scaled to 256
+    assert shift == pytest.approx(config.data.box_jitter * 256 / 1024)  # given at 1024, scaled to 256
+    assert 0 < shift <= 5.0  # the synthetic config keeps it small: its boxes are ~14 px at 256
     rng = np.random.default_rng(1)
     sizes = np.array([[256, 180], [120, 256]], np.int32)  # (h, w)
     x0 = rng.uniform(0, 100, (2, 500))
@@ -107,6 +108,24 @@ def test_box_jitter_stays_within_range_and_image():
         assert out[i, :, [1, 3]].min() >= 0 and out[i, :, [1, 3]].max() <= h
     clipped = (boxes[..., 2] + shift > sizes[:, None, 1]) & (out[..., 2] == sizes[:, None, 1])
     assert clipped.any()  # boxes near the border were clipped, not pushed outside
+
+
+def test_box_mask_prompt_covers_the_box_to_a_fraction_of_a_cell():
+    s = 64  # low-res grid 16 x 16, cells of 4 px
+    boxes = jnp.asarray([[[8.0, 4.0, 20.0, 12.0], [0.0, 0.0, 64.0, 64.0]],
+                         [[10.0, 6.0, 13.0, 7.0], [0.0, 0.0, 0.0, 0.0]]])
+    m = np.asarray(train_sam.box_mask_prompt(boxes, s))
+    big = train_sam.BOX_MASK_LOGIT
+    assert m.shape == (2, 2, 16, 16)
+    want = np.full((16, 16), -big)
+    want[1:3, 2:5] = big  # the box covers cells x 2..4, y 1..2 exactly
+    np.testing.assert_allclose(m[0, 0], want, atol=1e-6)
+    np.testing.assert_allclose(m[0, 1], np.full((16, 16), big), atol=1e-6)  # the whole image
+    # x [10, 13) covers half of cell 2 and a quarter of cell 3; y [6, 7) a quarter of cell 1.
+    f = np.zeros((16, 16))
+    f[1, 2], f[1, 3] = 0.5 * 0.25, 0.25 * 0.25
+    np.testing.assert_allclose(m[1, 0], big * (2 * f - 1), atol=1e-6)
+    np.testing.assert_allclose(m[1, 1], np.full((16, 16), -big), atol=1e-6)  # an empty (padding) box
 
 
 def test_gray_canvas_normalisation_equals_sam_preprocess():
@@ -326,6 +345,7 @@ def test_exported_best_loads_and_predicts(cli_run, data_root):
     model, variables, meta = train_sam.load_sam(workdir / "best")
     assert meta["kind"] == "sam" and meta["arch"] == "vit_tiny" and meta["img_size"] == SIDE
     assert meta["source"]["format"] == "mskjax.train_sam" and meta["source"]["trained"] == ["image_encoder", "mask_decoder"]
+    assert meta["box_mask_prompt"] is True and train_sam.uses_box_mask_prompt(meta)  # as configs/sam_synthetic.py
     # The prompt encoder in the export is the untouched initialisation.
     config = _small(_load_config("sam_synthetic"), data_root)
     _, state, _ = _state_and_step(config)
@@ -339,6 +359,16 @@ def test_exported_best_loads_and_predicts(cli_run, data_root):
     batch = samfn.preprocess(img, SIDE)
     emb = samfn.embed(model, variables, jnp.asarray(batch.images))
     boxes = samfn.transform_boxes(np.asarray(rec.boxes, np.float32)[None], batch.original_sizes)
-    out = samfn.decode(model, variables, emb, boxes=jnp.asarray(boxes), multimask=False)
+    out = samfn.decode(model, variables, emb, boxes=jnp.asarray(boxes), multimask=False,
+                       mask_input=train_sam.box_mask_prompt(jnp.asarray(boxes), SIDE))
     masks = samfn.postprocess(out["low_res_logits"][0, :, 0], batch.input_sizes[0], batch.original_sizes[0], SIDE)
     assert masks.shape == (len(rec.boxes), *img.shape) and bool(np.isfinite(out["low_res_logits"]).all())
+    # The trainer's predict (what evaluate scores) is that same computation.
+    canvas, hw = sam_data.resize_into_canvas(img, SIDE)
+    sizes = np.asarray([hw], np.int32)
+    trained = train_sam.make_predict(model, box_mask=True)(variables, jnp.asarray(canvas[None]), jnp.asarray(sizes),
+                                                           jnp.asarray(boxes))
+    np.testing.assert_allclose(np.asarray(trained), np.asarray(out["low_res_logits"][:, :, 0]), atol=1e-3, rtol=1e-3)
+    plain = train_sam.make_predict(model, box_mask=False)(variables, jnp.asarray(canvas[None]), jnp.asarray(sizes),
+                                                          jnp.asarray(boxes))
+    assert float(np.abs(np.asarray(plain) - np.asarray(trained)).max()) > 1e-3  # the mask prompt matters
