@@ -34,8 +34,6 @@ from mskjax.config_sam import sam_base_config
 
 def get_config():
     c = sam_base_config()
-    if "heartbeat_timeout_s" not in c.distributed:  # mskjax.train reads it; config_sam lacks it
-        c.distributed.heartbeat_timeout_s = 0
     c.model.arch = "vit_tiny"
     c.model.img_size = 256
     c.data.dataset = "synthetic"

@@ -43,6 +43,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.hflip = False  # random horizontal flips of image, boxes and masks (training only)
 
     c.train = ml_collections.ConfigDict()
+    c.train.box_mask_prompt = False  # each box also as a dense mask prompt (train_sam.box_mask_prompt)
     c.train.batch_size = 8  # images per global batch (each with up to data.max_prompts prompts)
     c.train.epochs = 10
     c.train.optimizer = "adamw"  # adamw | sgd
@@ -72,6 +73,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.distributed.coordinator = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
     return c
 
 

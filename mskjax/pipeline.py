@@ -171,7 +171,8 @@ def content_mask(geom: geo.Geometry) -> jax.Array:
             & (cols >= left) & (cols < left + jnp.asarray(cw)[:, None, None]))
 
 
-def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int):
+def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
+              box_mask: bool = False):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
 
     step(classifier_variables, sam_variables, batch) with batch a dict of
@@ -237,7 +238,14 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             gvalid = batch["gt_valid"] & valid[:, None]
             prompts = jnp.concatenate([boxes_sam, gt_sam], axis=1)
             pvalid = jnp.concatenate([bvalid, gvalid], axis=1)
-        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, multimask=False, prompt_valid=pvalid)
+        # A SAM fine-tuned with boxes also given as dense mask prompts (train_sam.box_mask_prompt)
+        # is decoded the way it was trained.
+        mask_input = None
+        if box_mask:
+            from mskjax.train_sam import box_mask_prompt
+            mask_input = box_mask_prompt(prompts, img_size)
+        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, mask_input=mask_input, multimask=False,
+                           prompt_valid=pvalid)
         low = dec["low_res_logits"][:, :, 0]
         iou = dec["iou_predictions"][:, :, 0]
         k = boxes_in.shape[1]
@@ -351,7 +359,9 @@ class Pipeline:
         self.sam_img_size = int(sam_model.config.img_size)
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
         self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)
-        self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels))
+        self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
+        self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
+                                       box_mask=self.box_mask_prompt))
 
     @classmethod
     def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from functools import partial
@@ -182,6 +183,17 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def resident_mb() -> float | None:
+    """This process's resident memory in MiB (Linux /proc; None where unavailable). Logged so that
+    a long run shows a leak (tools/soak.py checks it)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -339,7 +351,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                      f"lr {float(lr(step)):.2e} {ips:.1f} img/s eta {_fmt_time(eta)}")
                 _write(log_file, writer, step, {"train/loss": loss, "train/lr": float(lr(step)),
                                                 "train/images_per_s": ips,
-                                                "train/grad_norm": float(_host(m["grad_norm"]))})
+                                                "train/grad_norm": float(_host(m["grad_norm"])),
+                                                "train/rss_mb": resident_mb()})
                 t_window, n_window = now, 0
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0 or step == total_steps:

@@ -2,8 +2,11 @@
 
     python tests/train/run_train.py WORKDIR DATA_ROOT [--config.x=y ...]
 
-Environment: MSKJAX_KILL_AT_STEP=N sends SIGKILL to this process right after the checkpoint of
-step N is *started* (asynchronous write in flight), to test resume.
+Environment: MSKJAX_KILL_AT_STEP=N sends SIGKILL to this process at step N, to test resume, at the
+point MSKJAX_KILL_POINT names:
+  after_save   (default) right after the checkpoint of step N is *started* (asynchronous write in flight)
+  before_save  after step N's update, before its checkpoint (the run resumes from step N - 1)
+  during_eval  inside the N-th validation pass (before that epoch's checkpoint)
 """
 import os
 import signal
@@ -16,15 +19,36 @@ if os.environ.get("MSKJAX_TEST_DEVICES"):
 from mskjax import run_checkpoints, train  # noqa: E402
 
 kill_at = int(os.environ.get("MSKJAX_KILL_AT_STEP", "0"))
+kill_point = os.environ.get("MSKJAX_KILL_POINT", "after_save")
+if kill_point not in ("after_save", "before_save", "during_eval"):
+    sys.exit(f"run_train.py: unknown MSKJAX_KILL_POINT {kill_point!r}")
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 if kill_at:
     _save = run_checkpoints.RunCheckpoints.save
 
-    def save_then_die(self, step, state, data_state):
+    def save_and_maybe_die(self, step, state, data_state):
+        if step == kill_at and kill_point == "before_save":
+            _die()
         _save(self, step, state, data_state)
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if step == kill_at and kill_point == "after_save":
+            _die()
 
-    run_checkpoints.RunCheckpoints.save = save_then_die
+    run_checkpoints.RunCheckpoints.save = save_and_maybe_die
+    if kill_point == "during_eval":
+        _evaluate, passes = train.evaluate, []
+
+        def evaluate_and_maybe_die(*args, **kwargs):
+            passes.append(1)
+            if len(passes) == kill_at:
+                _die()
+            return _evaluate(*args, **kwargs)
+
+        train.evaluate = evaluate_and_maybe_die
 
 workdir, root, *rest = sys.argv[1:]
 here = os.path.dirname(os.path.abspath(__file__))

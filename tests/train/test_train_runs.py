@@ -83,12 +83,24 @@ def test_reference_run_writes_everything(reference):
     assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())[-1] == TOTAL_STEPS
 
 
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, data, reference):
+# Kill points: mid-write of the step-4 checkpoint (async write in flight), between step 2's update
+# and its checkpoint, and inside the first validation pass (step 3, before its checkpoint).
+KILLS = [("4", "after_save", 4), ("2", "before_save", 1), ("1", "during_eval", 2)]
+
+
+@pytest.mark.parametrize("at, point, resume_step", KILLS, ids=[k[1] for k in KILLS])
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, data, reference, at, point, resume_step):
     wd = tmp_path / "run"
-    killed = run(wd, data, AUGMENT, env={"MSKJAX_KILL_AT_STEP": "4"}, check=False)
+    # Away from a write, synchronous checkpoints make "the last complete checkpoint" deterministic
+    # (an earlier asynchronous write could still be in flight when the kill lands).
+    sync = () if point == "after_save" else ("--config.checkpoint.async_writes=False",)
+    killed = run(wd, data, AUGMENT, *sync, env={"MSKJAX_KILL_AT_STEP": at, "MSKJAX_KILL_POINT": point},
+                 check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run(wd, data, AUGMENT)
-    assert "resumed from the checkpoint at step" in resumed.stdout
+    # after_save: the step-4 write may or may not have finished before the kill; either is fine.
+    steps = (resume_step, resume_step - 1) if point == "after_save" else (resume_step,)
+    assert any(f"resumed from the checkpoint at step {s}" in resumed.stdout for s in steps), resumed.stdout[-2000:]
     ref, got = final_params(reference), final_params(wd)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg="/".join(k))
