@@ -1,6 +1,6 @@
 """Soak test of the trainer: a long run on synthetic data, checking that resident memory stays flat.
 
-    python tools/soak.py [--steps 2000] [--out runs/soak] [--json docs/soak.json]
+    python tools/soak.py [--steps 2000] [--out runs/soak] [--json docs/soak.json] [-- --config.x=y ...]
 
 Runs `python -m mskjax.train` (ResNet18 at 32 px on 64 synthetic studies, batch 8, a checkpoint
 every 250 steps, validation every 50 epochs) in a subprocess for `--steps` steps, reads the
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=5.0, help="allowed growth after warm-up, percent")
     ap.add_argument("--out", default="runs/soak")
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("overrides", nargs="*", help="extra --config.FIELD=VALUE for the run (after --)")
     args = ap.parse_args(argv)
     if args.warmup >= args.steps:
         ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "mskjax.train", f"--config={REPO / 'tests/train/tiny_config.py'}",
            f"--workdir={work}", f"--config.data.root={data}", f"--config.data.synthetic_studies={studies}",
            f"--config.train.epochs={epochs}", "--config.train.log_every=10", "--config.data.augment=True",
-           "--config.checkpoint.every_steps=250", "--config.checkpoint.keep=2", "--config.eval.every_epochs=50"]
+           "--config.checkpoint.every_steps=250", "--config.checkpoint.keep=2", "--config.eval.every_epochs=50",
+           *args.overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
