@@ -10,19 +10,17 @@ the reference logit is more than 1e-2 from the threshold.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos as ref_get_rel_pos
 from segment_anything.modeling.image_encoder import window_partition as ref_window_partition
 
 from mskjax import sam as samfn
-from mskjax.models.sam import build_sam, sam_config
+from mskjax.models.sam import build_sam
 from mskjax.models.sam.common import ConvTranspose2x2
 from mskjax.models.sam.image_encoder import get_rel_pos, window_partition, window_unpartition
 from mskjax.weights.sam import sam_variables_from_state_dict
@@ -34,43 +32,13 @@ jit_embed = jax.jit(samfn.embed, static_argnums=0)
 jit_decode = jax.jit(samfn.decode, static_argnums=0, static_argnames=("multimask", "return_masks"))
 
 
-def build_official(arch: str, img_size: int, seed: int) -> Sam:
-    """The official Sam with `arch`'s encoder layout (as our sam_config) at img_size, randomised."""
-    c = sam_config(arch, img_size)
-    torch.manual_seed(seed)
-    e = img_size // 16
-    ref = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=c.depth, embed_dim=c.embed_dim, img_size=img_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c.num_heads, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=list(c.global_attn_indexes),
-            window_size=c.window_size, out_chans=256),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(e, e),
-                                     input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-    ).eval()
-    g = torch.Generator().manual_seed(seed + 1000)
-    norm_like = ("norm", "neck.1", "neck.3", "upscaling.1", "downscaling.1", "downscaling.4")
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("pos_embed") or "rel_pos" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1 and any(k in name for k in norm_like):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-    return ref
-
-
 CASES = [("vit_b", 256, 0), ("vit_b", 320, 1), ("vit_tiny", 256, 2)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{s}px-seed{r}" for a, s, r in CASES])
-def pair(request):
+def pair(request, build_official_sam):
     arch, img_size, seed = request.param
-    ref = build_official(arch, img_size, seed)
+    ref = build_official_sam(arch, img_size, seed)
     variables = sam_variables_from_state_dict(ref.state_dict(), arch, img_size)
     model = build_sam(arch, img_size)
     rng = np.random.default_rng(seed)
@@ -241,9 +209,9 @@ def test_conv_transpose_matches_torch():
 
 
 @pytest.mark.slow
-def test_vit_b_full_size_encoder():
+def test_vit_b_full_size_encoder(build_official_sam):
     """vit_b at the real 1024 px (64 x 64 tokens, windows padded 64 -> 70): embeddings within 1e-3."""
-    ref = build_official("vit_b", 1024, 3)
+    ref = build_official_sam("vit_b", 1024, 3)
     variables = sam_variables_from_state_dict(ref.state_dict(), "vit_b", 1024)
     x = np.random.default_rng(3).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
     with torch.no_grad():

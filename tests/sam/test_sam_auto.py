@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, calculate_stability_score
 from torchvision.ops import batched_nms
 
 from mskjax import sam as samfn
 from mskjax import sam_auto
-from mskjax.models.sam import build_sam, sam_config
+from mskjax.models.sam import build_sam
 from mskjax.weights.sam import sam_variables_from_state_dict
 
 INDEX_TO_EDGE = np.asarray([0, 0, 1, 1], np.float32)
@@ -223,28 +222,9 @@ def test_select_masks_follows_official_steps(pred_iou_thresh, stability_thresh, 
 # End to end with a random official SAM (our vit_tiny layout at 256 px), converted
 
 
-def build_official(arch: str, img_size: int, seed: int) -> Sam:
-    c = sam_config(arch, img_size)
-    torch.manual_seed(seed)
-    e = img_size // 16
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=c.depth, embed_dim=c.embed_dim, img_size=img_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c.num_heads, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=list(c.global_attn_indexes),
-            window_size=c.window_size, out_chans=256),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(e, e),
-                                     input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
-def tiny_pair():
-    ref = build_official("vit_tiny", 256, seed=0)
+def tiny_pair(build_official_sam):
+    ref = build_official_sam("vit_tiny", 256, seed=0, randomise=False)
     variables = sam_variables_from_state_dict(ref.state_dict(), "vit_tiny", 256)
     return ref, build_sam("vit_tiny", 256), variables
 
@@ -378,9 +358,9 @@ def test_generate_bad_inputs(tiny_pair):
 
 
 @pytest.mark.slow
-def test_generate_matches_official_vit_b_1024():
+def test_generate_matches_official_vit_b_1024(build_official_sam):
     """The real configuration's size: vit_b at 1024 px (random weights), a 4 x 4 grid."""
-    ref = build_official("vit_b", 1024, seed=1)
+    ref = build_official_sam("vit_b", 1024, seed=1, randomise=False)
     variables = sam_variables_from_state_dict(ref.state_dict(), "vit_b", 1024)
     model = build_sam("vit_b", 1024)
     img = np.random.default_rng(9).integers(0, 256, size=(120, 90, 3), dtype=np.uint8)
