@@ -53,25 +53,41 @@ def classifier_metadata(arch: str, num_classes: int, in_channels: int, input_siz
 
 
 def save(directory: str | Path, variables: dict, metadata: dict[str, Any], overwrite: bool = False) -> Path:
-    """Writes `variables` and `metadata` to `directory` (see module docstring)."""
+    """Writes `variables` and `metadata` to `directory` (see module docstring).
+
+    In a multi-process run every process must call this (Orbax's write is collective); only
+    process 0 removes an existing directory and writes the metadata, with barriers between, so
+    processes sharing a filesystem never delete each other's files."""
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"checkpoint directory already exists: {directory} (pass overwrite=True)")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    primary = jax.process_index() == 0
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"checkpoint directory already exists: {directory} (pass overwrite=True)")
+    _barrier(f"mskjax_save_checked:{directory}")
+    if primary:
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    _barrier(f"mskjax_save_prepared:{directory}")
     tree = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x),
                         _plain(variables))
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(directory / VARIABLES_DIR, tree)
     ckpt.wait_until_finished()
-    meta = {"format": FORMAT, "version": VERSION, **metadata,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    tmp = directory / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / METADATA_FILE)
+    if primary:
+        meta = {"format": FORMAT, "version": VERSION, **metadata,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        tmp = directory / (METADATA_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / METADATA_FILE)
+    _barrier(f"mskjax_save_done:{directory}")
     return directory
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:

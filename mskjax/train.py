@@ -367,6 +367,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 score = kappa if math.isfinite(kappa) else -1.0
                 if score > best["kappa"]:
                     best = {"kappa": score, "step": step, "auroc": auc}
+                    ckpts.wait()  # one collective write at a time: the step checkpoint may still be in flight
                     export_best(workdir / "best", variables, config, norm, step, rep)
             if step % ckpt_every == 0 or step == total_steps:
                 ckpts.save(step, state, {"loader": loader.state(), "best": best})

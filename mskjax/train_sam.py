@@ -498,8 +498,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 score = rep["dice"] if math.isfinite(rep["dice"]) else -1.0
                 if score > best["dice"]:
                     best = {"dice": score, "step": step}
-                    if distributed.is_main_process():
-                        export_sam(workdir / "best", variables, config, _source(config, step, rep))
+                    ckpts.wait()  # one collective write at a time; every process takes part in both
+                    export_sam(workdir / "best", variables, config, _source(config, step, rep))
             if step % ckpt_every == 0 or step == total_steps:
                 ckpts.save(step, state, {"loader": it.state(), "best": best})
                 last_saved = step

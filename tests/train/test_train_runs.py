@@ -150,8 +150,9 @@ def test_two_processes_equal_one_process(tmp_path, data, four_devices):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for i in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, f"{o[-2000:]}\n{e[-3000:]}"
+    report = "\n".join(f"--- process {i} (exit {p.returncode}) stdout:\n{o[-2000:]}\n--- stderr:\n{e[-3000:]}"
+                       for i, (p, (o, e)) in enumerate(zip(procs, outs)))
+    assert all(p.returncode == 0 for p in procs), report
     assert "devices: 4" in outs[0][0] and "processes: 2" in outs[0][0]
     assert "step 1/" not in outs[1][0]  # only process 0 logs
     _close(final_params(four_devices, SHORT_STEPS), final_params(wd, SHORT_STEPS), "2 processes x 2 devices vs 1 x 4")
