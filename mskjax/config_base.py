@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.15  # MURA/FracAtlas: carved from train, patient/image-disjoint
     c.data.synthetic_studies = 700  # generated when data.root has no dataset
     c.data.synthetic_seed = 0
+    c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
     c.data.workers = 2
     c.data.cache = True
     c.data.augment = True
@@ -95,6 +96,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
     need(c.data.normalization in ("none", "imagenet"), "data.normalization", "none | imagenet")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+    need(0.25 <= c.data.synthetic_abnormality_scale <= 4, "data.synthetic_abnormality_scale", "must be in [0.25, 4]")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

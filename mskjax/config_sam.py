@@ -32,6 +32,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.15  # FracAtlas: tuning split carved from train
     c.data.synthetic_studies = 700  # generated when data.root has no dataset
     c.data.synthetic_seed = 0
+    c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
     # Prompts (lesions) decoded per image in one example; an image with more lesions becomes
     # several examples. Padding prompts are masked out of the loss.
     c.data.max_prompts = 2
@@ -91,6 +92,7 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
          f"must be a multiple of 16 and >= 32, got {c.model.img_size}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+    need(0.25 <= c.data.synthetic_abnormality_scale <= 4, "data.synthetic_abnormality_scale", "must be in [0.25, 4]")
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

@@ -28,7 +28,8 @@ def load_splits(data_config, seed: int = 0) -> Splits:
     skipped = []
     if name == "synthetic":
         from mskjax.data.mura import read_mura
-        ensure_synthetic(root, data_config.synthetic_studies, data_config.synthetic_seed)
+        ensure_synthetic(root, data_config.synthetic_studies, data_config.synthetic_seed,
+                         data_config.get("synthetic_abnormality_scale", 1.0))
         records = {}
         for split in ("train", "valid", "test"):
             recs, report = read_mura(root, split, body_parts=parts)
@@ -56,7 +57,7 @@ def load_splits(data_config, seed: int = 0) -> Splits:
     raise ValueError(f"config.data.dataset: unknown dataset {name!r}")
 
 
-def ensure_synthetic(root: Path, studies: int, seed: int) -> None:
+def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: float = 1.0) -> None:
     """Generates the synthetic dataset at `root` unless one with these settings is there.
 
     Runs the generator in a fresh process: it forks worker processes, which is unsafe in a
@@ -66,7 +67,7 @@ def ensure_synthetic(root: Path, studies: int, seed: int) -> None:
     if not (root / "synthetic.json").is_file():
         print(f"generating synthetic radiographs in {root} ({studies} studies, seed {seed}) ...", flush=True)
     out = subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(root), "--studies",
-                          str(studies), "--seed", str(seed)], capture_output=True, text=True)
+                          str(studies), "--seed", str(seed), "--abnormality-scale", repr(float(abnormality_scale))], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"synthetic data generation into {root} failed:\n{out.stderr[-2000:]}")
 

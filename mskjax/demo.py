@@ -78,10 +78,11 @@ def plan(workdir: str | Path) -> list[Stage]:
     if CLASSIFIER_CONFIG.is_file():
         c = _load_config(CLASSIFIER_CONFIG)
         studies, seed = int(c.data.synthetic_studies), int(c.data.synthetic_seed)
+        scale = float(c.data.get("synthetic_abnormality_scale", 1.0))
     else:
-        studies, seed = 700, 0
+        studies, seed, scale = 700, 0, 1.0
     stages.append(Stage("data", [py, "-m", "mskjax.data.synthetic", "--out", str(data), "--studies", str(studies),
-                                 "--seed", str(seed)], data / "synthetic.json", _done(data / "synthetic.json")))
+                                 "--seed", str(seed), "--abnormality-scale", repr(scale)], data / "synthetic.json", _done(data / "synthetic.json")))
     cls = w / "classifier"
     stages.append(Stage("classifier", [py, "-m", "mskjax.train", "--config", str(CLASSIFIER_CONFIG), "--workdir", str(cls),
                                        f"--config.data.root={data}"],

@@ -311,13 +311,13 @@ def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=()) -> Fracture:
                     angulation=float(rng.uniform(-14, 14)), **kw)
 
 
-def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=()) -> Lytic:
+def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=(), length_scale: float = 1.0) -> Lytic:
     tg = _pick_target(rng, anatomy.targets, lambda t: t.lesion and t.bone not in exclude)
     t = float(rng.uniform(tg.t_lo, tg.t_hi)) if tg.t_hi > tg.t_lo else tg.t_lo
     r_loc = _local_radius(anatomy, tg, t)
     b = max(float(rng.uniform(0.5, 0.8)) * r_loc, 3.0 * unit)
     b = min(b, 0.9 * r_loc) if r_loc > 2.7 * unit else 0.95 * r_loc
-    a = b * float(rng.uniform(1.1, 2.4))
+    a = b * float(rng.uniform(1.1, 2.4)) * length_scale
     d = float(rng.uniform(-1.0, 1.0)) * max(0.0, (r_loc - b) / r_loc) * 0.8
     return Lytic(bone=tg.bone, seg=tg.seg, t=t, d=d, a=a, b=b, depth=float(rng.uniform(0.6, 0.9)),
                  rim=float(rng.uniform(0.1, 0.35)) if rng.random() < 0.4 else 0.0,
@@ -375,8 +375,14 @@ def draw_hardware(rng, anatomy: Anatomy, unit: float) -> Hardware:
     return Hardware(bone=tg.bone, seg=tg.seg, kind=kind, params=tuple(sorted(params.items())))
 
 
-def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float) -> list:
-    """The abnormalities of one abnormal study (1-2 of one type)."""
+def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float, scale: float = 1.0) -> list:
+    """The abnormalities of one abnormal study (1-2 of one type).
+
+    scale enlarges them: fracture gaps, jags and hardware dimensions use `unit * scale`; a lesion's
+    width is bounded by its bone, so its minimum width uses `unit * scale` and its length is
+    multiplied by `scale`. At scale 1 the draws are exactly those of the default look."""
+    if scale != 1.0:
+        unit = unit * scale
     if kind == "fracture":
         first = draw_fracture(rng, anatomy, unit)
         out = [first]
@@ -386,11 +392,11 @@ def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float) -> list:
             out.append(draw_fracture(rng, anatomy, unit, exclude=(first.bone,)))
         return out
     if kind == "lesion":
-        first = draw_lesion(rng, anatomy, unit)
+        first = draw_lesion(rng, anatomy, unit, length_scale=scale)
         out = [first]
         bones = {t.bone for t in anatomy.targets if t.lesion}
         if len(bones) > 1 and rng.random() < 0.15:
-            out.append(draw_lesion(rng, anatomy, unit, exclude=(first.bone,)))
+            out.append(draw_lesion(rng, anatomy, unit, exclude=(first.bone,), length_scale=scale))
         return out
     if kind == "hardware":
         return [draw_hardware(rng, anatomy, unit)]

@@ -209,6 +209,32 @@ def test_abnormality_is_drawn_inside_its_mask(part, kind):
     assert (inside > 8) if kind == "hardware" else (inside < -4), inside
 
 
+@pytest.mark.parametrize("kind", les.TYPES)
+def test_abnormality_scale_enlarges_abnormalities_only(kind):
+    """The same study at abnormality_scale 2 has larger abnormality masks; its normal twin (the same
+    seed with no abnormality) is unchanged by the knob."""
+    areas = {}
+    for scale in (1.0, 2.0):
+        areas[scale] = [int((m > 0).sum()) for i in range(6)
+                        for m in synthetic.render_study(5, i, "XR_FOREARM", kind, (160, 160), scale)["masks"][:1]]
+    assert np.mean(areas[2.0]) > 1.5 * np.mean(areas[1.0]), areas
+    a = synthetic.render_study(5, 0, "XR_HAND", None, (96, 96), 1.0)["images"]
+    b = synthetic.render_study(5, 0, "XR_HAND", None, (96, 96), 3.0)["images"]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_abnormality_scale_is_part_of_the_dataset_identity(tmp_path):
+    root = tmp_path / "SYN"
+    s1 = synthetic.generate(root, 4, 1, size_range=(64, 80), workers=1)
+    assert "abnormality_scale" not in s1["config"]  # datasets made before the knob still match
+    with pytest.raises(synthetic.SyntheticDatasetError, match="abnormality_scale"):
+        synthetic.generate(root, 4, 1, size_range=(64, 80), abnormality_scale=2.0)
+    s2 = synthetic.generate(root, 4, 1, size_range=(64, 80), abnormality_scale=2.0, overwrite=True, workers=1)
+    assert s2["config"]["abnormality_scale"] == 2.0
+    with pytest.raises(ValueError, match="abnormality_scale"):
+        synthetic.generate(tmp_path / "z", 4, 1, abnormality_scale=0.0)
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
