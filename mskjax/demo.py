@@ -95,6 +95,11 @@ def plan(workdir: str | Path) -> list[Stage]:
         sc = _load_config(SAM_CONFIG)
         if _has_field(sc, "data.root"):
             cmd.append(f"--config.data.root={data}")
+        # the same dataset as the classifier's, so the SAM run recognises it instead of refusing it
+        for field, value in (("data.synthetic_studies", studies), ("data.synthetic_seed", seed),
+                             ("data.synthetic_abnormality_scale", scale)):
+            if _has_field(sc, field):
+                cmd.append(f"--config.{field}={value}")
     else:
         missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train_sam with "
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")

@@ -151,6 +151,12 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
                                               str(tmp_path / "segment")]
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
+        # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
+        data_cmd = stages["data"].command
+        for flag, field in (("--studies", "synthetic_studies"), ("--seed", "synthetic_seed"),
+                            ("--abnormality-scale", "synthetic_abnormality_scale")):
+            value = data_cmd[data_cmd.index(flag) + 1]
+            assert f"--config.data.{field}={value}" in stages["sam"].command, (flag, stages["sam"].command)
     else:
         assert "sam_synthetic.py does not exist" in stages["sam"].missing
     (tmp_path / "data").mkdir()
