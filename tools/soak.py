@@ -8,6 +8,12 @@ resident memory the trainer logs every 10 steps (`train/rss_mb` in metrics.jsonl
 the largest value after warm-up (the first `--warmup` steps: compilation, caches, the first
 checkpoint) with the value at the end of warm-up. Prints the growth and writes JSON; exits 1 when
 it is >= `--limit` percent (default 5, the issue's bound) or the run fails.
+
+Two more figures help tell a leak from one-off costs, without changing the pass/fail measure:
+`growth_percent_after_first_validation` takes its base just after the first validation pass
+(whose first call compiles the evaluation step, a one-off cost that lands after a 300-step
+warm-up), and `rss_mb_per_1k_steps_second_half` is the least-squares slope over the second half of
+the run (near 0 for a plateau, positive for a leak).
 """
 from __future__ import annotations
 
@@ -71,10 +77,26 @@ def main(argv=None) -> int:
     base_step, base = after[0]
     peak_step, peak = max(after, key=lambda x: x[1])
     growth = 100.0 * (peak - base) / base
+    first_valid = min((r["step"] for r in map(json.loads, (work / "metrics.jsonl").read_text().splitlines())
+                       if "valid/study_kappa" in r), default=None)
+    settled = [(s, m) for s, m in rss if first_valid is not None and s > first_valid]
+    growth_settled = (100.0 * (max(m for _, m in settled) - settled[0][1]) / settled[0][1]
+                      if len(settled) > 1 and first_valid < rss[-1][0] else None)
+    half = rss[len(rss) // 2:]
+    slope = None
+    if len(half) > 2:
+        xs = [s for s, _ in half]
+        ys = [m for _, m in half]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     result = {"steps": rss[-1][0], "warmup_steps": args.warmup, "rss_mb_at_warmup": round(base, 1),
               "rss_mb_peak_after_warmup": round(peak, 1), "peak_step": peak_step,
               "rss_mb_end": round(rss[-1][1], 1), "growth_percent": round(growth, 2), "limit_percent": args.limit,
-              "passed": growth < args.limit, "wall_s": round(wall, 1), "machine": platform.platform(),
+              "passed": growth < args.limit,
+              "first_validation_step": first_valid,
+              "growth_percent_after_first_validation": None if growth_settled is None else round(growth_settled, 2),
+              "rss_mb_per_1k_steps_second_half": None if slope is None else round(slope, 2),
+              "wall_s": round(wall, 1), "machine": platform.platform(),
               "cpus": os.cpu_count(), "samples": len(rss)}
     print(json.dumps(result, indent=2))
     if args.json:
