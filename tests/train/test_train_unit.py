@@ -1,5 +1,7 @@
 """Trainer pieces in-process: loss, weighting, config checks, and that training learns and is
 reproducible."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,17 @@ def test_loss_decreases_and_same_seed_gives_identical_parameters():
     assert l1 == l2
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "configs").glob("*.py")))
+def test_every_shipped_config_validates(name):
+    """Each configs/*.py loads and passes its validator (a typo or an out-of-range value in a shipped
+    config would otherwise surface only when a user runs it)."""
+    import importlib.util
+    from mskjax.config_sam import validate_sam
+    path = Path(__file__).parents[2] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_shipped_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    (validate_sam if c.get("kind") == "sam" else validate)(c, num_devices=1)
