@@ -27,7 +27,7 @@ import optax
 
 from mskjax import checkpoint, distributed, metrics, optim
 from mskjax.config_base import ConfigError, validate
-from mskjax.run_checkpoints import CheckpointWriteError
+from mskjax.run_checkpoints import CheckpointWriteError, release_free_heap
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -344,6 +344,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
             if step % config.train.log_every == 0 or step == total_steps:
+                ckpts.poll()  # a finished checkpoint write: surface its error now and give its freed memory back
                 now = time.time()
                 ips = n_window / max(now - t_window, 1e-9)
                 eta = (total_steps - step) * config.train.batch_size / max(ips, 1e-9)
@@ -358,6 +359,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             if end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0 or step == total_steps:
                 variables = {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}
                 res = evaluate(eval_step, variables, splits.records["valid"], config, data_sharding)
+                release_free_heap()  # evaluation's buffers (and its first call's compilation) are freed by now
                 rep = res["report"]
                 kappa = rep["overall"]["study"]["kappa"]["value"]
                 auc = rep["overall"]["study"]["auroc"]["value"]

@@ -387,7 +387,7 @@ def create_state(model, tx, config, mesh):
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Trains, keeps the best checkpoint by validation Dice, evaluates it on the test split.
     Returns the dict written to WORKDIR/results.json."""
-    from mskjax.run_checkpoints import RunCheckpoints
+    from mskjax.run_checkpoints import RunCheckpoints, release_free_heap
 
     t_start, cpu_start = time.time(), time.process_time()
     workdir = Path(workdir).absolute()
@@ -475,6 +475,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
             if step % config.train.log_every == 0 or step == total_steps:
+                ckpts.poll()  # a finished checkpoint write: surface its error now and give its freed memory back
                 now = time.time()
                 ips = n_window / max(now - t_window, 1e-9)
                 eta = (total_steps - step) * bs / max(ips, 1e-9)
@@ -491,6 +492,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 variables = merge_variables(state["params"], state["frozen"])
                 rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
                                cache.get("valid"))
+                release_free_heap()  # evaluation's buffers are freed by now
                 _log(f"valid at step {step}: Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
                     f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items()))
                 _write(log_file, writer, step, {"valid/dice": rep["dice"], "valid/iou": rep["iou"],

@@ -103,6 +103,34 @@ def test_full_disk_while_checkpointing_keeps_previous(tmp_path, monkeypatch, asy
     jax.tree.map(np.testing.assert_array_equal, state, _state(float(next_step)))
 
 
+def test_poll_confirms_a_finished_write_and_surfaces_a_failed_one(tmp_path, monkeypatch):
+    """poll() never blocks on a write in flight; once the write has ended it confirms it (releasing
+    its freed heap) or raises the write's CheckpointWriteError, as wait() would."""
+    import mskjax.run_checkpoints as rc
+    released = []
+    monkeypatch.setattr(rc, "release_free_heap", lambda: released.append(1) or True)
+    ckpts = RunCheckpoints(tmp_path / "checkpoints", keep=3, async_writes=True)
+    in_progress = {"value": True}
+    monkeypatch.setattr(ckpts.manager, "is_saving_in_progress", lambda: in_progress["value"])
+
+    ckpts.save(1, _state(1.0), {})
+    ckpts.poll()  # "still writing": returns at once, nothing confirmed
+    assert ckpts._in_flight == 1
+    in_progress["value"] = False
+    ckpts.poll()
+    assert ckpts._in_flight is None and released  # (Orbax's finalize callback may release too)
+    count = len(released)
+    ckpts.poll()  # nothing in flight: a no-op
+    assert len(released) == count
+
+    with monkeypatch.context() as m:
+        _fill_disk(m)
+        ckpts.save(2, _state(2.0), {})
+        with pytest.raises(CheckpointWriteError, match="step 2"):
+            ckpts.poll()
+    assert RunCheckpoints(tmp_path / "checkpoints", keep=3).latest_step() == 1
+
+
 def test_full_disk_on_first_checkpoint_says_none_exists(tmp_path, monkeypatch):
     ckpts = RunCheckpoints(tmp_path / "checkpoints", keep=2, async_writes=False)
     _fill_disk(monkeypatch)
