@@ -100,6 +100,12 @@ def plan(workdir: str | Path) -> list[Stage]:
                              ("data.synthetic_abnormality_scale", scale)):
             if _has_field(sc, field):
                 cmd.append(f"--config.{field}={value}")
+        # the classifier's dataset is larger than the one the SAM config was timed on: fewer epochs
+        # keep SAM's number of steps (and so its wall time) near the config's own
+        if _has_field(sc, "train.epochs") and _has_field(sc, "data.synthetic_studies"):
+            epochs = sam_epochs(int(sc.train.epochs), int(sc.data.synthetic_studies), studies)
+            if epochs != int(sc.train.epochs):
+                cmd.append(f"--config.train.epochs={epochs}")
     else:
         missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train_sam with "
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")
@@ -109,6 +115,12 @@ def plan(workdir: str | Path) -> list[Stage]:
                                     str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg)],
                         seg / "metrics.json", _done(seg / "metrics.json")))
     return stages
+
+
+def sam_epochs(config_epochs: int, config_studies: int, demo_studies: int) -> int:
+    """Epochs that give the SAM run on `demo_studies` studies about the step count its config gives
+    on `config_studies` (at least 1)."""
+    return max(1, round(config_epochs * config_studies / max(demo_studies, 1)))
 
 
 def run_stage(stage: Stage, log_dir: Path) -> None:

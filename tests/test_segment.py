@@ -157,6 +157,9 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
                             ("--abnormality-scale", "synthetic_abnormality_scale")):
             value = data_cmd[data_cmd.index(flag) + 1]
             assert f"--config.data.{field}={value}" in stages["sam"].command, (flag, stages["sam"].command)
+        # ... and keeps about the SAM config's own step count on the larger classifier dataset
+        assert demo.sam_epochs(7, 700, 2000) == 2 and demo.sam_epochs(7, 700, 700) == 7
+        assert demo.sam_epochs(3, 100, 9000) == 1
     else:
         assert "sam_synthetic.py does not exist" in stages["sam"].missing
     (tmp_path / "data").mkdir()
