@@ -239,6 +239,20 @@ def evaluate(eval_step, variables, records, config, sharding) -> dict:
     return {"report": report, "probs": probs}
 
 
+def warm_up_eval(eval_step, variables, records, config, sharding) -> None:
+    """Runs the evaluation step once on the first validation batch before training, so that its
+    compilation (time, memory, any error) comes at start-up with the train step's instead of after
+    the first epoch; the memory that compilation leaves free is handed back."""
+    loader = make_loader(records[:config.eval.batch_size], config, train=False, sharding=sharding, seed=0)
+    try:
+        for batch in loader:
+            jax.block_until_ready(eval_step(variables, batch["image"]))
+            break
+    finally:
+        loader.close()
+    release_free_heap()
+
+
 def summary_table(report: dict) -> str:
     rows = [("overall", report["overall"])] + sorted(report.get("by_body_part", {}).items())
     lines = [f"{'group':<14}{'images':>7}{'studies':>8}{'img AUROC':>10}{'st AUROC':>9}{'kappa':>7}"
@@ -329,6 +343,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     log_file = open(workdir / "metrics.jsonl", "a") if distributed.is_main_process() else None
 
     step = int(_host(state["step"]))
+    if splits.records["valid"] and step < total_steps:
+        warm_up_eval(eval_step, {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]},
+                     splits.records["valid"], config, data_sharding)
     ckpt_every = config.checkpoint.every_steps or steps_per_epoch
     t_start, images_seen, t_window, n_window = time.time(), 0, time.time(), 0
     last_saved = ckpts.latest_step()
