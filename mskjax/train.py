@@ -388,6 +388,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     best = {"kappa": score, "step": step, "auroc": auc}
                     ckpts.wait()  # one collective write at a time: the step checkpoint may still be in flight
                     export_best(workdir / "best", variables, config, norm, step, rep)
+                    release_free_heap()  # the export's host copy and Orbax buffers are freed by now
             if step % ckpt_every == 0 or step == total_steps:
                 ckpts.save(step, state, {"loader": loader.state(), "best": best})
                 last_saved = step

@@ -502,6 +502,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     best = {"dice": score, "step": step}
                     ckpts.wait()  # one collective write at a time; every process takes part in both
                     export_sam(workdir / "best", variables, config, _source(config, step, rep))
+                    release_free_heap()  # the export's host copy and Orbax buffers are freed by now
             if step % ckpt_every == 0 or step == total_steps:
                 ckpts.save(step, state, {"loader": it.state(), "best": best})
                 last_saved = step
