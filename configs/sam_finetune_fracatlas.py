@@ -12,13 +12,12 @@ prompt encoder, Dice + BCE, boxes jittered outward by up to 20 px at 1024 (5 px 
 encoder is trained too (a vit_tiny at 256 px is cheap enough on a CPU).
 
 Each box also goes in as a dense mask prompt (train.box_mask_prompt), as configs/sam_synthetic.py
-trains the starting model. NOT re-measured since that change: the numbers below are from the
-earlier synthetic model (test Dice 0.343 there) and the earlier recipe without the mask prompt, on
-this project's 2-core CPU shared with other jobs (2026-11-26): 1 epoch (122 steps of 4 images),
-8m42s wall, 252 s CPU; test (official valid split) mean Dice 0.374 over 91
-fractures, valid (tuning split) 0.297. Modest, and below simply filling the ground-truth box
-(0.763 on the same 91 fractures: FracAtlas' polygons cover 62% of their box on average): the
-starting model is weak (see configs/sam_synthetic.py) and one epoch is short.
+trains the starting model. Measured 2026-11-26 on this project's 2-core CPU shared with other jobs,
+starting from the current configs/sam_synthetic.py model (synthetic test Dice 0.755): 1 epoch
+(122 steps of 4 images), 3 min 32 s wall, 177 s CPU; test (official valid split) mean Dice 0.614
+over 91 fractures, valid (tuning split) 0.612. Before (earlier synthetic model at Dice 0.343, no
+mask prompt): 0.374 / 0.297. Still below simply filling the ground-truth box (0.763 on the same 91
+fractures: FracAtlas' polygons cover 62% of their box on average); one epoch is short.
 """
 from mskjax.config_sam import sam_base_config
 

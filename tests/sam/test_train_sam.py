@@ -47,8 +47,10 @@ def _small(config, root):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("samdata") / "synthetic"
+    scale = _load_config("sam_synthetic").data.synthetic_abnormality_scale  # the dataset the config asks for
     subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(root), "--studies", "16",
-                    "--seed", "0"], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                    "--seed", "0", "--abnormality-scale", repr(scale)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
     return root
 
 
