@@ -376,7 +376,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             if end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0 or step == total_steps:
                 variables = {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}
                 res = evaluate(eval_step, variables, splits.records["valid"], config, data_sharding)
-                release_free_heap()  # evaluation's buffers (and its first call's compilation) are freed by now
+                release_free_heap()  # evaluation's buffers are freed by now
                 rep = res["report"]
                 kappa = rep["overall"]["study"]["kappa"]["value"]
                 auc = rep["overall"]["study"]["auroc"]["value"]
