@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mskjax import distributed
 from mskjax.weights.mapping import CheckpointMismatch
 
 FORMAT = "mskjax.checkpoint"
@@ -60,15 +61,15 @@ def save(directory: str | Path, variables: dict, metadata: dict[str, Any], overw
     processes sharing a filesystem never delete each other's files."""
     import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
-    primary = jax.process_index() == 0
+    primary = distributed.is_main_process()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory already exists: {directory} (pass overwrite=True)")
-    _barrier(f"mskjax_save_checked:{directory}")
+    distributed.barrier(f"mskjax_save_checked:{directory}")
     if primary:
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-    _barrier(f"mskjax_save_prepared:{directory}")
+    distributed.barrier(f"mskjax_save_prepared:{directory}")
     tree = jax.tree.map(lambda x: np.asarray(x, dtype=np.float32) if np.asarray(x).dtype.kind == "f" else np.asarray(x),
                         _plain(variables))
     ckpt = ocp.StandardCheckpointer()
@@ -80,14 +81,8 @@ def save(directory: str | Path, variables: dict, metadata: dict[str, Any], overw
         tmp = directory / (METADATA_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, directory / METADATA_FILE)
-    _barrier(f"mskjax_save_done:{directory}")
+    distributed.barrier(f"mskjax_save_done:{directory}")
     return directory
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:

@@ -81,6 +81,7 @@ class ConfigError(ValueError):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE
     from mskjax.models import ARCHITECTURES
 
     def need(ok: bool, field: str, msg: str):
@@ -96,7 +97,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
     need(c.data.normalization in ("none", "imagenet"), "data.normalization", "none | imagenet")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
-    need(0.25 <= c.data.synthetic_abnormality_scale <= 4, "data.synthetic_abnormality_scale", "must be in [0.25, 4]")
+    lo, hi = ABNORMALITY_SCALE_RANGE
+    need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

@@ -80,6 +80,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
 
 def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first field whose value cannot work."""
+    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE
     from mskjax.models.sam import ARCHS
 
     def need(ok: bool, field: str, msg: str):
@@ -92,7 +93,8 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
          f"must be a multiple of 16 and >= 32, got {c.model.img_size}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
-    need(0.25 <= c.data.synthetic_abnormality_scale <= 4, "data.synthetic_abnormality_scale", "must be in [0.25, 4]")
+    lo, hi = ABNORMALITY_SCALE_RANGE
+    need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

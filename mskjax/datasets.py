@@ -29,7 +29,7 @@ def load_splits(data_config, seed: int = 0) -> Splits:
     if name == "synthetic":
         from mskjax.data.mura import read_mura
         ensure_synthetic(root, data_config.synthetic_studies, data_config.synthetic_seed,
-                         data_config.get("synthetic_abnormality_scale", 1.0))
+                         data_config.synthetic_abnormality_scale)
         records = {}
         for split in ("train", "valid", "test"):
             recs, report = read_mura(root, split, body_parts=parts)

@@ -78,7 +78,7 @@ def plan(workdir: str | Path) -> list[Stage]:
     if CLASSIFIER_CONFIG.is_file():
         c = _load_config(CLASSIFIER_CONFIG)
         studies, seed = int(c.data.synthetic_studies), int(c.data.synthetic_seed)
-        scale = float(c.data.get("synthetic_abnormality_scale", 1.0))
+        scale = float(c.data.synthetic_abnormality_scale)
     else:
         studies, seed, scale = 700, 0, 1.0
     stages.append(Stage("data", [py, "-m", "mskjax.data.synthetic", "--out", str(data), "--studies", str(studies),

@@ -99,17 +99,15 @@ class RunCheckpoints:
     def _set_aside(self, step: int) -> Path:
         """Renames a damaged step directory (kept for inspection; Orbax ignores the new name) so
         the resumed run can write that step again."""
-        import jax
-        from jax.experimental import multihost_utils
+        from mskjax import distributed
         aside = self.directory / f"damaged-step-{step}"
-        if jax.process_index() == 0:
+        if distributed.is_main_process():
             n = 0
             while aside.exists():
                 n += 1
                 aside = self.directory / f"damaged-step-{step}.{n}"
             (self.directory / str(step)).rename(aside)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"mskjax_set_aside_{step}")
+        distributed.barrier(f"mskjax_set_aside_{step}")
         self.manager.reload()
         return aside
 

@@ -417,8 +417,9 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
     lo, hi = int(size_range[0]), int(size_range[1])
     if not 32 <= lo <= hi:
         raise ValueError(f"size_range must satisfy 32 <= lo <= hi, got {size_range!r}")
-    if not (math.isfinite(abnormality_scale) and 0.25 <= abnormality_scale <= 4.0):
-        raise ValueError(f"abnormality_scale must be within [0.25, 4], got {abnormality_scale!r}")
+    s_lo, s_hi = les.ABNORMALITY_SCALE_RANGE
+    if not (math.isfinite(abnormality_scale) and s_lo <= abnormality_scale <= s_hi):
+        raise ValueError(f"abnormality_scale must be within [{s_lo}, {s_hi}], got {abnormality_scale!r}")
     config = _config(n_studies, seed, splits, (lo, hi), abnormal_fraction, abnormality_scale)
     plan = plan_studies(n_studies, seed, splits, abnormal_fraction)  # validates before touching disk
     split_names = [s for s, _ in splits]

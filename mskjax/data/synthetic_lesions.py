@@ -22,6 +22,7 @@ from mskjax.data.synthetic_render import Bone, Seg, box_density, rod_density
 TYPES = ("fracture", "hardware", "lesion")
 HARDWARE_KINDS = ("plate", "kwire", "screws", "nail", "arthroplasty")
 METAL_MU = 1.1  # 1/mm: a few mm of steel or titanium is almost opaque
+ABNORMALITY_SCALE_RANGE = (0.25, 4.0)  # the `scale` of draw_abnormalities a dataset may use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,8 +382,7 @@ def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float, scale: flo
     scale enlarges them: fracture gaps, jags and hardware dimensions use `unit * scale`; a lesion's
     width is bounded by its bone, so its minimum width uses `unit * scale` and its length is
     multiplied by `scale`. At scale 1 the draws are exactly those of the default look."""
-    if scale != 1.0:
-        unit = unit * scale
+    unit = unit * scale  # exact at scale 1: the default draws are unchanged
     if kind == "fracture":
         first = draw_fracture(rng, anatomy, unit)
         out = [first]
