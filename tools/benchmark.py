@@ -12,6 +12,8 @@ What is measured, per (model @ size, batch):
          stochastic depth on (both frameworks' EfficientNet defaults)
   cam    Grad-CAM maps/s on the last feature map: mskjax.cam.make_cam_fn("grad_cam") vs
          pytorch_grad_cam.GradCAM (skipped, and said so, when either is missing)
+  --keras  also Keras 3 on the JAX backend (keras.applications, random weights) for eval and
+         train: predict_on_batch / train_on_batch, the paths a Keras user times
   sam    SAM vit_b encoder ms/image and mask decoder ms/box (B=1 image, --sam-boxes box prompts,
          multimask) vs segment_anything built at the same --sam-size (random weights both sides)
 Each JAX figure separates compile time (lower + compile, once; with the persistent compilation
@@ -778,7 +780,60 @@ def import_check() -> list[dict]:
     return out
 
 
-WORKERS = {"jax": jax_classifier_worker, "torch": torch_classifier_worker, "jax_sam": jax_sam_worker,
+KERAS_APPS = {"resnet50": "ResNet50", **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)}}
+
+
+def keras_classifier_worker(job: dict) -> dict:
+    """Keras 3 on the JAX backend (keras.applications, random weights): `predict_on_batch` and
+    `train_on_batch` (SGD momentum 0.9, sparse softmax cross-entropy, jit_compile on), the paths a
+    Keras user times. Eval and train only: Keras has no Grad-CAM of its own."""
+    os.environ["KERAS_BACKEND"] = "jax"  # a fresh worker process: set before keras is imported
+    jax = _jax_setup(job.get("cache_dir"))
+    import keras
+    import numpy as np
+    app = KERAS_APPS.get(job["arch"])
+    if app is None:
+        return {"skipped": f"no keras.applications model for {job['arch']}", "cells": {}}
+    keras.utils.set_random_seed(0)
+    size = job["size"]
+    # Keras' EfficientNets carry their own rescaling layers; classifier_activation=None keeps the head
+    # a plain Dense like torchvision's and ours.
+    model = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3), classes=NUM_CLASSES,
+                                             classifier_activation=None)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+    results = {}
+    for batch in job["batches"]:
+        rng = np.random.RandomState(batch)
+        x = rng.rand(batch, size, size, 3).astype(np.float32)
+        y = rng.randint(0, NUM_CLASSES, batch).astype(np.int32)
+        for mode in job["modes"]:
+            key = f"{mode}@{batch}"
+            if mode not in ("eval", "train"):
+                continue
+            try:
+                fn = (lambda: model.predict_on_batch(x)) if mode == "eval" else (lambda: model.train_on_batch(x, y))
+                with RssPeak() as mem:
+                    t = time.perf_counter()
+                    fn()
+                    first_s = time.perf_counter() - t
+                    for _ in range(job["warmup"]):
+                        fn()
+                    times = timed(fn, job["repeats"])
+                r = {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
+                     "rss_peak_delta_mib": mem.delta_mib, "items_per_s": batch / statistics.median(times)}
+            except Exception as e:  # noqa: BLE001
+                r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
+            results[key] = r
+            _emit(key, r)
+            print(f"  keras {job['arch']}@{size} {key}: "
+                  + (f"{r['items_per_s']:.2f}/s" if "error" not in r else r["error"]), file=sys.stderr, flush=True)
+    return {"cells": results, "keras": keras.__version__, "backend": keras.backend.backend(),
+            "jax": jax.__version__}
+
+
+WORKERS = {"jax": jax_classifier_worker, "keras": keras_classifier_worker, "torch": torch_classifier_worker,
+           "jax_sam": jax_sam_worker,
            "torch_sam": torch_sam_worker, "gap": gap_worker, "gap_torch": gap_torch_worker}
 
 
@@ -852,6 +907,8 @@ def parse_args(argv=None):
     p.add_argument("--sam-boxes", type=int, default=8, help="box prompts per decoder call")
     p.add_argument("--sam-repeats", type=int, default=None, help="timed encoder calls (default: --repeats)")
     p.add_argument("--no-torch", action="store_true", help="JAX side only")
+    p.add_argument("--keras", action="store_true",
+                   help="also Keras 3 on the JAX backend (keras.applications) for eval and train")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: resnet50@64 + efficientnet_b3@64, batch 2, 2 repeats, SAM at 256")
     p.add_argument("--check", action="store_true",
@@ -906,6 +963,7 @@ def build_rows(results: dict) -> list[dict]:
     for entry in results["classifiers"]:
         jcells = entry.get("jax", {}).get("cells", {})
         tcells = entry.get("torch", {}).get("cells", {})
+        kcells = entry.get("keras", {}).get("cells", {})
         for key, j in jcells.items():
             mode, batch = key.split("@")
             t = tcells.get(key, {})
@@ -918,6 +976,8 @@ def build_rows(results: dict) -> list[dict]:
                 "model": f"{entry['arch']}@{entry['size']}", "mode": mode, "batch": int(batch),
                 "jax_per_s": j.get("items_per_s"), "torch_per_s": t.get("items_per_s"),
                 "ratio": _ratio(j.get("items_per_s"), t.get("items_per_s")),
+                "keras_per_s": kcells.get(key, {}).get("items_per_s"),
+                "ratio_keras": _ratio(j.get("items_per_s"), kcells.get(key, {}).get("items_per_s")),
                 "jax_compile_s": j.get("compile_s"), "jax_first_s": j.get("first_call_s"),
                 "torch_first_s": t.get("first_call_s"), "jax_mem_mib": mem_j, "torch_mem_mib": mem_t,
                 "gflop": flops / 1e9 if flops else None, "jax_mfu": mfu_j, "torch_mfu": mfu_t,
@@ -929,6 +989,7 @@ def build_rows(results: dict) -> list[dict]:
 def markdown(results: dict) -> str:
     m = results["machine"]
     gpu = m["gpu"]
+    keras_cols = any(e.get("keras") for e in results["classifiers"])
     lines = [
         f"Machine: {m['gpu_name'] or m['cpu_model']} ({m['cores']} CPU cores), jax {m.get('jax')}, "
         f"torch {m.get('torch')}, precision {m['precision']}"
@@ -940,13 +1001,17 @@ def markdown(results: dict) -> str:
         "",
         "Throughput: images/s (cam: maps/s), median of steady-state calls. ratio = JAX / torch (> 1: JAX faster). "
         "compile = JAX lower+compile (one-off); first = first call. "
+        + ("Keras: Keras 3 on the JAX backend (predict_on_batch / train_on_batch); JAX/Keras = our ratio to it. "
+           if keras_cols else "")
         + ("mem: JAX executable footprint (memory_analysis) / torch max_memory_allocated rise, MiB. "
            "MFU: XLA's FLOP count of the step / step time / card peak (bf16 dense)."
            if gpu else "mem: peak RSS rise during the cell, MiB."),
         "",
         "| model | mode | batch | JAX /s | torch /s | ratio | JAX compile s | JAX first s | torch first s "
-        "| JAX mem | torch mem | GFLOP/step |" + (" JAX MFU | torch MFU |" if gpu else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else ""),
+        "| JAX mem | torch mem | GFLOP/step |" + (" JAX MFU | torch MFU |" if gpu else "")
+        + (" Keras /s | JAX/Keras |" if keras_cols else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")
+        + ("---|---|" if keras_cols else ""),
     ]
     for r in build_rows(results):
         if r["error"] and r["jax_per_s"] is None:
@@ -957,9 +1022,10 @@ def markdown(results: dict) -> str:
             f"| {_f(r['ratio'])} | {_f(r['jax_compile_s'], '{:.1f}')} | {_f(r['jax_first_s'], '{:.2f}')} "
             f"| {_f(r['torch_first_s'], '{:.2f}')} | {_f(r['jax_mem_mib'], '{:.0f}')} "
             f"| {_f(r['torch_mem_mib'], '{:.0f}')} | {_f(r['gflop'], '{:.1f}')} |"
-            + (f" {_f(r['jax_mfu'], '{:.1%}')} | {_f(r['torch_mfu'], '{:.1%}')} |" if gpu else ""))
+            + (f" {_f(r['jax_mfu'], '{:.1%}')} | {_f(r['torch_mfu'], '{:.1%}')} |" if gpu else "")
+            + (f" {_f(r['keras_per_s'])} | {_f(r['ratio_keras'])} |" if keras_cols else ""))
     notes = [f"{e['arch']}@{e['size']} {side}: {e[side]['error']}" for e in results["classifiers"]
-             for side in ("jax", "torch") if e.get(side, {}).get("error")]
+             for side in ("jax", "torch", "keras") if e.get(side, {}).get("error")]
     notes += [f"{e['arch']}@{e['size']} torch: {e['torch']['skipped']}" for e in results["classifiers"]
               if e.get("torch", {}).get("skipped")]
     if notes:
@@ -1082,6 +1148,8 @@ def main(argv=None) -> dict:
                 _merge(entry, "jax", run_worker("jax", job, deadline))
                 if not args.no_torch:
                     _merge(entry, "torch", run_worker("torch", job, deadline))
+                if args.keras and modes == cls_modes:
+                    _merge(entry, "keras", run_worker("keras", job, deadline))
                 results["machine"]["load_average_after"] = load_average()
                 _write(results, args)
         if "sam" in args.mode_list:
