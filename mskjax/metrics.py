@@ -152,6 +152,24 @@ def auroc(labels, scores, sample_weight=None):
     return _single(_auroc_rows(y, s, w), sample_weight)
 
 
+def youden_threshold(labels, scores) -> float:
+    """The operating point that maximises Youden's J = sensitivity + specificity - 1 over the
+    thresholds `scores >= t`, t among the distinct scores; the highest such t on ties. For
+    choosing a decision threshold on a tuning split (then applied, unchanged, to another). nan when
+    `labels` has one class only."""
+    y = _binary_labels(labels)
+    s = _scores(scores, len(y), "scores")
+    n_pos, n_neg = y.sum(), (1 - y).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]  # last index of each distinct score
+    tpr = np.cumsum(y_sorted)[last] / n_pos
+    fpr = np.cumsum(1 - y_sorted)[last] / n_neg
+    return float(s_sorted[last][int(np.argmax(tpr - fpr))])
+
+
 def average_precision(labels, scores, sample_weight=None) -> float:
     """Average precision, sklearn's definition: sum_n (R_n - R_{n-1}) P_n over the distinct score
     thresholds in decreasing order (no interpolation). Raises ValueError with no positives."""
@@ -293,7 +311,8 @@ def classification_report(probs, labels, study_ids, body_parts=None, threshold: 
     says how many remained.
 
     Returns:
-      {"threshold", "bootstrap": {"n", "seed", "ci"}, "overall": G, "by_body_part": {part: G}},
+      {"threshold", "youden_threshold" (study level, overall: the threshold to carry from a tuning
+      split to another), "bootstrap": {"n", "seed", "ci"}, "overall": G, "by_body_part": {part: G}},
       G = {"n_images", "n_studies", "n_abnormal_studies",
            "image": {"accuracy", "auroc"},
            "study": {"accuracy", "sensitivity", "specificity", "kappa", "auroc"}},
@@ -315,6 +334,7 @@ def classification_report(probs, labels, study_ids, body_parts=None, threshold: 
         for part in np.unique(parts):
             groups[str(part)] = parts == part
     report = {"threshold": float(threshold),
+              "youden_threshold": youden_threshold(y_st, agg.probs),
               "bootstrap": {"n": int(n_bootstrap), "seed": int(seed), "ci": float(ci)},
               "by_body_part": {}}
     for g, (name, keep) in enumerate(groups.items()):

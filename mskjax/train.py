@@ -218,15 +218,27 @@ def make_loader(records, config, *, train: bool, sharding, seed: int, state=None
     return Loader(records, **kwargs)
 
 
-def evaluate(eval_step, variables, records, config, sharding) -> dict:
-    """Image probabilities for every record (each exactly once) and the classification report."""
-    loader = make_loader(records, config, train=False, sharding=sharding, seed=0)
+def evaluate(eval_step, variables, records, config, sharding, loader=None) -> dict:
+    """Image probabilities for every record (each exactly once) and the classification report.
+
+    `loader`: an evaluation loader over `records` (`make_loader(records, ..., train=False)`) to
+    reuse; it is rewound to its start, so its cache of decoded images carries over from one
+    validation pass to the next. None builds (and closes) one for this call."""
+    own = loader is None
+    if own:
+        loader = make_loader(records, config, train=False, sharding=sharding, seed=0)
+    else:
+        loader.restore({"epoch": 0, "step": 0, "seed": loader.seed})
     probs = np.full(len(records), np.nan, np.float64)
-    for batch in loader:
-        p = _host(eval_step(variables, batch["image"]))
-        idx = np.asarray(batch["index"]) if not isinstance(batch["index"], jax.Array) else _host(batch["index"])
-        valid = np.asarray(batch["valid"]) if not isinstance(batch["valid"], jax.Array) else _host(batch["valid"])
-        probs[idx[valid]] = p[valid]
+    try:
+        for batch in loader:
+            p = _host(eval_step(variables, batch["image"]))
+            idx = np.asarray(batch["index"]) if not isinstance(batch["index"], jax.Array) else _host(batch["index"])
+            valid = np.asarray(batch["valid"]) if not isinstance(batch["valid"], jax.Array) else _host(batch["valid"])
+            probs[idx[valid]] = p[valid]
+    finally:
+        if own:
+            loader.close()
     skipped = list(getattr(loader, "skipped", []))
     seen = ~np.isnan(probs)
     keep = [i for i in range(len(records)) if seen[i]]
@@ -239,17 +251,13 @@ def evaluate(eval_step, variables, records, config, sharding) -> dict:
     return {"report": report, "probs": probs}
 
 
-def warm_up_eval(eval_step, variables, records, config, sharding) -> None:
-    """Runs the evaluation step once on the first validation batch before training, so that its
-    compilation (time, memory, any error) comes at start-up with the train step's instead of after
-    the first epoch; the memory that compilation leaves free is handed back."""
-    loader = make_loader(records[:config.eval.batch_size], config, train=False, sharding=sharding, seed=0)
-    try:
-        for batch in loader:
-            jax.block_until_ready(eval_step(variables, batch["image"]))
-            break
-    finally:
-        loader.close()
+def warm_up_eval(eval_step, variables, loader) -> None:
+    """Runs the evaluation step once on the first batch of `loader` (the validation loader) before
+    training, so that its compilation (time, memory, any error) comes at start-up with the train
+    step's instead of after the first epoch; the memory that compilation leaves free is handed back."""
+    for batch in loader:
+        jax.block_until_ready(eval_step(variables, batch["image"]))
+        break
     release_free_heap()
 
 
@@ -343,9 +351,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     log_file = open(workdir / "metrics.jsonl", "a") if distributed.is_main_process() else None
 
     step = int(_host(state["step"]))
-    if splits.records["valid"] and step < total_steps:
+    # One validation loader for the whole run: its cache keeps the decoded images between passes.
+    valid_loader = (make_loader(splits.records["valid"], config, train=False, sharding=data_sharding, seed=0)
+                    if splits.records["valid"] else None)
+    if valid_loader is not None and step < total_steps:
         warm_up_eval(eval_step, {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]},
-                     splits.records["valid"], config, data_sharding)
+                     valid_loader)
     ckpt_every = config.checkpoint.every_steps or steps_per_epoch
     t_start, images_seen, t_window, n_window = time.time(), 0, time.time(), 0
     last_saved = ckpts.latest_step()
@@ -361,7 +372,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
             if step % config.train.log_every == 0 or step == total_steps:
-                ckpts.poll()  # a finished checkpoint write: surface its error now and give its freed memory back
+                ckpts.poll()  # a finished checkpoint write: surface its error now
+                # Free heap back to the OS at every log step, not only after checkpoints: the step's
+                # temporaries and the loader threads leave free holes in glibc's per-thread arenas,
+                # which otherwise stay resident in bursts of 50-100 MB at arbitrary steps
+                # (tools/soak.py). Costs milliseconds per log step.
+                release_free_heap()
                 now = time.time()
                 ips = n_window / max(now - t_window, 1e-9)
                 eta = (total_steps - step) * config.train.batch_size / max(ips, 1e-9)
@@ -375,7 +391,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0 or step == total_steps:
                 variables = {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}
-                res = evaluate(eval_step, variables, splits.records["valid"], config, data_sharding)
+                res = evaluate(eval_step, variables, splits.records["valid"], config, data_sharding, valid_loader)
                 release_free_heap()  # evaluation's buffers are freed by now
                 rep = res["report"]
                 kappa = rep["overall"]["study"]["kappa"]["value"]
@@ -406,9 +422,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
         for split in ("valid", config.eval.test_split):
             if split and splits.records.get(split):
-                rep = evaluate(eval_step, bv, splits.records[split], config, data_sharding)["report"]
+                rep = evaluate(eval_step, bv, splits.records[split], config, data_sharding,
+                               valid_loader if split == "valid" else None)["report"]
                 result[split] = rep
                 _log(f"\n{split} (best checkpoint, step {best['step']}):\n{summary_table(rep)}")
+                if split == "valid":
+                    _log(f"valid's study-level Youden threshold: {rep['youden_threshold']:.4f} "
+                         "(a decision threshold chosen on valid, e.g. for mskjax.segment --threshold)")
+    if valid_loader is not None:
+        valid_loader.close()
     if distributed.is_main_process():
         (workdir / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
     _log(f"total time {_fmt_time(time.time() - t_start)}; results in {workdir / 'results.json'}")

@@ -265,3 +265,18 @@ def test_report_single_class_body_part_gives_nan_not_error():
     assert np.isnan(rep2["by_body_part"]["WRIST"]["study"]["auroc"]["value"])
     assert np.isnan(rep2["by_body_part"]["WRIST"]["study"]["specificity"]["value"])
     assert np.isnan(rep2["by_body_part"]["WRIST"]["study"]["auroc"]["ci_low"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_youden_threshold_matches_sklearn_roc_curve(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + 0.8 * y, 1)  # ties included
+    fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
+    j = tpr - fpr
+    expected = thr[int(np.argmax(j))]  # sklearn's thresholds decrease: the first max is the highest t
+    t = M.youden_threshold(y, s)
+    assert t == expected
+    pred = s >= t
+    assert np.isclose(pred[y == 1].mean() - pred[y == 0].mean(), j.max(), atol=1e-12)
+    assert np.isnan(M.youden_threshold(np.ones(5), np.arange(5.0)))

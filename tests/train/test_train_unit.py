@@ -111,3 +111,44 @@ def test_every_shipped_config_validates(name):
     spec.loader.exec_module(module)
     c = module.get_config()
     (validate_sam if c.get("kind") == "sam" else validate)(c, num_devices=1)
+
+
+def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatch):
+    """A validation loader passed to `evaluate` is rewound each pass: the same probabilities
+    every pass, every record exactly once, and its images decoded only on the first pass."""
+    from PIL import Image
+
+    from mskjax.data import loader as loader_mod
+    from mskjax.data.records import Record
+
+    rng = np.random.RandomState(0)
+    records = []
+    for i in range(7):  # 7 records, batch 4: the last batch is padded
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray((rng.rand(40, 48) * 255).astype(np.uint8)).save(path)
+        records.append(Record(path=str(path), label=(i // 2) % 2, study=f"s{i // 2}", patient=f"p{i // 2}",
+                              body_part="XR_HAND", view=i % 2, split="valid"))
+    decodes = []
+    real_decode = loader_mod.decode_image
+    monkeypatch.setattr(loader_mod, "decode_image", lambda p: decodes.append(p) or real_decode(p))
+
+    c = base_config()
+    c.data.image_size, c.eval.batch_size, c.eval.bootstrap = 32, 4, 0
+    model = create("resnet18", num_classes=1)
+    variables = train.init_variables(model, c, jax.random.PRNGKey(0))
+    eval_step = jax.jit(train.make_eval_step(model, c, train.normalization(c)))
+    loader = train.make_loader(records, c, train=False, sharding=None, seed=0)
+    try:
+        train.warm_up_eval(eval_step, variables, loader)
+        first = train.evaluate(eval_step, variables, records, c, None, loader)
+        n_first = len(decodes)
+        second = train.evaluate(eval_step, variables, records, c, None, loader)
+        n_second = len(decodes)
+    finally:
+        loader.close()
+    fresh = train.evaluate(eval_step, variables, records, c, None)
+    assert sorted(set(decodes)) == sorted(r.path for r in records)
+    assert n_first == n_second == len(records)  # the second pass decoded nothing
+    assert np.isfinite(first["probs"]).all()
+    np.testing.assert_array_equal(first["probs"], second["probs"])
+    np.testing.assert_allclose(first["probs"], fresh["probs"], rtol=0, atol=1e-6)
