@@ -475,7 +475,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
             if step % config.train.log_every == 0 or step == total_steps:
-                ckpts.poll()  # a finished checkpoint write: surface its error now and give its freed memory back
+                ckpts.poll()  # a finished checkpoint write: surface its error now
+                release_free_heap()  # free heap back to the OS each log step, as mskjax.train does
                 now = time.time()
                 ips = n_window / max(now - t_window, 1e-9)
                 eta = (total_steps - step) * bs / max(ips, 1e-9)
