@@ -5,13 +5,13 @@ abnormal images of a labelled dataset, with thresholds chosen on one split and r
         --tune valid --report test --out runs/loc_synthetic [--methods all|grad_cam,eigen_cam,...] \
         [--layer NAME] [--score-cam-limit 32] [--score-cam-channels N] [--faithfulness-limit 32] \
         [--faithfulness-steps 20] [--pointing-tolerance 0,15] [--box-fraction 0.5] [--limit N] [--batch 16]
-    python -m mskjax.localize --classifier runs/fracatlas/best --dataset fracatlas:../shared/data/fracatlas \
-        --tune train --report valid --out runs/loc_fracatlas
+    python -m mskjax.localize --classifier runs/fracatlas_r18/best --dataset fracatlas:../shared/data/fracatlas \
+        --tune tune --report valid --out runs/loc_fracatlas
 
-FracAtlas here has only train and valid (the official test split is kept apart), and a FracAtlas
-classifier is trained on train (its own validation images carved from it), so `--tune train
---report valid` chooses thresholds on images the classifier saw in training: allowed (no label of
-the reported split is used), but say so when quoting the numbers.
+FracAtlas and MURA have official train and valid splits only. `tune` is the validation split that
+`mskjax.train` carves from train (default `data.valid_fraction`, seed 0): images the classifier
+did not train on, so thresholds chosen there are honest; `valid` (the official one, the trainer's
+"test") is then reported. `--tune train` also works but chooses thresholds on training images.
 
 Writes OUT/localization.json (every number, the thresholds, counts, unreadable inputs, settings)
 and OUT/localization.md (one markdown table per split: method x metric), and prints the tables.

@@ -39,6 +39,9 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 DEFAULT_SPLITS = {"synthetic": "test", "mura": "valid", "fracatlas": "valid"}
+# mura:DIR:tune / fracatlas:DIR:tune: the validation split mskjax.train carves from the official
+# train split (default data.valid_fraction and seed 0), which its classifier never trains on.
+TUNE_SPLIT = "tune"
 
 
 class InputError(ValueError):
@@ -81,7 +84,16 @@ def items_from_dataset(spec: str):
     """(items, reader_skips [(where, reason)], description) for a dataset spec."""
     from mskjax.pipeline import Item
     kind, root, split = parse_dataset(spec)
-    if kind in ("mura", "synthetic"):
+    if split == TUNE_SPLIT and kind in ("mura", "fracatlas"):
+        # The validation split mskjax.train carves from train (its default valid_fraction and seed):
+        # images the classifier did not train on, for choosing thresholds.
+        from mskjax.config_base import base_config
+        from mskjax.datasets import load_splits
+        data = base_config().data
+        data.dataset, data.root = kind, root
+        splits = load_splits(data, seed=0)
+        records, report = splits.records["valid"], [s for _, s in splits.skipped]
+    elif kind in ("mura", "synthetic"):
         from mskjax.data.mura import read_mura
         records, report = read_mura(root, split)
     else:

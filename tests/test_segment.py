@@ -183,3 +183,17 @@ def test_demo_summary_reads_the_segment_metrics(tmp_path):
         "segmentation": {"dice_gt_boxes": {"mean": 0.7, "n": 4}, "dice_cam_boxes": {"mean": None, "n": 0}}}))
     text = demo.summary(tmp_path)
     assert "0.9700" in text and "0.8100" in text and "0.7000" in text and "n/a" in text
+
+
+def test_fracatlas_tune_split_is_the_trainers_carved_valid(shared_data):
+    """fracatlas:DIR:tune names exactly the images mskjax.train validates on (never trained on)."""
+    from mskjax.config_base import base_config
+    from mskjax.datasets import load_splits
+    root = str(shared_data / "fracatlas")
+    items, _, desc = segment.items_from_dataset(f"fracatlas:{root}:tune")
+    data = base_config().data
+    data.dataset, data.root = "fracatlas", root
+    splits = load_splits(data, seed=0)
+    assert [i.path for i in items] == [r.path for r in splits.records["valid"]]
+    assert not {i.path for i in items} & {r.path for r in splits.records["train"]}
+    assert "'tune'" in desc and 0 < len(items) < len(splits.records["train"])
