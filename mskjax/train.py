@@ -373,10 +373,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                     f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
             if step % config.train.log_every == 0 or step == total_steps:
                 ckpts.poll()  # a finished checkpoint write: surface its error now
-                # Free heap back to the OS at every log step, not only after checkpoints: the step's
-                # temporaries and the loader threads leave free holes in glibc's per-thread arenas,
-                # which otherwise stay resident in bursts of 50-100 MB at arbitrary steps
-                # (tools/soak.py). Costs milliseconds per log step.
+                # Free heap back to the OS at every log step, not only after checkpoints: what the
+                # steps' temporaries and the loader threads free stays in glibc's per-thread arenas,
+                # and without this the soak's resident memory wandered by tens of MB between
+                # checkpoints (tools/soak.py). Costs milliseconds per log step.
                 release_free_heap()
                 now = time.time()
                 ips = n_window / max(now - t_window, 1e-9)
@@ -408,6 +408,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             if step % ckpt_every == 0 or step == total_steps:
                 ckpts.save(step, state, {"loader": loader.state(), "best": best})
                 last_saved = step
+    except BaseException:
+        if valid_loader is not None:
+            valid_loader.close()
+        raise
     finally:
         ckpts.close()
         if log_file:
