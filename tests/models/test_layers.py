@@ -24,7 +24,8 @@ def test_symmetric_padding_is_torch_style():
         conv_padding(16, 3, 1, 1, "valid")
 
 
-@pytest.mark.parametrize("k,s,mode", [(3, 1, "symmetric"), (3, 2, "symmetric"), (5, 2, "same"), (5, 1, "same")])
+@pytest.mark.parametrize("k,s,mode", [(3, 1, "symmetric"), (3, 2, "symmetric"), (5, 2, "same"), (5, 1, "same"),
+                                      (5, 2, "symmetric"), (3, 2, "same")])
 def test_depthwise_shifted_equals_grouped(k, s, mode):
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(2, 13, 12, 8), jnp.float32)
@@ -34,9 +35,13 @@ def test_depthwise_shifted_equals_grouped(k, s, mode):
     b = depthwise_conv(x, w, s, pads, "shifted")
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=1e-5)
-    ga = jax.grad(lambda x: jnp.sum(depthwise_conv(x, w, s, pads, "grouped") ** 2))(x)
-    gb = jax.grad(lambda x: jnp.sum(depthwise_conv(x, w, s, pads, "shifted") ** 2))(x)
-    np.testing.assert_allclose(ga, gb, atol=1e-4)
+    # Gradients with respect to input and kernel: the shifted form's own VJP against autodiff of
+    # the grouped convolution (a random cotangent, so no gradient entry is trivially zero).
+    cot = jnp.asarray(rng.randn(*a.shape), jnp.float32)
+    ga = jax.grad(lambda x, w: jnp.sum(depthwise_conv(x, w, s, pads, "grouped") * cot), argnums=(0, 1))(x, w)
+    gb = jax.grad(lambda x, w: jnp.sum(depthwise_conv(x, w, s, pads, "shifted") * cot), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(ga[0], gb[0], atol=1e-4)
+    np.testing.assert_allclose(ga[1], gb[1], rtol=1e-5, atol=1e-4)
 
 
 def test_batchnorm_train_updates_with_unbiased_variance():
