@@ -14,6 +14,9 @@ What is measured, per (model @ size, batch):
          pytorch_grad_cam.GradCAM (skipped, and said so, when either is missing)
   --keras  also Keras 3 on the JAX backend (keras.applications, random weights) for eval and
          train: predict_on_batch / train_on_batch, the paths a Keras user times
+  pipeline  images -> masks: mskjax.pipeline's jitted step (classifier, Grad-CAM, peak box, SAM
+         vit_b at --sam-size) with its host preparation vs torchvision + pytorch_grad_cam +
+         segment_anything's SamPredictor composed as the report ran them (--pipeline-model)
   sam    SAM vit_b encoder ms/image and mask decoder ms/box (B=1 image, --sam-boxes box prompts,
          multimask) vs segment_anything built at the same --sam-size (random weights both sides)
 Each JAX figure separates compile time (lower + compile, once; with the persistent compilation
@@ -481,6 +484,121 @@ def torch_sam_worker(job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The whole pipeline: classify -> Grad-CAM -> peak box -> SAM mask, images to masks
+# ----------------------------------------------------------------------------------------------
+
+PIPELINE_ORIGINAL_SIDE = 512  # the radiographs fed in (FracAtlas' are ~512 px tall)
+
+
+def _pipeline_images(batch: int):
+    import numpy as np
+    rng = np.random.RandomState(7)
+    return [rng.rand(PIPELINE_ORIGINAL_SIDE, PIPELINE_ORIGINAL_SIDE).astype(np.float32) for _ in range(batch)]
+
+
+def jax_pipeline_worker(job: dict) -> dict:
+    """mskjax.pipeline.Pipeline (one jitted step per batch) with random weights: host preparation
+    (classifier and SAM inputs) + the step (probability, Grad-CAM, peak box, SAM vit_b mask);
+    threshold 0 so that every image gets its mask, as the reference's loop does."""
+    jax = _jax_setup(job.get("cache_dir"))
+    import jax.numpy as jnp
+
+    from mskjax.data.preprocess import IMAGENET_NORMALIZATION
+    from mskjax.models import create
+    from mskjax.models.sam.sam import build_sam, init_sam_variables
+    from mskjax.pipeline import Pipeline, PipelineConfig
+    arch, size, batch, sam_size = job["arch"], job["size"], job["batch"], job["sam_size"]
+    model = create(arch, num_classes=1)
+    cvars = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+    meta = {"in_channels": 3, "input_size": size, "data": {"image_size": size, "mode": "resize"},
+            "normalization": {"input_range": [0.0, 1.0], **{k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}}}
+    sam = build_sam("vit_b", img_size=sam_size)
+    svars = init_sam_variables(sam, jax.random.PRNGKey(1))
+    pipe = Pipeline(model, cvars, meta, sam, svars, {}, PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.0))
+    images = _pipeline_images(batch)
+
+    def fn():
+        return pipe.step(pipe.prepare(images, batch))
+
+    with RssPeak() as mem:
+        t = time.perf_counter()
+        fn()
+        first_s = time.perf_counter() - t
+        for _ in range(job["warmup"]):
+            fn()
+        times = timed(fn, job["repeats"])
+    r = {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
+         "rss_peak_delta_mib": mem.delta_mib, "items_per_s": batch / statistics.median(times)}
+    _emit(f"pipeline@{batch}", r)
+    return {"cells": {f"pipeline@{batch}": r}, "jax": jax.__version__}
+
+
+def torch_pipeline_worker(job: dict) -> dict:
+    """The same composition with the PyTorch stack, as the report ran it: a torchvision classifier on
+    the resized, ImageNet-normalised batch, pytorch_grad_cam.GradCAM of its logit, the 50 px @ 224
+    peak box mapped to the original image, then segment_anything's SamPredictor per image
+    (set_image + predict with that box, single mask)."""
+    torch, gpu = _torch_setup(job["threads"])
+    from functools import partial
+
+    import numpy as np
+    import torchvision
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from segment_anything import SamPredictor
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    dev = "cuda" if gpu else "cpu"
+    arch, size, batch, sam_size = job["arch"], job["size"], job["batch"], job["sam_size"]
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=1).to(dev).eval()
+    layer = model.layer4[-1] if arch.startswith("resnet") else model.features[-1]
+    cam = GradCAM(model=model, target_layers=[layer])
+    e = sam_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(depth=12, embed_dim=768, img_size=sam_size, mlp_ratio=4,
+                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12,
+                                      patch_size=16, qkv_bias=True, use_rel_pos=True,
+                                      global_attn_indexes=(2, 5, 8, 11), window_size=14, out_chans=256),
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(e, e), input_image_size=(sam_size, sam_size),
+                                     mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                                 transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+    ).to(dev).eval()
+    predictor = SamPredictor(sam)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+    images = _pipeline_images(batch)
+    half = 0.5 * 50.0 * size / 224.0
+
+    def fn():
+        x = torch.from_numpy(np.stack(images)[:, None]).to(dev)
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).repeat(1, 3, 1, 1)
+        x = (x - mean) / std
+        with torch.no_grad():
+            probs = torch.sigmoid(model(x))[:, 0].cpu().numpy()
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * batch)
+        masks = []
+        for im, m in zip(images, maps):
+            yy, xx = np.unravel_index(int(np.argmax(m)), m.shape)
+            h0, w0 = im.shape
+            sx, sy = w0 / size, h0 / size
+            box = np.array([max(0.0, (xx + 0.5 - half) * sx), max(0.0, (yy + 0.5 - half) * sy),
+                            min(w0, (xx + 0.5 + half) * sx), min(h0, (yy + 0.5 + half) * sy)])
+            predictor.set_image(np.repeat((im * 255).astype(np.uint8)[..., None], 3, -1))
+            mk, _, _ = predictor.predict(box=box, multimask_output=False)
+            masks.append(mk)
+        return probs, masks
+
+    r = _torch_measure(torch, gpu, fn, job["repeats"], job["warmup"])
+    r["items_per_s"] = batch / r["step_s"]
+    _emit(f"pipeline@{batch}", r)
+    cam.__exit__(None, None, None)
+    return {"cells": {f"pipeline@{batch}": r}, "torch": torch.__version__}
+
+
+# ----------------------------------------------------------------------------------------------
 # CPU-gap sweep: XLA compiler options, layouts and dtypes on ResNet50's convolutions
 # ----------------------------------------------------------------------------------------------
 
@@ -833,7 +951,7 @@ def keras_classifier_worker(job: dict) -> dict:
 
 
 WORKERS = {"jax": jax_classifier_worker, "keras": keras_classifier_worker, "torch": torch_classifier_worker,
-           "jax_sam": jax_sam_worker,
+           "jax_sam": jax_sam_worker, "jax_pipeline": jax_pipeline_worker, "torch_pipeline": torch_pipeline_worker,
            "torch_sam": torch_sam_worker, "gap": gap_worker, "gap_torch": gap_torch_worker}
 
 
@@ -893,7 +1011,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@size (size: native if left out)")
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    p.add_argument("--modes", default="eval,train,cam,sam", help="some of eval,train,cam,sam")
+    p.add_argument("--modes", default="eval,train,cam,sam", help="some of eval,train,cam,sam,pipeline")
+    p.add_argument("--pipeline-model", default="resnet50@224",
+                   help="classifier of the pipeline mode (SAM vit_b at --sam-size; batch: the smallest --batches)")
     p.add_argument("--cam-batch", type=int, default=None, help="Grad-CAM batch (default: the smallest --batches)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
@@ -931,9 +1051,9 @@ def parse_args(argv=None):
     args.model_list = parse_models(args.models)
     args.batch_list = sorted({int(b) for b in args.batches.split(",") if b.strip()})
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = set(args.mode_list) - {"eval", "train", "cam", "sam"}
+    bad = set(args.mode_list) - {"eval", "train", "cam", "sam", "pipeline"}
     if bad:
-        p.error(f"unknown mode(s) {sorted(bad)}: expected some of eval, train, cam, sam")
+        p.error(f"unknown mode(s) {sorted(bad)}: expected some of eval, train, cam, sam, pipeline")
     if args.sam_size % 16:
         p.error("--sam-size must be a multiple of 16")
     return args
@@ -1013,6 +1133,8 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")
         + ("---|---|" if keras_cols else ""),
     ]
+    if not results["classifiers"]:
+        del lines[-2:]  # no classifier cells (e.g. --modes sam,pipeline): no empty table
     for r in build_rows(results):
         if r["error"] and r["jax_per_s"] is None:
             lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | error: {r['error'][:80]} |")
@@ -1049,6 +1171,20 @@ def markdown(results: dict) -> str:
         for side in ("jax", "torch"):
             if "error" in sam.get(side, {}):
                 lines.append(f"{side} SAM: {sam[side]['error']}")
+    pl = results.get("pipeline")
+    if pl:
+        key = f"pipeline@{pl['batch']}"
+        j, t = pl["jax"].get("cells", {}).get(key, {}), pl.get("torch", {}).get("cells", {}).get(key, {})
+        lines += ["", f"Whole pipeline, {pl['arch']}@{pl['size']} -> Grad-CAM -> peak box -> SAM vit_b at "
+                  f"{pl['sam_size']} px, batch {pl['batch']} of {PIPELINE_ORIGINAL_SIDE} px images, host "
+                  "preprocessing included (random weights; torch: torchvision + pytorch_grad_cam + "
+                  "SamPredictor per image)", "",
+                  "| | JAX img/s | torch img/s | ratio | JAX first call s |", "|---|---|---|---|---|",
+                  f"| pipeline | {_f(j.get('items_per_s'))} | {_f(t.get('items_per_s'))} "
+                  f"| {_f(_ratio(j.get('items_per_s'), t.get('items_per_s')))} | {_f(j.get('first_call_s'), '{:.1f}')} |"]
+        for side in ("jax", "torch"):
+            if "error" in pl.get(side, {}):
+                lines.append(f"{side} pipeline: {pl[side]['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -1158,6 +1294,13 @@ def main(argv=None) -> dict:
             results["sam"] = {"size": args.sam_size, "boxes": args.sam_boxes, "jax": run_worker("jax_sam", job, deadline)}
             if not args.no_torch:
                 results["sam"]["torch"] = run_worker("torch_sam", job, deadline)
+        if "pipeline" in args.mode_list:
+            (arch, size), = parse_models(args.pipeline_model)
+            job = {**base, "arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": args.sam_size}
+            results["pipeline"] = {"arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": args.sam_size,
+                                   "jax": run_worker("jax_pipeline", job, deadline)}
+            if not args.no_torch:
+                results["pipeline"]["torch"] = run_worker("torch_pipeline", job, deadline)
         results["machine"]["load_average_after"] = load_average()
         results["rows"] = build_rows(results)
         table = markdown(results)
