@@ -169,7 +169,7 @@ def _shifted_depthwise_bwd(stride, pads, res, g):
                                (kw - 1, wp - ((out_w - 1) * stride + 1), stride - 1),
                                (0, 0, 0)))
     dxp = _shifted_sum(gd, kernel[::-1, ::-1], 1, hp, wp)
-    dx = jax.lax.slice(dxp, (0, pt, pl, 0), (b, pt + h, pl + w, c))
+    dx = jax.lax.slice(dxp, (0, pt, pl, 0), (b, pt + h, pl + w, c)).astype(x.dtype)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
 
