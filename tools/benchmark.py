@@ -124,6 +124,20 @@ def _emit(key: str, cell: dict) -> None:
     print("@@cell " + json.dumps({"key": key, "cell": cell}, default=str), flush=True)
 
 
+def measure_calls(call, repeats: int, warmup: int) -> dict:
+    """First call (timed), `warmup` untimed calls, then `repeats` timed calls, inside RssPeak:
+    {"first_call_s", "step_s" (median), "step_all_s", "rss_peak_delta_mib"}."""
+    with RssPeak() as mem:
+        t = time.perf_counter()
+        call()
+        first_s = time.perf_counter() - t
+        for _ in range(warmup):
+            call()
+        times = timed(call, repeats)
+    return {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
+            "rss_peak_delta_mib": mem.delta_mib}
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -218,17 +232,9 @@ def _jax_measure(jax, fn, args, repeats: int, warmup: int, cache_dir, compiler_o
             state["args"] = rebind(out, state["args"])
         return out
 
-    with RssPeak() as mem:
-        t = time.perf_counter()
-        call()
-        first_s = time.perf_counter() - t
-        for _ in range(warmup):
-            call()
-        times = timed(call, repeats)
-    return {"compile_s": compile_s, "first_call_s": first_s, "step_s": statistics.median(times),
-            "step_all_s": times, "flops": _cost_flops(compiled), "cache": cache,
-            "rss_peak_delta_mib": mem.delta_mib, "xla_footprint_mib": _memory_footprint_mib(compiled),
-            "device_peak_mib": _device_peak_mib(jax)}
+    r = measure_calls(call, repeats, warmup)
+    return {"compile_s": compile_s, **r, "flops": _cost_flops(compiled), "cache": cache,
+            "xla_footprint_mib": _memory_footprint_mib(compiled), "device_peak_mib": _device_peak_mib(jax)}
 
 
 def jax_classifier_worker(job: dict) -> dict:
@@ -348,15 +354,7 @@ def _torch_measure(torch, gpu: bool, fn, repeats: int, warmup: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with RssPeak() as mem:
-        t = time.perf_counter()
-        call()
-        first_s = time.perf_counter() - t
-        for _ in range(warmup):
-            call()
-        times = timed(call, repeats)
-    r = {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
-         "rss_peak_delta_mib": mem.delta_mib}
+    r = measure_calls(call, repeats, warmup)
     if gpu:
         r["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
         r["device_peak_delta_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
@@ -431,22 +429,13 @@ def torch_classifier_worker(job: dict) -> dict:
             "channels_last": bool(job.get("channels_last")), "autocast_bf16": amp}
 
 
-def torch_sam_worker(job: dict) -> dict:
-    torch, gpu = _torch_setup(job["threads"])
-    import numpy as np
+def _torch_sam_vit_b(torch, size: int, dev: str):
+    """segment_anything's vit_b (as build_sam_vit_b wires it) at input side `size`, random weights, eval mode."""
     from functools import partial
-    try:
-        from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                               TwoWayTransformer)
-    except ImportError as e:
-        return {"skipped": f"segment_anything not importable ({e}): SAM's PyTorch side not measured"}
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default f32 matmul precision on GPU
-    dev = "cuda" if gpu else "cpu"
-    size, nbox = job["sam_size"], job["sam_boxes"]
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
     e = size // 16
-    torch.manual_seed(0)
-    sam = Sam(
+    return Sam(
         image_encoder=ImageEncoderViT(depth=12, embed_dim=768, img_size=size, mlp_ratio=4,
                                       norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12,
                                       patch_size=16, qkv_bias=True, use_rel_pos=True,
@@ -457,6 +446,21 @@ def torch_sam_worker(job: dict) -> dict:
                                  transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
                                  transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
     ).to(dev).eval()
+
+
+def torch_sam_worker(job: dict) -> dict:
+    torch, gpu = _torch_setup(job["threads"])
+    import numpy as np
+    try:
+        import segment_anything.modeling  # noqa: F401 - _torch_sam_vit_b builds from it
+    except ImportError as e:
+        return {"skipped": f"segment_anything not importable ({e}): SAM's PyTorch side not measured"}
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's default f32 matmul precision on GPU
+    dev = "cuda" if gpu else "cpu"
+    size, nbox = job["sam_size"], job["sam_boxes"]
+    torch.manual_seed(0)
+    sam = _torch_sam_vit_b(torch, size, dev)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randn(1, 3, size, size).astype(np.float32)).to(dev)
     xy = rng.uniform(0, size / 2, (nbox, 2)).astype(np.float32)
@@ -520,15 +524,8 @@ def jax_pipeline_worker(job: dict) -> dict:
     def fn():
         return pipe.step(pipe.prepare(images, batch))
 
-    with RssPeak() as mem:
-        t = time.perf_counter()
-        fn()
-        first_s = time.perf_counter() - t
-        for _ in range(job["warmup"]):
-            fn()
-        times = timed(fn, job["repeats"])
-    r = {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
-         "rss_peak_delta_mib": mem.delta_mib, "items_per_s": batch / statistics.median(times)}
+    r = measure_calls(fn, job["repeats"], job["warmup"])
+    r["items_per_s"] = batch / r["step_s"]
     _emit(f"pipeline@{batch}", r)
     return {"cells": {f"pipeline@{batch}": r}, "jax": jax.__version__}
 
@@ -539,32 +536,18 @@ def torch_pipeline_worker(job: dict) -> dict:
     peak box mapped to the original image, then segment_anything's SamPredictor per image
     (set_image + predict with that box, single mask)."""
     torch, gpu = _torch_setup(job["threads"])
-    from functools import partial
-
     import numpy as np
     import torchvision
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from segment_anything import SamPredictor
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
     dev = "cuda" if gpu else "cpu"
     arch, size, batch, sam_size = job["arch"], job["size"], job["batch"], job["sam_size"]
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=1).to(dev).eval()
     layer = model.layer4[-1] if arch.startswith("resnet") else model.features[-1]
     cam = GradCAM(model=model, target_layers=[layer])
-    e = sam_size // 16
-    sam = Sam(
-        image_encoder=ImageEncoderViT(depth=12, embed_dim=768, img_size=sam_size, mlp_ratio=4,
-                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=12,
-                                      patch_size=16, qkv_bias=True, use_rel_pos=True,
-                                      global_attn_indexes=(2, 5, 8, 11), window_size=14, out_chans=256),
-        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(e, e), input_image_size=(sam_size, sam_size),
-                                     mask_in_chans=16),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-                                 transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
-    ).to(dev).eval()
+    sam = _torch_sam_vit_b(torch, sam_size, dev)
     predictor = SamPredictor(sam)
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
@@ -931,15 +914,8 @@ def keras_classifier_worker(job: dict) -> dict:
                 continue
             try:
                 fn = (lambda: model.predict_on_batch(x)) if mode == "eval" else (lambda: model.train_on_batch(x, y))
-                with RssPeak() as mem:
-                    t = time.perf_counter()
-                    fn()
-                    first_s = time.perf_counter() - t
-                    for _ in range(job["warmup"]):
-                        fn()
-                    times = timed(fn, job["repeats"])
-                r = {"first_call_s": first_s, "step_s": statistics.median(times), "step_all_s": times,
-                     "rss_peak_delta_mib": mem.delta_mib, "items_per_s": batch / statistics.median(times)}
+                r = measure_calls(fn, job["repeats"], job["warmup"])
+                r["items_per_s"] = batch / r["step_s"]
             except Exception as e:  # noqa: BLE001
                 r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
             results[key] = r
