@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_studies = 700  # generated when data.root has no dataset
     c.data.synthetic_seed = 0
     c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
+    c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (synthetic_lesions.CONSPICUITY)
     c.data.workers = 2
     c.data.cache = True
     c.data.augment = True
@@ -81,7 +82,7 @@ class ConfigError(ValueError):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE
+    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
     from mskjax.models import ARCHITECTURES
 
     def need(ok: bool, field: str, msg: str):
@@ -99,6 +100,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     lo, hi = ABNORMALITY_SCALE_RANGE
     need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
+    need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
+         f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

@@ -33,6 +33,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_studies = 700  # generated when data.root has no dataset
     c.data.synthetic_seed = 0
     c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
+    c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (synthetic_lesions.CONSPICUITY)
     # Prompts (lesions) decoded per image in one example; an image with more lesions becomes
     # several examples. Padding prompts are masked out of the loss.
     c.data.max_prompts = 2
@@ -80,7 +81,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
 
 def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first field whose value cannot work."""
-    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE
+    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
     from mskjax.models.sam import ARCHS
 
     def need(ok: bool, field: str, msg: str):
@@ -95,6 +96,8 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     lo, hi = ABNORMALITY_SCALE_RANGE
     need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
+    need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
+         f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

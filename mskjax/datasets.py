@@ -29,7 +29,8 @@ def load_splits(data_config, seed: int = 0) -> Splits:
     if name == "synthetic":
         from mskjax.data.mura import read_mura
         ensure_synthetic(root, data_config.synthetic_studies, data_config.synthetic_seed,
-                         data_config.synthetic_abnormality_scale)
+                         data_config.synthetic_abnormality_scale,
+                         data_config.get("synthetic_conspicuity", "realistic"))
         records = {}
         for split in ("train", "valid", "test"):
             recs, report = read_mura(root, split, body_parts=parts)
@@ -57,7 +58,8 @@ def load_splits(data_config, seed: int = 0) -> Splits:
     raise ValueError(f"config.data.dataset: unknown dataset {name!r}")
 
 
-def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: float = 1.0) -> None:
+def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: float = 1.0,
+                     conspicuity: str = "realistic") -> None:
     """Generates the synthetic dataset at `root` unless one with these settings is there.
 
     Runs the generator in a fresh process: it forks worker processes, which is unsafe in a
@@ -67,7 +69,8 @@ def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: flo
     if not (root / "synthetic.json").is_file():
         print(f"generating synthetic radiographs in {root} ({studies} studies, seed {seed}) ...", flush=True)
     out = subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(root), "--studies",
-                          str(studies), "--seed", str(seed), "--abnormality-scale", repr(float(abnormality_scale))], capture_output=True, text=True)
+                          str(studies), "--seed", str(seed), "--abnormality-scale", repr(float(abnormality_scale)),
+                          "--conspicuity", str(conspicuity)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"synthetic data generation into {root} failed:\n{out.stderr[-2000:]}")
 

@@ -352,6 +352,39 @@ def classification_report(probs, labels, study_ids, body_parts=None, threshold: 
     return report
 
 
+def auroc_by_type(probs, labels, study_ids, types) -> dict:
+    """AUROC of each abnormality type against the normal cases, at image and study level.
+
+    types: (N,) per image, an iterable of the abnormality types it shows (e.g. a record's
+    box_types; empty for normal images). An abnormal study belongs to every type any of its images
+    shows. For type T, the positives are the abnormal images (studies) showing T and the negatives
+    all normal images (studies); abnormal cases of other types are left out. Study probabilities
+    are the mean of the study's images (the MURA protocol), as in classification_report.
+
+    Returns {T: {"n_images", "image_auroc", "n_studies", "study_auroc"}} for the types present,
+    sorted; n_* count T's abnormal cases; an AUROC is nan where there are no normal cases.
+    """
+    agg = study_aggregate(probs, study_ids, labels)
+    y_img = _binary_labels(labels)
+    p_img = _scores(probs, len(y_img))
+    types = [frozenset(t) for t in types]
+    if len(types) != len(y_img):
+        raise ValueError(f"types has {len(types)} entries for {len(y_img)} images")
+    study_types = [set() for _ in agg.study_ids]
+    for i, t in enumerate(types):
+        study_types[agg.image_study[i]] |= t
+    def score(y, p):
+        return auroc(y, p) if 0 < y.sum() < len(y) else float("nan")
+
+    out = {}
+    for name in sorted(set().union(*types)):
+        img = np.array([y == 0 or name in t for y, t in zip(y_img, types)], bool)
+        st = np.array([y == 0 or name in t for y, t in zip(agg.labels, study_types)], bool)
+        out[str(name)] = {"n_images": int(y_img[img].sum()), "image_auroc": score(y_img[img], p_img[img]),
+                          "n_studies": int(agg.labels[st].sum()), "study_auroc": score(agg.labels[st], agg.probs[st])}
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Localisation and segmentation
 # --------------------------------------------------------------------------------------------

@@ -246,6 +246,10 @@ def evaluate(eval_step, variables, records, config, sharding, loader=None) -> di
         probs[keep], np.array([records[i].label for i in keep]), np.array([records[i].study for i in keep]),
         np.array([records[i].body_part for i in keep]), threshold=config.eval.threshold,
         n_bootstrap=config.eval.bootstrap, seed=config.seed)
+    if any(records[i].box_types for i in keep):  # datasets with typed ground truth (synthetic, FracAtlas)
+        report["by_abnormality_type"] = metrics.auroc_by_type(
+            probs[keep], np.array([records[i].label for i in keep]), np.array([records[i].study for i in keep]),
+            [records[i].box_types for i in keep])
     report["skipped"] = [f"{p}: {r}" for p, r in skipped]
     report["n_unreadable"] = int((~seen).sum())
     return {"report": report, "probs": probs}
@@ -270,6 +274,9 @@ def summary_table(report: dict) -> str:
         lines.append(f"{name:<14}{g['n_images']:>7}{g['n_studies']:>8}{i['auroc']['value']:>10.4f}"
                      f"{s['auroc']['value']:>9.4f}{s['kappa']['value']:>7.3f}{s['accuracy']['value']:>7.3f}"
                      f"{s['sensitivity']['value']:>7.3f}{s['specificity']['value']:>7.3f}")
+    for name, t in report.get("by_abnormality_type", {}).items():
+        lines.append(f"{name + ' v normal':<21}{t['n_studies']:>8}{t['image_auroc']:>10.4f}{t['study_auroc']:>9.4f}"
+                     f"   ({t['n_images']} abnormal images)")
     return "\n".join(lines)
 
 

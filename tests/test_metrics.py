@@ -280,3 +280,35 @@ def test_youden_threshold_matches_sklearn_roc_curve(seed):
     pred = s >= t
     assert np.isclose(pred[y == 1].mean() - pred[y == 0].mean(), j.max(), atol=1e-12)
     assert np.isnan(M.youden_threshold(np.ones(5), np.arange(5.0)))
+
+
+def test_auroc_by_type_matches_sklearn_on_each_type_against_normals():
+    roc_auc_score = skm.roc_auc_score
+    rng = np.random.default_rng(7)
+    studies, labels, types = [], [], []
+    for s in range(60):
+        kind = ["", "fracture", "lesion", "hardware"][s % 4]
+        for _ in range(int(rng.integers(1, 4))):
+            studies.append(f"s{s}")
+            labels.append(int(kind != ""))
+            # a study's images need not all show its abnormality (types come from each image's boxes)
+            types.append(() if not kind or rng.random() < 0.2 else (kind,))
+    labels = np.array(labels)
+    probs = np.clip(0.3 * labels + rng.uniform(0, 0.8, len(labels)), 0, 1)
+    out = M.auroc_by_type(probs, labels, studies, types)
+    assert sorted(out) == ["fracture", "hardware", "lesion"]
+    st = np.array(studies)
+    for name, r in out.items():
+        img = np.array([y == 0 or name in t for y, t in zip(labels, types)])
+        assert r["n_images"] == int(labels[img].sum())
+        assert r["image_auroc"] == pytest.approx(roc_auc_score(labels[img], probs[img]), abs=1e-12)
+        ids = sorted({s for s, t in zip(studies, types) if name in t} | {s for s, y in zip(studies, labels) if y == 0})
+        y_st = [int(labels[st == i][0]) for i in ids]
+        p_st = [probs[st == i].mean() for i in ids]
+        assert r["n_studies"] == sum(y_st)
+        assert r["study_auroc"] == pytest.approx(roc_auc_score(y_st, p_st), abs=1e-12)
+    # no normal cases: undefined, not an error
+    only = M.auroc_by_type([0.2, 0.9], [1, 1], ["a", "b"], [("lesion",), ("lesion",)])
+    assert np.isnan(only["lesion"]["image_auroc"]) and only["lesion"]["n_images"] == 2
+    with pytest.raises(ValueError, match="types"):
+        M.auroc_by_type([0.2, 0.9], [0, 1], ["a", "b"], [()])

@@ -154,7 +154,8 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
         data_cmd = stages["data"].command
         for flag, field in (("--studies", "synthetic_studies"), ("--seed", "synthetic_seed"),
-                            ("--abnormality-scale", "synthetic_abnormality_scale")):
+                            ("--abnormality-scale", "synthetic_abnormality_scale"),
+                            ("--conspicuity", "synthetic_conspicuity")):
             value = data_cmd[data_cmd.index(flag) + 1]
             assert f"--config.data.{field}={value}" in stages["sam"].command, (flag, stages["sam"].command)
         # ... and keeps about the SAM config's own step count on the larger classifier dataset

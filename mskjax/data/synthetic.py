@@ -226,12 +226,15 @@ def unit_mm(anatomy: anat.Anatomy) -> float:
 
 
 def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
-                 size_range=DEFAULT_SIZE_RANGE, abnormality_scale: float = 1.0) -> dict:
+                 size_range=DEFAULT_SIZE_RANGE, abnormality_scale: float = 1.0,
+                 conspicuity: str = "realistic") -> dict:
     """All views of one study.
 
     abnormality_scale multiplies every abnormality's dimensions (fracture gaps and displacement
     limits, lesion and hardware sizes), not the anatomy: 1.0 is the default look; larger values make
-    the task easier for a classifier trained from scratch on few images.
+    the task easier for a classifier trained from scratch on few images. conspicuity: "realistic"
+    (the default mix) or "high" (displaced fractures, deep lesions that reach the cortex: see
+    synthetic_lesions.CONSPICUITY).
 
     Returns {"images": [uint8 (H, W)], "masks": [uint8 (H, W) 0/255 or None],
     "boxes": [[{"box", "type"}] per image], "abnormalities": [descriptions]}.
@@ -246,7 +249,7 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
     abns = []
     if abnormal_type is not None:
         for _ in range(_MAX_VIEW_TRIES):  # keep abnormalities well inside the field of view
-            abns = les.draw_abnormalities(rng, abnormal_type, base, unit_mm(base), abnormality_scale)
+            abns = les.draw_abnormalities(rng, abnormal_type, base, unit_mm(base), abnormality_scale, conspicuity)
             if all(_inside_fov(les.anchor(a, base), base.fov) for a in abns):
                 break
         else:
@@ -359,8 +362,9 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 def _work(job) -> dict:
     """Render one study and write its files (runs in worker processes)."""
-    root, name, st, seed, size_range, scale = job
-    res = render_study(seed, st["index"], st["part"], st["type"] if st["label"] else None, size_range, scale)
+    root, name, st, seed, size_range, scale, conspicuity = job
+    res = render_study(seed, st["index"], st["part"], st["type"] if st["label"] else None, size_range, scale,
+                       conspicuity)
     sdir = study_dir(name, st)
     rel = sdir[len(name) + 1:]
     (Path(root) / rel).mkdir(parents=True, exist_ok=True)
@@ -380,13 +384,15 @@ def _work(job) -> dict:
 # The whole dataset
 
 
-def _config(n_studies, seed, splits, size_range, abnormal_fraction, abnormality_scale) -> dict:
+def _config(n_studies, seed, splits, size_range, abnormal_fraction, abnormality_scale, conspicuity) -> dict:
     out = {"n_studies": int(n_studies), "seed": int(seed),
             "splits": [[str(s), float(f)] for s, f in splits],
             "size_range": [int(size_range[0]), int(size_range[1])],
             "abnormal_fraction": float(abnormal_fraction)}
     if abnormality_scale != 1.0:  # absent at the default, so datasets made before the knob still match
         out["abnormality_scale"] = float(abnormality_scale)
+    if conspicuity != "realistic":  # likewise
+        out["conspicuity"] = str(conspicuity)
     return out
 
 
@@ -405,7 +411,7 @@ def _clear(root: Path, split_names) -> None:
 
 def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_range=DEFAULT_SIZE_RANGE,
              abnormal_fraction: float = 0.5, workers: int | None = None, overwrite: bool = False,
-             abnormality_scale: float = 1.0) -> dict:
+             abnormality_scale: float = 1.0, conspicuity: str = "realistic") -> dict:
     """Write a synthetic MURA-layout dataset to out_dir and return its summary (synthetic.json).
 
     If out_dir already holds a dataset made with the same arguments and generator version, nothing
@@ -420,7 +426,9 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
     s_lo, s_hi = les.ABNORMALITY_SCALE_RANGE
     if not (math.isfinite(abnormality_scale) and s_lo <= abnormality_scale <= s_hi):
         raise ValueError(f"abnormality_scale must be within [{s_lo}, {s_hi}], got {abnormality_scale!r}")
-    config = _config(n_studies, seed, splits, (lo, hi), abnormal_fraction, abnormality_scale)
+    if conspicuity not in les.CONSPICUITY:
+        raise ValueError(f"conspicuity must be one of {les.CONSPICUITY}, got {conspicuity!r}")
+    config = _config(n_studies, seed, splits, (lo, hi), abnormal_fraction, abnormality_scale, conspicuity)
     plan = plan_studies(n_studies, seed, splits, abnormal_fraction)  # validates before touching disk
     split_names = [s for s, _ in splits]
     meta = root / "synthetic.json"
@@ -443,7 +451,7 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
     root.mkdir(parents=True, exist_ok=True)
     (root / _INCOMPLETE_MARKER).write_text("generation in progress\n")
     name = root.resolve().name
-    jobs = [(str(root), name, st, int(seed), (lo, hi), float(abnormality_scale)) for st in plan]
+    jobs = [(str(root), name, st, int(seed), (lo, hi), float(abnormality_scale), str(conspicuity)) for st in plan]
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     if workers <= 1 or len(jobs) < 4:
@@ -506,6 +514,9 @@ def main(argv=None) -> int:
     ap.add_argument("--abnormal-fraction", type=float, default=0.5)
     ap.add_argument("--abnormality-scale", type=float, default=1.0,
                     help="multiplies every abnormality's size (default 1.0; 0.25-4)")
+    ap.add_argument("--conspicuity", choices=les.CONSPICUITY, default="realistic",
+                    help="realistic (default): the full mix of fractures and lesions; high: displaced "
+                         "fractures and deep lesions that reach the cortex")
     ap.add_argument("--splits", default="train:0.7,valid:0.15,test:0.15",
                     help="comma-separated name:fraction (default train:0.7,valid:0.15,test:0.15)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
@@ -518,7 +529,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summary = generate(args.out, args.studies, args.seed, splits=splits, size_range=tuple(args.size_range),
                        abnormal_fraction=args.abnormal_fraction, workers=args.workers, overwrite=args.overwrite,
-                       abnormality_scale=args.abnormality_scale)
+                       abnormality_scale=args.abnormality_scale, conspicuity=args.conspicuity)
     dt = time.perf_counter() - t0
     tot = summary["totals"]
     print(f"{args.out}: {tot['studies']} studies, {tot['images']} images "

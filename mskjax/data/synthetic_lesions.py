@@ -23,6 +23,11 @@ TYPES = ("fracture", "hardware", "lesion")
 HARDWARE_KINDS = ("plate", "kwire", "screws", "nail", "arthroplasty")
 METAL_MU = 1.1  # 1/mm: a few mm of steel or titanium is almost opaque
 ABNORMALITY_SCALE_RANGE = (0.25, 4.0)  # the `scale` of draw_abnormalities a dataset may use
+# "realistic": the default mix (hairline, undisplaced and displaced fractures; lesions of any depth).
+# "high": every fracture displaced (or, where the bone is not displaceable, a clean complete break)
+# and every lesion a deep lucency that reaches the cortex: the signs a from-scratch classifier on a
+# few thousand images picks up (the default job's budget); hardware is the same in both.
+CONSPICUITY = ("realistic", "high")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,15 +286,18 @@ def _local_radius(anatomy: Anatomy, tg: Target, t: float) -> float:
     return seg.radius_at(t * seg.frame()[3])
 
 
-def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=()) -> Fracture:
-    """One fracture; unit = mm per pixel of a 128-px image of this part."""
+def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=(), conspicuity: str = "realistic") -> Fracture:
+    """One fracture; unit = mm per pixel of a 128-px image of this part. conspicuity "high" makes it
+    displaced where the target allows, else a clean complete break (no hairlines), and displaces it
+    at least 0.6 local radii with at least 8 degrees of angulation."""
+    high = conspicuity == "high"
     tg = _pick_target(rng, anatomy.targets, lambda t: t.fracture and t.bone not in exclude)
     t = float(rng.uniform(tg.t_lo, tg.t_hi))
     r_loc = _local_radius(anatomy, tg, t)
     u = rng.random()
-    if tg.displace and u < 0.38:
+    if tg.displace and (u < 0.38 or high):
         kind = "displaced"
-    elif u < 0.8:
+    elif u < 0.8 or high:
         kind = "complete"
     else:
         kind = "hairline"
@@ -305,22 +313,37 @@ def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=()) -> Fracture:
         return Fracture(gap=gap, residual=float(rng.uniform(0.1, 0.3)), window=window, **kw)
     gap = float(rng.uniform(2.2, 3.6)) * unit
     if kind == "complete":
-        return Fracture(gap=gap, residual=float(rng.uniform(0.0, 0.12)), **kw)
+        residual = float(rng.uniform(0.0, 0.12))
+        return Fracture(gap=gap, residual=0.0 if high else residual, **kw)
     sign = 1.0 if rng.random() < 0.5 else -1.0
-    return Fracture(gap=gap, disp_n=sign * float(rng.uniform(0.35, 1.0)) * r_loc,
-                    disp_t=float(rng.uniform(-0.4, 0.3)) * r_loc,
-                    angulation=float(rng.uniform(-14, 14)), **kw)
+    disp_n = float(rng.uniform(0.35, 1.0))
+    disp_t = float(rng.uniform(-0.4, 0.3))
+    angulation = float(rng.uniform(-14, 14))
+    if high:  # same draws, pushed away from the barely-shifted end
+        disp_n = 0.6 + 0.4 * (disp_n - 0.35) / 0.65
+        angulation = math.copysign(8.0 + 12.0 * abs(angulation) / 14.0, angulation)
+    return Fracture(gap=gap, disp_n=sign * disp_n * r_loc, disp_t=disp_t * r_loc, angulation=angulation, **kw)
 
 
-def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=(), length_scale: float = 1.0) -> Lytic:
+def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=(), length_scale: float = 1.0,
+                conspicuity: str = "realistic") -> Lytic:
+    """One lytic lesion. conspicuity "high": as wide as its bone allows, off-centre so that it
+    thins the cortex, and 90-100% deep."""
+    high = conspicuity == "high"
     tg = _pick_target(rng, anatomy.targets, lambda t: t.lesion and t.bone not in exclude)
     t = float(rng.uniform(tg.t_lo, tg.t_hi)) if tg.t_hi > tg.t_lo else tg.t_lo
     r_loc = _local_radius(anatomy, tg, t)
     b = max(float(rng.uniform(0.5, 0.8)) * r_loc, 3.0 * unit)
     b = min(b, 0.9 * r_loc) if r_loc > 2.7 * unit else 0.95 * r_loc
+    if high:
+        b = 0.9 * r_loc
     a = b * float(rng.uniform(1.1, 2.4)) * length_scale
-    d = float(rng.uniform(-1.0, 1.0)) * max(0.0, (r_loc - b) / r_loc) * 0.8
-    return Lytic(bone=tg.bone, seg=tg.seg, t=t, d=d, a=a, b=b, depth=float(rng.uniform(0.6, 0.9)),
+    d = float(rng.uniform(-1.0, 1.0))
+    d = (math.copysign(0.3, d) if high else d * max(0.0, (r_loc - b) / r_loc) * 0.8)
+    depth = float(rng.uniform(0.6, 0.9))
+    if high:
+        depth = 0.9 + (depth - 0.6) / 3.0
+    return Lytic(bone=tg.bone, seg=tg.seg, t=t, d=d, a=a, b=b, depth=depth,
                  rim=float(rng.uniform(0.1, 0.35)) if rng.random() < 0.4 else 0.0,
                  tilt=float(rng.normal(0, 8)))
 
@@ -376,27 +399,32 @@ def draw_hardware(rng, anatomy: Anatomy, unit: float) -> Hardware:
     return Hardware(bone=tg.bone, seg=tg.seg, kind=kind, params=tuple(sorted(params.items())))
 
 
-def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float, scale: float = 1.0) -> list:
+def draw_abnormalities(rng, kind: str, anatomy: Anatomy, unit: float, scale: float = 1.0,
+                       conspicuity: str = "realistic") -> list:
     """The abnormalities of one abnormal study (1-2 of one type).
 
     scale enlarges them: fracture gaps, jags and hardware dimensions use `unit * scale`; a lesion's
     width is bounded by its bone, so its minimum width uses `unit * scale` and its length is
-    multiplied by `scale`. At scale 1 the draws are exactly those of the default look."""
+    multiplied by `scale`. At scale 1 the draws are exactly those of the default look.
+    conspicuity: one of CONSPICUITY (see there); "realistic" draws are unchanged by the knob."""
+    if conspicuity not in CONSPICUITY:
+        raise ValueError(f"unknown conspicuity {conspicuity!r}; expected one of {CONSPICUITY}")
     unit = unit * scale  # exact at scale 1: the default draws are unchanged
     if kind == "fracture":
-        first = draw_fracture(rng, anatomy, unit)
+        first = draw_fracture(rng, anatomy, unit, conspicuity=conspicuity)
         out = [first]
         bones = {t.bone for t in anatomy.targets if t.fracture}
         p_second = 0.45 if {"radius", "ulna"} <= bones and first.bone in ("radius", "ulna") else 0.1
         if len(bones) > 1 and rng.random() < p_second:
-            out.append(draw_fracture(rng, anatomy, unit, exclude=(first.bone,)))
+            out.append(draw_fracture(rng, anatomy, unit, exclude=(first.bone,), conspicuity=conspicuity))
         return out
     if kind == "lesion":
-        first = draw_lesion(rng, anatomy, unit, length_scale=scale)
+        first = draw_lesion(rng, anatomy, unit, length_scale=scale, conspicuity=conspicuity)
         out = [first]
         bones = {t.bone for t in anatomy.targets if t.lesion}
         if len(bones) > 1 and rng.random() < 0.15:
-            out.append(draw_lesion(rng, anatomy, unit, exclude=(first.bone,), length_scale=scale))
+            out.append(draw_lesion(rng, anatomy, unit, exclude=(first.bone,), length_scale=scale,
+                                   conspicuity=conspicuity))
         return out
     if kind == "hardware":
         return [draw_hardware(rng, anatomy, unit)]

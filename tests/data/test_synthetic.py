@@ -235,6 +235,57 @@ def test_abnormality_scale_is_part_of_the_dataset_identity(tmp_path):
         synthetic.generate(tmp_path / "z", 4, 1, abnormality_scale=0.0)
 
 
+def _draws(kind: str, conspicuity: str, per_part: int = 12) -> list:
+    """(abnormality, its local bone radius in mm) for `per_part` studies of every body part."""
+    out = []
+    for part in anat.PARTS:
+        for i in range(per_part):
+            rng = np.random.default_rng(i)
+            base = anat.build(part, anat.draw_subject(rng), dict(synthetic._CANONICAL_POSE))
+            for ab in les.draw_abnormalities(rng, kind, base, synthetic.unit_mm(base), 1.0, conspicuity):
+                seg = base.bones[ab.bone].segs[ab.seg]
+                out.append((ab, seg.radius_at(ab.t * seg.frame()[3]) if kind != "hardware" else None))
+    return out
+
+
+def test_high_conspicuity_fractures_are_displaced_or_clean_breaks():
+    realistic = [ab for ab, _ in _draws("fracture", "realistic")]
+    assert {ab.kind for ab in realistic} == {"displaced", "complete", "hairline"}  # the mix it replaces
+    high = _draws("fracture", "high")
+    assert {ab.kind for ab, _ in high} <= {"displaced", "complete"}
+    assert any(ab.kind == "displaced" for ab, _ in high)
+    for ab, r in high:
+        if ab.kind == "displaced":
+            assert abs(ab.disp_n) >= 0.6 * r - 1e-9 and 8.0 <= abs(ab.angulation) <= 20.0, ab
+        else:
+            assert ab.residual == 0.0 and ab.window == (-9.0, 9.0), ab
+
+
+def test_high_conspicuity_lesions_are_deep_and_reach_the_cortex():
+    realistic = [ab for ab, _ in _draws("lesion", "realistic")]
+    assert min(ab.depth for ab in realistic) < 0.7
+    for ab, r in _draws("lesion", "high"):
+        assert 0.9 <= ab.depth <= 1.0 and ab.b == pytest.approx(0.9 * r), ab
+        assert abs(ab.d) + ab.b / r > 1.0  # off-centre past the bone's edge: the cortex is eaten
+    # hardware does not depend on the knob
+    assert [repr(a) for a, _ in _draws("hardware", "high", 4)] == [repr(a) for a, _ in _draws("hardware", "realistic", 4)]
+    with pytest.raises(ValueError, match="conspicuity"):
+        les.draw_abnormalities(np.random.default_rng(0), "lesion", anat.build("XR_HAND", anat.draw_subject(
+            np.random.default_rng(0)), dict(synthetic._CANONICAL_POSE)), 1.0, 1.0, "loud")
+
+
+def test_conspicuity_is_part_of_the_dataset_identity(tmp_path):
+    root = tmp_path / "SYN"
+    s1 = synthetic.generate(root, 4, 1, size_range=(64, 80), workers=1)
+    assert "conspicuity" not in s1["config"]  # datasets made before the knob still match
+    with pytest.raises(synthetic.SyntheticDatasetError, match="conspicuity"):
+        synthetic.generate(root, 4, 1, size_range=(64, 80), conspicuity="high")
+    s2 = synthetic.generate(root, 4, 1, size_range=(64, 80), conspicuity="high", overwrite=True, workers=1)
+    assert s2["config"]["conspicuity"] == "high"
+    with pytest.raises(ValueError, match="conspicuity"):
+        synthetic.generate(tmp_path / "z", 4, 1, conspicuity="loud")
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -1,5 +1,6 @@
 """Trainer pieces in-process: loss, weighting, config checks, and that training learns and is
 reproducible."""
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -126,8 +127,10 @@ def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatc
     for i in range(7):  # 7 records, batch 4: the last batch is padded
         path = tmp_path / f"im{i}.png"
         Image.fromarray((rng.rand(40, 48) * 255).astype(np.uint8)).save(path)
-        records.append(Record(path=str(path), label=(i // 2) % 2, study=f"s{i // 2}", patient=f"p{i // 2}",
-                              body_part="XR_HAND", view=i % 2, split="valid"))
+        label = (i // 2) % 2
+        records.append(Record(path=str(path), label=label, study=f"s{i // 2}", patient=f"p{i // 2}",
+                              body_part="XR_HAND", view=i % 2, split="valid",
+                              boxes=((1.0, 1.0, 9.0, 9.0),) if label else (), box_types=("lesion",) if label else ()))
     decodes = []
     real_decode = loader_mod.decode_image
     monkeypatch.setattr(loader_mod, "decode_image", lambda p: decodes.append(p) or real_decode(p))
@@ -152,3 +155,10 @@ def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatc
     assert np.isfinite(first["probs"]).all()
     np.testing.assert_array_equal(first["probs"], second["probs"])
     np.testing.assert_allclose(first["probs"], fresh["probs"], rtol=0, atol=1e-6)
+    # typed ground truth: each type's AUROC against the normal cases, in the report and its table
+    by_type = first["report"]["by_abnormality_type"]
+    assert list(by_type) == ["lesion"] and by_type["lesion"]["n_studies"] == 2
+    assert by_type["lesion"]["study_auroc"] == first["report"]["overall"]["study"]["auroc"]["value"]
+    assert "lesion v normal" in train.summary_table(first["report"])
+    untyped = [dataclasses.replace(r, boxes=(), box_types=()) for r in records]
+    assert "by_abnormality_type" not in train.evaluate(eval_step, variables, untyped, c, None)["report"]
