@@ -46,7 +46,8 @@ def classifier_metadata(arch: str, num_classes: int, in_channels: int, input_siz
     """Metadata of a classifier checkpoint. `variant` holds JSON-able settings for
     `mskjax.models.create` (dtype as a string); `normalization` says what input the model expects:
     {"input_range": [lo, hi], "mean": [...], "std": [...]} applied as (x - mean) / std after scaling
-    pixels to input_range (mean 0 / std 1 when the model takes [0, 1] images as they are)."""
+    pixels to input_range (mean 0 / std 1 when the model takes [0, 1] images as they are); with
+    "per_image": true each image is first standardised to mean 0, std 1 (`train.prepare_images`)."""
     variant = {k: (jnp.dtype(v).name if k == "dtype" else v) for k, v in variant.items()}
     return {"kind": "classifier", "arch": arch, "num_classes": int(num_classes),
             "in_channels": int(in_channels), "input_size": int(input_size), "variant": variant,

@@ -32,13 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.root = "data/synthetic"
     c.data.image_size = 128
     c.data.mode = "resize"  # resize (the report) | letterbox (aspect kept, zero padding)
-    c.data.normalization = "none"  # none ([0, 1], the report) | imagenet (mean/std)
+    c.data.normalization = "none"  # none ([0, 1], the report) | imagenet (mean/std) | per_image (each image to mean 0, std 1)
     c.data.body_parts = ""  # comma-separated MURA body parts; "" = all
     c.data.valid_fraction = 0.15  # MURA/FracAtlas: carved from train, patient/image-disjoint
     c.data.synthetic_studies = 700  # generated when data.root has no dataset
     c.data.synthetic_seed = 0
     c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
     c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (synthetic_lesions.CONSPICUITY)
+    c.data.synthetic_parts = ""  # generator knob: comma-separated XR_ parts to draw; "" = all seven
     c.data.workers = 2
     c.data.cache = True
     c.data.augment = True
@@ -82,6 +83,7 @@ class ConfigError(ValueError):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    from mskjax.data.synthetic_anatomy import PARTS
     from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
     from mskjax.models import ARCHITECTURES
 
@@ -96,12 +98,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
-    need(c.data.normalization in ("none", "imagenet"), "data.normalization", "none | imagenet")
+    need(c.data.normalization in ("none", "imagenet", "per_image"), "data.normalization", "none | imagenet | per_image")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     lo, hi = ABNORMALITY_SCALE_RANGE
     need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
     need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
          f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
+    bad = [p for p in str(c.data.synthetic_parts).split(",") if p.strip() and p.strip() not in PARTS]
+    need(not bad, "data.synthetic_parts", f"{bad} not in {list(PARTS)}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

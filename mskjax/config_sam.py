@@ -34,6 +34,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.synthetic_seed = 0
     c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
     c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (synthetic_lesions.CONSPICUITY)
+    c.data.synthetic_parts = ""  # generator knob: comma-separated XR_ parts to draw; "" = all seven
     # Prompts (lesions) decoded per image in one example; an image with more lesions becomes
     # several examples. Padding prompts are masked out of the loss.
     c.data.max_prompts = 2
@@ -81,6 +82,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
 
 def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first field whose value cannot work."""
+    from mskjax.data.synthetic_anatomy import PARTS
     from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
     from mskjax.models.sam import ARCHS
 
@@ -98,6 +100,8 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
     need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
          f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
+    bad = [p for p in str(c.data.synthetic_parts).split(",") if p.strip() and p.strip() not in PARTS]
+    need(not bad, "data.synthetic_parts", f"{bad} not in {list(PARTS)}")
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

@@ -30,7 +30,8 @@ def load_splits(data_config, seed: int = 0) -> Splits:
         from mskjax.data.mura import read_mura
         ensure_synthetic(root, data_config.synthetic_studies, data_config.synthetic_seed,
                          data_config.synthetic_abnormality_scale,
-                         data_config.get("synthetic_conspicuity", "realistic"))
+                         data_config.get("synthetic_conspicuity", "realistic"),
+                         data_config.get("synthetic_parts", ""))
         records = {}
         for split in ("train", "valid", "test"):
             recs, report = read_mura(root, split, body_parts=parts)
@@ -59,7 +60,7 @@ def load_splits(data_config, seed: int = 0) -> Splits:
 
 
 def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: float = 1.0,
-                     conspicuity: str = "realistic") -> None:
+                     conspicuity: str = "realistic", parts: str = "") -> None:
     """Generates the synthetic dataset at `root` unless one with these settings is there.
 
     Runs the generator in a fresh process: it forks worker processes, which is unsafe in a
@@ -70,7 +71,7 @@ def ensure_synthetic(root: Path, studies: int, seed: int, abnormality_scale: flo
         print(f"generating synthetic radiographs in {root} ({studies} studies, seed {seed}) ...", flush=True)
     out = subprocess.run([sys.executable, "-m", "mskjax.data.synthetic", "--out", str(root), "--studies",
                           str(studies), "--seed", str(seed), "--abnormality-scale", repr(float(abnormality_scale)),
-                          "--conspicuity", str(conspicuity)], capture_output=True, text=True)
+                          "--conspicuity", str(conspicuity), "--parts", str(parts)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"synthetic data generation into {root} failed:\n{out.stderr[-2000:]}")
 

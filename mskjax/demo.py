@@ -80,11 +80,12 @@ def plan(workdir: str | Path) -> list[Stage]:
         studies, seed = int(c.data.synthetic_studies), int(c.data.synthetic_seed)
         scale = float(c.data.synthetic_abnormality_scale)
         conspicuity = str(c.data.get("synthetic_conspicuity", "realistic"))
+        parts = str(c.data.get("synthetic_parts", ""))
     else:
-        studies, seed, scale, conspicuity = 700, 0, 1.0, "realistic"
+        studies, seed, scale, conspicuity, parts = 700, 0, 1.0, "realistic", ""
     stages.append(Stage("data", [py, "-m", "mskjax.data.synthetic", "--out", str(data), "--studies", str(studies),
                                  "--seed", str(seed), "--abnormality-scale", repr(scale),
-                                 "--conspicuity", conspicuity], data / "synthetic.json", _done(data / "synthetic.json")))
+                                 "--conspicuity", conspicuity, "--parts", parts], data / "synthetic.json", _done(data / "synthetic.json")))
     cls = w / "classifier"
     stages.append(Stage("classifier", [py, "-m", "mskjax.train", "--config", str(CLASSIFIER_CONFIG), "--workdir", str(cls),
                                        f"--config.data.root={data}"],
@@ -100,7 +101,7 @@ def plan(workdir: str | Path) -> list[Stage]:
         # the same dataset as the classifier's, so the SAM run recognises it instead of refusing it
         for field, value in (("data.synthetic_studies", studies), ("data.synthetic_seed", seed),
                              ("data.synthetic_abnormality_scale", scale),
-                             ("data.synthetic_conspicuity", conspicuity)):
+                             ("data.synthetic_conspicuity", conspicuity), ("data.synthetic_parts", parts)):
             if _has_field(sc, field):
                 cmd.append(f"--config.{field}={value}")
         # the classifier's dataset is larger than the one the SAM config was timed on: fewer epochs

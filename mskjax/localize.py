@@ -479,7 +479,8 @@ class CamRunner:
         norm = self.meta.get("normalization") or {}
         if [float(v) for v in norm.get("input_range", [0.0, 1.0])] != [0.0, 1.0]:
             raise LocalizeError(f"classifier expects inputs in {norm.get('input_range')}; this tool feeds [0, 1] images")
-        normalization = {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0])}
+        normalization = {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0]),
+                         "per_image": bool(norm.get("per_image", False))}
         self.batch_size = int(batch_size)
         self.methods = tuple(methods)
         self.faithfulness_steps = int(faithfulness_steps)

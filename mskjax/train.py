@@ -59,13 +59,28 @@ def normalization(config) -> dict[str, Any]:
         if c == 1:  # a one-channel stem summed from RGB sees the gray value on every channel
             mean, std = [float(np.mean(mean))], [float(np.mean(std))]
         return {"input_range": [0.0, 1.0], "mean": mean, "std": std}
+    if config.data.normalization == "per_image":
+        return {"input_range": [0.0, 1.0], "mean": [0.0] * c, "std": [1.0] * c, "per_image": True}
     return {"input_range": [0.0, 1.0], "mean": [0.0] * c, "std": [1.0] * c}
 
 
+PER_IMAGE_MIN_STD = 1e-3  # a blank (or padding) image stays blank instead of dividing by ~0
+
+
 def prepare_images(images: jax.Array, norm: dict, channels: int) -> jax.Array:
-    """(B, H, W, 1|C) in [0, 1] -> model input (B, H, W, channels), normalised."""
+    """(B, H, W, 1|C) in [0, 1] -> model input (B, H, W, channels), normalised.
+
+    norm["per_image"] (optional, default False): first standardise each image to zero mean and unit
+    standard deviation over all its pixels and channels (std floored at PER_IMAGE_MIN_STD), which
+    takes exposure, gamma and contrast differences between radiographs off the model's hands; then
+    (x - mean) / std with the checkpoint's mean and std."""
     if images.shape[-1] == 1 and channels == 3:
         images = jnp.repeat(images, 3, axis=-1)
+    if norm.get("per_image", False):
+        images = images.astype(jnp.float32)
+        m = jnp.mean(images, axis=(1, 2, 3), keepdims=True)
+        s = jnp.std(images, axis=(1, 2, 3), keepdims=True)
+        images = (images - m) / jnp.maximum(s, PER_IMAGE_MIN_STD)
     mean = jnp.asarray(norm["mean"], jnp.float32)
     std = jnp.asarray(norm["std"], jnp.float32)
     return (images - mean) / std

@@ -45,13 +45,13 @@ def random_variables(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
-def make_checkpoints(root: Path, mode: str, seed: int = 0) -> tuple[Path, Path]:
+def make_checkpoints(root: Path, mode: str, seed: int = 0, norm: dict | None = None) -> tuple[Path, Path]:
     """A 1-channel ResNet18 classifier (input CLS_SIZE, `mode`) and a vit_tiny SAM (SAM_SIZE),
     random weights, in the checkpoint contract."""
     model = create("resnet18", num_classes=1)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, CLS_SIZE, CLS_SIZE, 1)), train=False))
     meta = checkpoint.classifier_metadata("resnet18", 1, 1, CLS_SIZE, {"padding": "symmetric"},
-                                          {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
+                                          norm or {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
     meta["data"] = {"mode": mode, "image_size": CLS_SIZE}
     cls_dir = checkpoint.save(root / "classifier", random_variables(shapes, seed), meta)
     sam = build_sam("vit_tiny", SAM_SIZE)
@@ -154,6 +154,22 @@ def test_step_outputs_equal_their_parts(setup):
     ref = samfn.postprocess(jnp.asarray(out["gt_mask_logits"][0]), batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE,
                             return_logits=True)
     np.testing.assert_allclose(mine, np.asarray(ref), atol=1e-3)
+
+
+def test_per_image_normalisation_reaches_the_classifier(setup, tmp_path):
+    """A checkpoint trained with data.normalization = "per_image" gets each image standardised in
+    the pipeline too, as in training (train.prepare_images)."""
+    pipe, records, _, _ = setup
+    norm = {"input_range": [0.0, 1.0], "mean": [0.0], "std": [1.0], "per_image": True}
+    cls_dir, sam_dir = make_checkpoints(tmp_path, "letterbox", norm=norm)
+    per = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.5))
+    assert per.normalization["per_image"] is True and pipe.normalization["per_image"] is False
+    _, _, batch = _batch_of(per, records, 2, 2)
+    out = per.step(batch)
+    x = np.asarray(batch["images"], np.float64)
+    z = (x - x.mean(axis=(1, 2, 3), keepdims=True)) / x.std(axis=(1, 2, 3), keepdims=True)
+    logits = per.classifier.apply(per.classifier_variables, jnp.asarray(z, jnp.float32), train=False)
+    np.testing.assert_allclose(out["probability"], np.asarray(jax.nn.sigmoid(logits[:, 0])), atol=1e-5)
 
 
 def test_normal_images_get_no_mask_and_threshold_needs_no_recompile(setup):

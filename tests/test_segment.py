@@ -155,7 +155,7 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         data_cmd = stages["data"].command
         for flag, field in (("--studies", "synthetic_studies"), ("--seed", "synthetic_seed"),
                             ("--abnormality-scale", "synthetic_abnormality_scale"),
-                            ("--conspicuity", "synthetic_conspicuity")):
+                            ("--conspicuity", "synthetic_conspicuity"), ("--parts", "synthetic_parts")):
             value = data_cmd[data_cmd.index(flag) + 1]
             assert f"--config.data.{field}={value}" in stages["sam"].command, (flag, stages["sam"].command)
         # ... and keeps about the SAM config's own step count on the larger classifier dataset

@@ -288,28 +288,30 @@ def _describe(ab) -> dict:
 # The dataset plan: parts, labels, patients, splits
 
 
-def plan_studies(n_studies: int, seed: int, splits=DEFAULT_SPLITS, abnormal_fraction: float = 0.5) -> list[dict]:
+def plan_studies(n_studies: int, seed: int, splits=DEFAULT_SPLITS, abnormal_fraction: float = 0.5,
+                 parts=PARTS) -> list[dict]:
     """Deterministic list of studies: {index, split, part, patient, study, label, type}.
 
-    Parts are balanced; within each part a fraction `abnormal_fraction` is abnormal, with the three
-    types in turn. Patients (1-3 studies of one part) belong to exactly one split; patient numbers
-    run through the splits in order, like MURA's.
+    `parts` (a subset of PARTS, default all) are balanced; within each part a fraction
+    `abnormal_fraction` is abnormal, with the three types in turn. Patients (1-3 studies of one
+    part) belong to exactly one split; patient numbers run through the splits in order, like MURA's.
     """
     if n_studies < 1:
         raise ValueError(f"n_studies must be >= 1, got {n_studies}")
     if not 0.0 <= abnormal_fraction <= 1.0:
         raise ValueError(f"abnormal_fraction must be in [0, 1], got {abnormal_fraction}")
+    chosen = _check_parts(parts)
     names = [s for s, _ in splits]
     fracs = np.array([f for _, f in splits], float)
     if len(set(names)) != len(names) or (fracs < 0).any() or fracs.sum() <= 0:
         raise ValueError(f"bad splits {splits!r}: need distinct names and non-negative fractions")
     fracs = fracs / fracs.sum()
     rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(0,)))
-    parts = [PARTS[i % len(PARTS)] for i in range(n_studies)]
-    rng.shuffle(parts)
+    drawn = [chosen[i % len(chosen)] for i in range(n_studies)]
+    rng.shuffle(drawn)
     studies = []
-    for part in PARTS:
-        k = parts.count(part)
+    for part in chosen:
+        k = drawn.count(part)
         n_abn = int(round(k * abnormal_fraction))
         labels = np.array([1] * n_abn + [0] * (k - n_abn))
         rng.shuffle(labels)
@@ -384,7 +386,17 @@ def _work(job) -> dict:
 # The whole dataset
 
 
-def _config(n_studies, seed, splits, size_range, abnormal_fraction, abnormality_scale, conspicuity) -> dict:
+def _check_parts(parts) -> tuple[str, ...]:
+    """`parts` in PARTS order, validated: a non-empty subset of PARTS without repeats."""
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if not parts or unknown or len(set(parts)) != len(parts):
+        raise ValueError(f"parts must be distinct names from {PARTS}, got {parts!r}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def _config(n_studies, seed, splits, size_range, abnormal_fraction, abnormality_scale, conspicuity,
+            parts=PARTS) -> dict:
     out = {"n_studies": int(n_studies), "seed": int(seed),
             "splits": [[str(s), float(f)] for s, f in splits],
             "size_range": [int(size_range[0]), int(size_range[1])],
@@ -393,6 +405,8 @@ def _config(n_studies, seed, splits, size_range, abnormal_fraction, abnormality_
         out["abnormality_scale"] = float(abnormality_scale)
     if conspicuity != "realistic":  # likewise
         out["conspicuity"] = str(conspicuity)
+    if tuple(parts) != PARTS:  # likewise
+        out["parts"] = list(parts)
     return out
 
 
@@ -411,7 +425,7 @@ def _clear(root: Path, split_names) -> None:
 
 def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_range=DEFAULT_SIZE_RANGE,
              abnormal_fraction: float = 0.5, workers: int | None = None, overwrite: bool = False,
-             abnormality_scale: float = 1.0, conspicuity: str = "realistic") -> dict:
+             abnormality_scale: float = 1.0, conspicuity: str = "realistic", parts=PARTS) -> dict:
     """Write a synthetic MURA-layout dataset to out_dir and return its summary (synthetic.json).
 
     If out_dir already holds a dataset made with the same arguments and generator version, nothing
@@ -428,8 +442,9 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
         raise ValueError(f"abnormality_scale must be within [{s_lo}, {s_hi}], got {abnormality_scale!r}")
     if conspicuity not in les.CONSPICUITY:
         raise ValueError(f"conspicuity must be one of {les.CONSPICUITY}, got {conspicuity!r}")
-    config = _config(n_studies, seed, splits, (lo, hi), abnormal_fraction, abnormality_scale, conspicuity)
-    plan = plan_studies(n_studies, seed, splits, abnormal_fraction)  # validates before touching disk
+    parts = _check_parts(parts)
+    config = _config(n_studies, seed, splits, (lo, hi), abnormal_fraction, abnormality_scale, conspicuity, parts)
+    plan = plan_studies(n_studies, seed, splits, abnormal_fraction, parts)  # validates before touching disk
     split_names = [s for s, _ in splits]
     meta = root / "synthetic.json"
     if root.exists():
@@ -471,13 +486,13 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
             csv.writer(f, lineterminator="\n").writerows([p] for p in img_rows)
         with open(root / f"{sp}_labeled_studies.csv", "w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows(study_rows)
-        parts = {p: {"studies": 0, "images": 0, "abnormal_studies": 0} for p in PARTS}
+        part_counts = {p: {"studies": 0, "images": 0, "abnormal_studies": 0} for p in parts}
         types = {t: 0 for t in TYPES}
         subtypes: dict = {}
         for st, r in rows:
-            parts[st["part"]]["studies"] += 1
-            parts[st["part"]]["images"] += len(r["paths"])
-            parts[st["part"]]["abnormal_studies"] += st["label"]
+            part_counts[st["part"]]["studies"] += 1
+            part_counts[st["part"]]["images"] += len(r["paths"])
+            part_counts[st["part"]]["abnormal_studies"] += st["label"]
             if st["label"]:
                 types[st["type"]] += 1
             for a in r["abnormalities"]:
@@ -490,7 +505,7 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
             "images": len(img_rows),
             "abnormal_studies": sum(st["label"] for st, _ in rows),
             "abnormal_images": sum(len(r["paths"]) for st, r in rows if st["label"]),
-            "parts": parts, "types": types, "subtypes": dict(sorted(subtypes.items())),
+            "parts": part_counts, "types": types, "subtypes": dict(sorted(subtypes.items())),
         }
     (root / "boxes.json").write_text(json.dumps(dict(sorted(boxes.items())), indent=1) + "\n")
     summary = {
@@ -517,6 +532,8 @@ def main(argv=None) -> int:
     ap.add_argument("--conspicuity", choices=les.CONSPICUITY, default="realistic",
                     help="realistic (default): the full mix of fractures and lesions; high: displaced "
                          "fractures and deep lesions that reach the cortex")
+    ap.add_argument("--parts", default="", help="comma-separated body parts to draw (default: all of "
+                    + ",".join(PARTS) + ")")
     ap.add_argument("--splits", default="train:0.7,valid:0.15,test:0.15",
                     help="comma-separated name:fraction (default train:0.7,valid:0.15,test:0.15)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
@@ -529,7 +546,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     summary = generate(args.out, args.studies, args.seed, splits=splits, size_range=tuple(args.size_range),
                        abnormal_fraction=args.abnormal_fraction, workers=args.workers, overwrite=args.overwrite,
-                       abnormality_scale=args.abnormality_scale, conspicuity=args.conspicuity)
+                       abnormality_scale=args.abnormality_scale, conspicuity=args.conspicuity,
+                       parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()) or PARTS)
     dt = time.perf_counter() - t0
     tot = summary["totals"]
     print(f"{args.out}: {tot['studies']} studies, {tot['images']} images "

@@ -348,3 +348,21 @@ def test_bad_arguments(tmp_path):
         synthetic.render_study(0, 0, "XR_HAND", "tumour")
     with pytest.raises(ValueError, match="empty mask"):
         synthetic.mask_box(np.zeros((4, 4), bool))
+
+
+def test_parts_restrict_the_dataset_and_are_part_of_its_identity(tmp_path):
+    plan = synthetic.plan_studies(40, 0, parts=("XR_HUMERUS", "XR_FOREARM"))
+    assert {s["part"] for s in plan} == {"XR_FOREARM", "XR_HUMERUS"}
+    assert abs(sum(s["part"] == "XR_FOREARM" for s in plan) - 20) <= 1  # balanced
+    assert synthetic.plan_studies(30, 2) == synthetic.plan_studies(30, 2, parts=synthetic.PARTS)  # default unchanged
+    root = tmp_path / "SYN"
+    s = synthetic.generate(root, 6, 1, size_range=(64, 80), workers=1, parts=("XR_HUMERUS", "XR_FOREARM"))
+    assert s["config"]["parts"] == ["XR_FOREARM", "XR_HUMERUS"]
+    assert set(s["splits"]["train"]["parts"]) == {"XR_FOREARM", "XR_HUMERUS"}
+    rows = [r[0] for sp in SPLITS for r in _rows(root / f"{sp}_image_paths.csv")]
+    assert rows and all("/XR_FOREARM/" in r or "/XR_HUMERUS/" in r for r in rows)
+    with pytest.raises(synthetic.SyntheticDatasetError, match="parts"):
+        synthetic.generate(root, 6, 1, size_range=(64, 80), workers=1)
+    for bad in ((), ("XR_KNEE",), ("XR_HAND", "XR_HAND")):
+        with pytest.raises(ValueError, match="parts"):
+            synthetic.generate(tmp_path / "z", 4, 1, parts=bad)

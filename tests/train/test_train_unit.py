@@ -162,3 +162,22 @@ def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatc
     assert "lesion v normal" in train.summary_table(first["report"])
     untyped = [dataclasses.replace(r, boxes=(), box_types=()) for r in records]
     assert "by_abnormality_type" not in train.evaluate(eval_step, variables, untyped, c, None)["report"]
+
+
+def test_per_image_normalisation():
+    c = base_config()
+    c.data.normalization = "per_image"
+    validate(c, 1)
+    norm = train.normalization(c)
+    assert norm["per_image"] is True and norm["mean"] == [0.0] and norm["std"] == [1.0]
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.uniform(0, 1, (8, 8, 1)) ** g for g in (0.5, 1.0, 2.0)] + [np.zeros((8, 8, 1))])
+    x = np.asarray(train.prepare_images(jnp.asarray(images, jnp.float32), norm, 1))
+    np.testing.assert_allclose(x[:3].mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x[:3].std(axis=(1, 2, 3)), 1.0, atol=1e-4)
+    assert np.array_equal(x[3], np.zeros((8, 8, 1)))  # a blank (padding) image stays blank, not nan
+    x3 = np.asarray(train.prepare_images(jnp.asarray(images, jnp.float32), dict(norm, mean=[0.0] * 3, std=[1.0] * 3), 3))
+    np.testing.assert_allclose(x3, np.repeat(x, 3, axis=-1), atol=1e-6)
+    # the others are untouched by the option's existence
+    c.data.normalization = "none"
+    assert "per_image" not in train.normalization(c)
