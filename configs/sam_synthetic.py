@@ -2,8 +2,10 @@
 
     python -m mskjax.train --config configs/sam_synthetic.py --workdir runs/sam_synthetic
 
-Uses the classifier's dataset, `data/synthetic_x3` (2,000 studies, seed 0, abnormalities at three
-times their default size: the set configs/synthetic.py uses; generated if absent), and trains every part but the prompt encoder (frozen, as in MedSAM) on one box prompt per lesion
+Uses `data/synthetic_x3` (2,000 studies of all seven parts, seed 0, abnormalities at three times
+their default size: configs/synthetic.py's set until 2026-11-26; generated if absent; the demo points
+it at the classifier's data instead), and trains every part but the prompt encoder (frozen, as in
+MedSAM) on one box prompt per lesion
 (fracture, hardware, lytic lesion), Dice + BCE on the upscaled single-mask logits. Two departures
 from MedSAM's recipe, both measured (valid Dice, 2-core CPU shared with other jobs):
 - each box also goes in as a dense mask prompt (train.box_mask_prompt, `train_sam.box_mask_prompt`).
@@ -20,7 +22,7 @@ The best checkpoint by validation Dice goes to runs/sam_synthetic/best (kind "sa
 the test split is scored once, with ground-truth boxes, in the original frame, per type (results.json).
 
 Target: mean test Dice >= 0.75 in at most 15 minutes on 2 CPU cores.
-On the classifier's dataset (these settings, 2 epochs = 862 steps of 4 images): test mean Dice
+On `data/synthetic_x3` (these settings, 2 epochs = 862 steps of 4 images): test mean Dice
 0.755 over 413 lesions (fracture 0.746, hardware 0.767, lesion 0.762), valid 0.754, in 12 min 17 s
 run directly (11 min 38 s as the demo's SAM stage, same numbers) on this 2-core machine shared with
 other jobs - reached, by a small margin (fracture alone is just under 0.75).

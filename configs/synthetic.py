@@ -11,8 +11,11 @@ per-image standardised inputs, keeps the best checkpoint by validation study kap
 (runs/synthetic/best) and reports the test split, with each abnormality type's AUROC against the
 normal cases.
 
-Result on this project's 2-core CPU machine: see the README ("The default job"), which gives the
-measured figures and the run's wall time.
+Result on this project's 2-core CPU machine, idle, 2026-11-26 (README, "The default job"): test
+study AUROC 0.983 (bootstrap 95% CI 0.963-0.998), kappa 0.888, image AUROC 0.953, in 7 min 48 s
+wall for the whole command on a fresh checkout (data generation included); with --config.seed=1
+0.984 / 0.887. Per type, study AUROC against the normal studies: fracture 0.989, hardware 0.974,
+lesion 0.990 (seed 0). Target (>= 0.95 within 10 minutes): met.
 
 Why this data and not the full synthetic set: on all seven body parts with the realistic mix
 (hairline and undisplaced fractures, shallow lesions), the same 10-minute budget reached test study
