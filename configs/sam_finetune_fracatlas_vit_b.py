@@ -14,6 +14,9 @@ image encoder takes about 23 s per image (the project's measurement), so one epo
 fractured training images would take hours. On a CPU, train the decoder alone on embeddings
 computed once: --config.train.train_image_encoder=False --config.train.cache_embeddings=True
 (one encoder pass per image, then cheap decoder steps).
+
+Result: not measured here (the official SAM weights cannot be downloaded on the project's machines,
+and a from-scratch ViT-B at 1024 px is out of a CPU's reach).
 """
 from mskjax.config_sam import sam_base_config
 
