@@ -15,7 +15,8 @@ classifier's probability of abnormal on:
   median_box_shifted  the same boxes, each at a random place
 Prints the mean probability per probe (overall and per abnormality type) and the fraction of the
 images called abnormal (p >= --threshold) that each probe turns normal; --json writes them.
-Preprocessing (size, resize/letterbox, normalisation) is the checkpoint's own.
+Preprocessing (size, resize/letterbox, normalisation) is the checkpoint's own. Needs OpenCV
+(`cv2`), which the test extras bring (`pip install -e '.[test]'`, through grad-cam).
 """
 from __future__ import annotations
 
