@@ -100,8 +100,9 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
     need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
          f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
-    bad = [p for p in str(c.data.synthetic_parts).split(",") if p.strip() and p.strip() not in PARTS]
-    need(not bad, "data.synthetic_parts", f"{bad} not in {list(PARTS)}")
+    chosen = [p.strip() for p in str(c.data.synthetic_parts).split(",") if p.strip()]
+    need(all(p in PARTS for p in chosen) and len(set(chosen)) == len(chosen), "data.synthetic_parts",
+         f"{chosen} must be distinct names from {list(PARTS)} (or empty for all)")
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

@@ -809,6 +809,7 @@ def config_cases() -> list[Case]:
         _config_error("abnormality-scale-zero", "data.synthetic_abnormality_scale", data__synthetic_abnormality_scale=0.0),
         _config_error("conspicuity-unknown", "data.synthetic_conspicuity", data__synthetic_conspicuity="loud"),
         _config_error("synthetic-part-unknown", "data.synthetic_parts", data__synthetic_parts="XR_FOREARM,XR_KNEE"),
+        _config_error("synthetic-part-repeated", "data.synthetic_parts", data__synthetic_parts="XR_HAND,XR_HAND"),
         # Checkpoints of the wrong architecture, or damaged.
         Case("init-from-wrong-arch", "config", _init_from_wrong_arch, "error", (ValueError,), "config.init_from"),
         Case("checkpoint-metadata-names-other-arch", "config", _load_mislabelled, "error", (CheckpointMismatch,),
