@@ -6,7 +6,7 @@ Generates `data/synthetic_arm` if absent: 600 studies (seed 0) of the forearm an
 (`data.synthetic_parts`), half of them abnormal - fractures, metal hardware or lytic lesions - drawn
 three times their default size (`data.synthetic_abnormality_scale`) and conspicuous
 (`data.synthetic_conspicuity = "high"`: every fracture displaced or a clean break, every lesion deep
-and reaching the cortex). Then trains a one-channel ResNet18 from scratch for 10 epochs on
+and through the cortex). Then trains a one-channel ResNet18 from scratch for 10 epochs on
 per-image standardised inputs, keeps the best checkpoint by validation study kappa
 (runs/synthetic/best) and reports the test split, with each abnormality type's AUROC against the
 normal cases.

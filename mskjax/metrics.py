@@ -373,6 +373,7 @@ def auroc_by_type(probs, labels, study_ids, types) -> dict:
     study_types = [set() for _ in agg.study_ids]
     for i, t in enumerate(types):
         study_types[agg.image_study[i]] |= t
+
     def score(y, p):
         return auroc(y, p) if 0 < y.sum() < len(y) else float("nan")
 

@@ -233,7 +233,7 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
     abnormality_scale multiplies every abnormality's dimensions (fracture gaps and displacement
     limits, lesion and hardware sizes), not the anatomy: 1.0 is the default look; larger values make
     the task easier for a classifier trained from scratch on few images. conspicuity: "realistic"
-    (the default mix) or "high" (displaced fractures, deep lesions that reach the cortex: see
+    (the default mix) or "high" (displaced fractures, deep lesions through the cortex: see
     synthetic_lesions.CONSPICUITY).
 
     Returns {"images": [uint8 (H, W)], "masks": [uint8 (H, W) 0/255 or None],
@@ -531,7 +531,7 @@ def main(argv=None) -> int:
                     help="multiplies every abnormality's size (default 1.0; 0.25-4)")
     ap.add_argument("--conspicuity", choices=les.CONSPICUITY, default="realistic",
                     help="realistic (default): the full mix of fractures and lesions; high: displaced "
-                         "fractures and deep lesions that reach the cortex")
+                         "fractures and deep lesions through the cortex")
     ap.add_argument("--parts", default="", help="comma-separated body parts to draw (default: all of "
                     + ",".join(PARTS) + ")")
     ap.add_argument("--splits", default="train:0.7,valid:0.15,test:0.15",

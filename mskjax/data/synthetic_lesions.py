@@ -25,7 +25,7 @@ METAL_MU = 1.1  # 1/mm: a few mm of steel or titanium is almost opaque
 ABNORMALITY_SCALE_RANGE = (0.25, 4.0)  # the `scale` of draw_abnormalities a dataset may use
 # "realistic": the default mix (hairline, undisplaced and displaced fractures; lesions of any depth).
 # "high": every fracture displaced (or, where the bone is not displaceable, a clean complete break)
-# and every lesion a deep lucency that reaches the cortex: the signs a from-scratch classifier on a
+# and every lesion a deep lucency that breaks through the cortex: the signs a from-scratch classifier on a
 # few thousand images picks up (the default job's budget); hardware is the same in both.
 CONSPICUITY = ("realistic", "high")
 
@@ -327,8 +327,8 @@ def draw_fracture(rng, anatomy: Anatomy, unit: float, exclude=(), conspicuity: s
 
 def draw_lesion(rng, anatomy: Anatomy, unit: float, exclude=(), length_scale: float = 1.0,
                 conspicuity: str = "realistic") -> Lytic:
-    """One lytic lesion. conspicuity "high": as wide as its bone allows, off-centre so that it
-    thins the cortex, and 90-100% deep."""
+    """One lytic lesion. conspicuity "high": 0.9 local radii wide, 0.3 radii off-centre so that it
+    breaks through the cortex on one side, and 90-100% deep."""
     high = conspicuity == "high"
     tg = _pick_target(rng, anatomy.targets, lambda t: t.lesion and t.bone not in exclude)
     t = float(rng.uniform(tg.t_lo, tg.t_hi)) if tg.t_hi > tg.t_lo else tg.t_lo
