@@ -82,9 +82,22 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, naming the field."""
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+def check_synthetic_data(data: ml_collections.ConfigDict, need) -> None:
+    """The synthetic generator's knobs in `data` (shared by the classifier and SAM configs);
+    need(ok, field, message) reports the first that cannot work."""
     from mskjax.data.synthetic_anatomy import PARTS
     from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
+
+    lo, hi = ABNORMALITY_SCALE_RANGE
+    need(lo <= data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
+    need(data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
+         f"{data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
+    chosen = [p.strip() for p in str(data.synthetic_parts).split(",") if p.strip()]
+    need(all(p in PARTS for p in chosen) and len(set(chosen)) == len(chosen), "data.synthetic_parts",
+         f"{chosen} must be distinct names from {list(PARTS)} (or empty for all)")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     from mskjax.models import ARCHITECTURES
 
     def need(ok: bool, field: str, msg: str):
@@ -100,13 +113,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
     need(c.data.normalization in ("none", "imagenet", "per_image"), "data.normalization", "none | imagenet | per_image")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
-    lo, hi = ABNORMALITY_SCALE_RANGE
-    need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
-    need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
-         f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
-    chosen = [p.strip() for p in str(c.data.synthetic_parts).split(",") if p.strip()]
-    need(all(p in PARTS for p in chosen) and len(set(chosen)) == len(chosen), "data.synthetic_parts",
-         f"{chosen} must be distinct names from {list(PARTS)} (or empty for all)")
+    check_synthetic_data(c.data, need)
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

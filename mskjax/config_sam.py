@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mskjax.config_base import ConfigError
+from mskjax.config_base import ConfigError, check_synthetic_data
 
 LOSS_FRAMES = ("input", "low_res")
 
@@ -82,8 +82,6 @@ def sam_base_config() -> ml_collections.ConfigDict:
 
 def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first field whose value cannot work."""
-    from mskjax.data.synthetic_anatomy import PARTS
-    from mskjax.data.synthetic_lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
     from mskjax.models.sam import ARCHS
 
     def need(ok: bool, field: str, msg: str):
@@ -96,13 +94,7 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
          f"must be a multiple of 16 and >= 32, got {c.model.img_size}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
-    lo, hi = ABNORMALITY_SCALE_RANGE
-    need(lo <= c.data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
-    need(c.data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
-         f"{c.data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
-    chosen = [p.strip() for p in str(c.data.synthetic_parts).split(",") if p.strip()]
-    need(all(p in PARTS for p in chosen) and len(set(chosen)) == len(chosen), "data.synthetic_parts",
-         f"{chosen} must be distinct names from {list(PARTS)} (or empty for all)")
+    check_synthetic_data(c.data, need)
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")

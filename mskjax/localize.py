@@ -470,7 +470,7 @@ class CamRunner:
         from mskjax import boxes as boxlib
         from mskjax import cam as camlib
         from mskjax.pipeline import GrayAsRGB, abnormal_class, content_mask, probabilities
-        from mskjax.train import prepare_images
+        from mskjax.train import normalization_from_metadata, prepare_images
         self.meta = dict(meta)
         data = self.meta.get("data", {})
         self.size = int(data.get("image_size", self.meta["input_size"]))
@@ -479,8 +479,7 @@ class CamRunner:
         norm = self.meta.get("normalization") or {}
         if [float(v) for v in norm.get("input_range", [0.0, 1.0])] != [0.0, 1.0]:
             raise LocalizeError(f"classifier expects inputs in {norm.get('input_range')}; this tool feeds [0, 1] images")
-        normalization = {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0]),
-                         "per_image": bool(norm.get("per_image", False))}
+        normalization = normalization_from_metadata(norm)
         self.batch_size = int(batch_size)
         self.methods = tuple(methods)
         self.faithfulness_steps = int(faithfulness_steps)

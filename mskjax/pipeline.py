@@ -355,8 +355,8 @@ class Pipeline:
         if [float(v) for v in rng] != [0.0, 1.0]:
             raise PipelineError(f"classifier expects inputs in {rng}; the pipeline feeds [0, 1] images "
                                 "(convert the checkpoint's normalization first)")
-        self.normalization = {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0]),
-                              "per_image": bool(norm.get("per_image", False))}
+        from mskjax.train import normalization_from_metadata  # lazily, as make_step imports prepare_images
+        self.normalization = normalization_from_metadata(norm)
         self.sam_img_size = int(sam_model.config.img_size)
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
         self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)

@@ -64,6 +64,13 @@ def normalization(config) -> dict[str, Any]:
     return {"input_range": [0.0, 1.0], "mean": [0.0] * c, "std": [1.0] * c}
 
 
+def normalization_from_metadata(norm: dict) -> dict[str, Any]:
+    """A checkpoint's "normalization" metadata -> the `norm` argument of prepare_images (defaults:
+    mean 0, std 1, no per-image standardisation). input_range is the caller's to check."""
+    return {"mean": norm.get("mean", [0.0]), "std": norm.get("std", [1.0]),
+            "per_image": bool(norm.get("per_image", False))}
+
+
 PER_IMAGE_MIN_STD = 1e-3  # a blank (or padding) image stays blank instead of dividing by ~0
 
 
@@ -257,14 +264,14 @@ def evaluate(eval_step, variables, records, config, sharding, loader=None) -> di
     skipped = list(getattr(loader, "skipped", []))
     seen = ~np.isnan(probs)
     keep = [i for i in range(len(records)) if seen[i]]
+    labels = np.array([records[i].label for i in keep])
+    studies = np.array([records[i].study for i in keep])
     report = metrics.classification_report(
-        probs[keep], np.array([records[i].label for i in keep]), np.array([records[i].study for i in keep]),
-        np.array([records[i].body_part for i in keep]), threshold=config.eval.threshold,
-        n_bootstrap=config.eval.bootstrap, seed=config.seed)
+        probs[keep], labels, studies, np.array([records[i].body_part for i in keep]),
+        threshold=config.eval.threshold, n_bootstrap=config.eval.bootstrap, seed=config.seed)
     if any(records[i].box_types for i in keep):  # datasets with typed ground truth (synthetic, FracAtlas)
-        report["by_abnormality_type"] = metrics.auroc_by_type(
-            probs[keep], np.array([records[i].label for i in keep]), np.array([records[i].study for i in keep]),
-            [records[i].box_types for i in keep])
+        report["by_abnormality_type"] = metrics.auroc_by_type(probs[keep], labels, studies,
+                                                              [records[i].box_types for i in keep])
     report["skipped"] = [f"{p}: {r}" for p, r in skipped]
     report["n_unreadable"] = int((~seen).sum())
     return {"report": report, "probs": probs}

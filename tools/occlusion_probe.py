@@ -74,24 +74,24 @@ def main(argv=None) -> int:
     from mskjax.data.mura import read_mura
     from mskjax.data.preprocess import preprocess
     from mskjax.pipeline import load_classifier
-    from mskjax.train import prepare_images
+    from mskjax.train import normalization_from_metadata, prepare_images, probabilities
 
     model, variables, meta = load_classifier(args.classifier)
     data = meta.get("data", {})
     size, mode = int(data.get("image_size", meta["input_size"])), data.get("mode", "resize")
-    channels, norm = int(meta.get("in_channels", 1)), meta.get("normalization") or {}
+    channels = int(meta.get("in_channels", 1))
+    norm = normalization_from_metadata(meta.get("normalization") or {})
     records, _ = read_mura(args.data, args.split)
     records = [r for r in records if r.label and r.mask_path and Path(r.mask_path).is_file()]
     if not records:
         print(f"no abnormal images with masks in {args.data} split {args.split!r}", file=sys.stderr)
         return 2
-    predict = jax.jit(lambda x: model.apply(variables, prepare_images(x, norm, channels), train=False))
+    predict = jax.jit(lambda x: probabilities(model.apply(variables, prepare_images(x, norm, channels), train=False)))
 
     def prob(u8: np.ndarray) -> float:
         out = preprocess(u8.astype(np.float32) / 255.0, size=size, mode=mode, channels=1)
         x = np.asarray(out[0] if isinstance(out, tuple) else out, np.float32).reshape(1, size, size, 1)
-        logits = np.asarray(predict(jnp.asarray(x)))[0]
-        return float(1 / (1 + np.exp(-logits[0]))) if logits.shape[0] == 1 else float(np.exp(logits[1]) / np.exp(logits).sum())
+        return float(predict(jnp.asarray(x))[0])
 
     rng = np.random.default_rng(args.seed)
     probs = {k: [] for k in PROBES}

@@ -243,6 +243,12 @@ def test_config_errors():
     config.train.cache_embeddings = True
     with pytest.raises(ConfigError, match="train.cache_embeddings"):
         train_sam.validate_sam(config, 1)
+    for field, value in (("synthetic_abnormality_scale", 0.0), ("synthetic_conspicuity", "loud"),
+                         ("synthetic_parts", "XR_HAND,XR_HAND")):  # the checks shared with the classifier
+        bad = _load_config("sam_synthetic")
+        bad.data[field] = value
+        with pytest.raises(ConfigError, match=f"data.{field}"):
+            train_sam.validate_sam(bad, 1)
     from mskjax.train import check_overrides
     err = check_overrides(["x", f"--config={CONFIGS / 'sam_synthetic.py'}", "--config.train.encoder=1"])
     assert "unknown config field" in err and "train_image_encoder" in err
