@@ -9,7 +9,7 @@ other runs): official valid split (269 images) AUROC 0.763 (bootstrap 95% CI 0.7
 0.370 at threshold 0.5; tuning split AUROC 0.795, Youden threshold 0.469. From-scratch training on
 1,589 images on a CPU is modest; its CAMs do not find the fractures (README, "Results").
 """
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Variant at B3's native 300 px with ImageNet normalisation and ImageNet weights c
 "valid" is carved from MURA's train split (patient-disjoint); MURA's official valid split is the
 reported "test". Result: not measured here (MURA cannot be downloaded on the project's machines).
 """
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ ImageNet start: `python -m mskjax.convert --source torchvision --arch resnet50 r
 then `--config.init_from=ckpt/r50 --config.data.normalization=imagenet`.
 Result: not measured here (MURA cannot be downloaded on the project's machines).
 """
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

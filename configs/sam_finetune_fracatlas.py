@@ -11,7 +11,7 @@ split, scored once with ground-truth boxes in the original image frame. MedSAM's
 prompt encoder, Dice + BCE, boxes jittered outward by up to 20 px at 1024 (5 px at 256); the image
 encoder is trained too (a vit_tiny at 256 px is cheap enough on a CPU).
 
-Each box also goes in as a dense mask prompt (train.box_mask_prompt), as configs/sam_synthetic.py
+Each box also goes in as a dense mask prompt (mskjax.sam.box_mask_prompt), as configs/sam_synthetic.py
 trains the starting model. Measured 2026-11-26 on this project's 2-core CPU shared with other jobs,
 starting from the current configs/sam_synthetic.py model (synthetic test Dice 0.755): 1 epoch
 (122 steps of 4 images), 3 min 32 s wall, 177 s CPU; test (official valid split) mean Dice 0.614
@@ -19,7 +19,7 @@ over 91 fractures, valid (tuning split) 0.612. Before (earlier synthetic model a
 mask prompt): 0.374 / 0.297. Still below simply filling the ground-truth box (0.763 on the same 91
 fractures: FracAtlas' polygons cover 62% of their box on average); one epoch is short.
 """
-from mskjax.config_sam import sam_base_config
+from mskjax.train.config import sam_base_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ computed once: --config.train.train_image_encoder=False --config.train.cache_emb
 Result: not measured here (the official SAM weights cannot be downloaded on the project's machines,
 and a from-scratch ViT-B at 1024 px is out of a CPU's reach).
 """
-from mskjax.config_sam import sam_base_config
+from mskjax.train.config import sam_base_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ from MedSAM's recipe, both measured (valid Dice, 2-core CPU shared with other jo
 The grid is not what limits: the ground-truth mask averaged onto the 64 x 64 logit grid and
 postprocessed like a prediction scores 0.86 (valid) / 0.88 (test).
 The best checkpoint by validation Dice goes to runs/sam_synthetic/best (kind "sam", metadata
-"box_mask_prompt": true; `mskjax.train_sam.load_sam` reads it; decode it with the same mask prompt);
+"box_mask_prompt": true; `mskjax.checkpoint.load_sam` reads it; decode it with the same mask prompt);
 the test split is scored once, with ground-truth boxes, in the original frame, per type (results.json).
 
 Target: mean test Dice >= 0.75 in at most 15 minutes on 2 CPU cores.
@@ -32,7 +32,7 @@ hardware 0.447, lesion 0.779) in 15 min 34 s at load 5-6 - not reached there; fi
 ground-truth box scores 0.697 on that test split, and thin hardware (screws and wires, ~20% of
 their box) stayed at the fill-the-box level.
 """
-from mskjax.config_sam import sam_base_config
+from mskjax.train.config import sam_base_config
 
 
 def get_config():

@@ -23,7 +23,7 @@ AUROC 0.812 (abnormalities x3, 3 epochs) and stays at chance at the default size
 CNN on ~10,000 image passes does not learn that task. Set `data.synthetic_parts=""` and
 `data.synthetic_conspicuity=realistic` (and another `data.root`) for the harder set.
 """
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

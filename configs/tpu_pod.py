@@ -12,7 +12,7 @@ Each process reads its own rows of every global batch; checkpoints are written c
 process 0 writes logs. The same code path is tested here with two CPU processes (gloo collectives).
 Result: not measured here (no pod on the project's machines).
 """
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Every method takes a `SplitModel` classifier (see `mskjax.models.split`), its `variables`, a batch of
 model-ready images (B, H, W, 3) float (normalised as the checkpoint expects) and returns maps
 (B, H, W) float32 in [0, 1] in the **model-input frame** (move them to the original image with
-`maps_to_original`). All functions are traceable: wrap them in `jax.jit` with the model closed over
+`mskjax.geometry.map_to_original`). All functions are traceable: wrap them in `jax.jit` with the model closed over
 (or use `make_cam_fn`). Nothing loops over the batch in Python; gradients come from `jax.vjp` of the
 model's head with respect to the chosen stage's activation (no hooks).
 
@@ -493,20 +493,10 @@ def make_cam_fn(method: str, model, layer: str | None = None, **options) -> Call
     return run
 
 
-def maps_to_original(maps: Array, geometry, original_hw: tuple[int, int] | None = None) -> Array:
-    """Input-frame maps (B, H, W) (or (H, W)) -> original-image frame (B, H0, W0): crop the
-    padding and resize back, via `mskjax.geometry.map_to_original` (bilinear, half-pixel centres).
-
-    geometry: the `mskjax.geometry.Geometry` that made the model input; original_hw (H0, W0)
-    static ints, required under jit. Values stay in [0, 1] (bilinear weights are convex)."""
-    from mskjax.geometry import map_to_original
-    return map_to_original(maps, geometry, original_hw)
-
-
 __all__ = [
     "METHODS", "GRADIENT_METHODS", "CamError", "activations_and_gradients", "cam", "cam_maps",
     "eigen_cam", "first_component_projection", "grad_cam", "grad_cam_plus_plus", "head_dense_kernel",
-    "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn", "maps_to_original",
+    "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn",
     "minmax_scale", "postprocess", "raw_map", "resize_maps", "score_cam", "weighted_activations",
     "xgrad_cam",
 ]

@@ -21,9 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mskjax import distributed
+from mskjax.models import create
+from mskjax.models.sam import build_sam, sam_variable_shapes
 from mskjax.weights.mapping import CheckpointMismatch
 
 FORMAT = "mskjax.checkpoint"
@@ -47,7 +50,7 @@ def classifier_metadata(arch: str, num_classes: int, in_channels: int, input_siz
     `mskjax.models.create` (dtype as a string); `normalization` says what input the model expects:
     {"input_range": [lo, hi], "mean": [...], "std": [...]} applied as (x - mean) / std after scaling
     pixels to input_range (mean 0 / std 1 when the model takes [0, 1] images as they are); with
-    "per_image": true each image is first standardised to mean 0, std 1 (`train.prepare_images`)."""
+    "per_image": true each image is first standardised to mean 0, std 1 (`mskjax.classifier.prepare_images`)."""
     variant = {k: (jnp.dtype(v).name if k == "dtype" else v) for k, v in variant.items()}
     return {"kind": "classifier", "arch": arch, "num_classes": int(num_classes),
             "in_channels": int(in_channels), "input_size": int(input_size), "variant": variant,
@@ -60,7 +63,6 @@ def save(directory: str | Path, variables: dict, metadata: dict[str, Any], overw
     In a multi-process run every process must call this (Orbax's write is collective); only
     process 0 removes an existing directory and writes the metadata, with barriers between, so
     processes sharing a filesystem never delete each other's files."""
-    import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
     primary = distributed.is_main_process()
     if directory.exists() and not overwrite:
@@ -107,7 +109,6 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 def restore(directory: str | Path) -> tuple[dict, dict[str, Any]]:
     """(variables as numpy float32, metadata). Raises CheckpointMismatch for a damaged directory."""
-    import orbax.checkpoint as ocp
     directory = Path(directory).absolute()
     meta = read_metadata(directory)
     vdir = directory / VARIABLES_DIR
@@ -138,7 +139,6 @@ def check_tree(variables: dict, expected: dict, where: str) -> None:
 
 def model_from_metadata(meta: dict[str, Any]):
     """The linen Module a classifier checkpoint's metadata describes."""
-    from mskjax.models import create
     if meta.get("kind") != "classifier":
         raise CheckpointMismatch(f"checkpoint kind {meta.get('kind')!r} is not a classifier")
     return create(meta["arch"], num_classes=meta["num_classes"], **meta.get("variant", {}))
@@ -151,6 +151,39 @@ def load_model(directory: str | Path):
     c = meta.get("in_channels", 3)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, c)), train=False))
     check_tree(variables, expected, f"checkpoint {directory}")
+    return model, variables, meta
+
+
+def load_classifier(directory: str | os.PathLike):
+    """(model, variables, metadata) of a classifier checkpoint directory (WORKDIR/best of a training
+    run, or `mskjax.convert` output); errors name the directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"classifier checkpoint not found: {directory} (expected a directory "
+                                "with mskjax.json and variables/, e.g. WORKDIR/best from mskjax.train)")
+    meta = read_metadata(directory)
+    if meta.get("kind") != "classifier":
+        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a classifier")
+    return load_model(directory)
+
+
+def load_sam(directory: str | os.PathLike):
+    """(model, variables {"params", "buffers"} as numpy, metadata) of an mskjax SAM checkpoint
+    (`mskjax.convert --source sam` output or WORKDIR/best of a SAM training run), checked leaf by
+    leaf against `build_sam(metadata["arch"], metadata["img_size"])`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"SAM checkpoint not found: {directory} (expected a directory with "
+                                "mskjax.json and variables/, e.g. WORKDIR/best from configs/sam_synthetic.py)")
+    meta = read_metadata(directory)
+    if meta.get("kind") != "sam":
+        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a SAM")
+    for key in ("arch", "img_size"):
+        if key not in meta:
+            raise CheckpointMismatch(f"{directory / METADATA_FILE}: SAM metadata lacks {key!r}")
+    variables, meta = restore(directory)
+    model = build_sam(meta["arch"], int(meta["img_size"]))
+    check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
     return model, variables, meta
 
 

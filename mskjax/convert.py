@@ -16,18 +16,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from mskjax import checkpoint
+from mskjax import checkpoint, weights
+from mskjax.models import native_resolution
+from mskjax.weights import sam as sam_weights
 from mskjax.weights.mapping import CheckpointMismatch
+
 
 
 def convert(source: str, arch: str, input_path: str | Path, output_dir: str | Path, num_classes: int | None = None,
             in_channels: int = 3, seed: int = 0, overwrite: bool = False) -> dict:
     """Reads `input_path`, writes `output_dir`; returns the metadata written."""
-    from mskjax.models import native_resolution
-    from mskjax import weights
     input_path = Path(input_path)
     if source == "sam":
-        from mskjax.weights import sam as sam_weights
         variables = sam_weights.load_sam_checkpoint(input_path, arch)
         meta = sam_weights.sam_metadata(arch, 1024)
         meta["source"] = {"format": "segment_anything", "file": input_path.name,

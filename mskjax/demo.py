@@ -111,7 +111,7 @@ def plan(workdir: str | Path) -> list[Stage]:
             if epochs != int(sc.train.epochs):
                 cmd.append(f"--config.train.epochs={epochs}")
     else:
-        missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train_sam with "
+        missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train.sam with "
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")
     stages.append(Stage("sam", cmd, sam / "best", _done(sam / "results.json", sam / "best" / "mskjax.json"), missing))
     seg = w / "segment"

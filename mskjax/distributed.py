@@ -10,6 +10,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -78,5 +79,4 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (a no-op in a single-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)

@@ -57,12 +57,13 @@ the tune split's thresholds. Score-CAM (one masked forward per channel) runs on 
 `score_cam_limit` images of each split only, and the output says so; its n is its own.
 
 The core (`measure_image`, `measure_maps`, `choose_thresholds`, `score_split`, `pxap_from_counts`,
-`best_box_iou_curve`, `component_boxes`) is pure numpy on per-image arrays, so tests feed it
+`metrics.host_best_box_iou_curve`, `metrics.host_component_boxes`) is pure numpy on per-image arrays, so tests feed it
 hand-made maps; `run` and `main` do the I/O and the model.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import dataclasses
 import json
 import math
@@ -72,9 +73,23 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from mskjax import boxes as boxlib
+from mskjax import cam as camlib
+from mskjax import geometry as geo
 from mskjax import metrics
+from mskjax.cam import METHODS, CamError
+from mskjax.checkpoint import load_classifier
+from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
+from mskjax.data.images import decode_image
+from mskjax.data.preprocess import preprocess
+from mskjax.inputs import InputError, items_from_dataset, parse_dataset
+from mskjax.pipeline import content_mask, read_mask
+from mskjax.weights.mapping import CheckpointMismatch
+
 
 PXAP_THRESHOLDS = np.append(np.arange(0, 1, 0.001), [1.0])   # wsolevaluation's mask thresholds
 DICE_THRESHOLDS = PXAP_THRESHOLDS[::10]                       # 0, 0.01, ..., 0.99, 1.0 (101)
@@ -89,83 +104,6 @@ FAITHFULNESS_STEPS = 20
 class LocalizeError(ValueError):
     """A localization run that cannot be done as asked (bad method list, split, layer)."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Connected components and box curves (numpy; the jitted `metrics.best_box_iou_curve` is exact but
-# far too slow on CPU at radiograph size, so this is the same computation on row runs)
-
-def component_boxes(foreground: np.ndarray) -> np.ndarray:
-    """(n, 4) float64 boxes (x0, y0, x1, y1) of the 8-connected components of a bool (H, W) mask,
-    continuous pixels (a component spanning columns 3..5 has x0 = 3, x1 = 6); order unspecified.
-
-    Works on horizontal runs: runs in adjacent rows touch (8-connectivity) when each starts at or
-    before the other's exclusive end; run labels are merged by min-label propagation with pointer
-    jumping until nothing changes. Same components as `mskjax.boxes.connected_components`.
-    """
-    fg = np.asarray(foreground, bool)
-    if fg.ndim != 2:
-        raise ValueError(f"foreground must be (H, W); got shape {fg.shape}")
-    h, w = fg.shape
-    padded = np.zeros((h, w + 2), np.int8)
-    padded[:, 1:-1] = fg
-    d = np.diff(padded, axis=1)  # d[:, k] = fg[:, k] - fg[:, k - 1]
-    rows, starts = np.nonzero(d == 1)
-    _, ends = np.nonzero(d == -1)  # exclusive ends, paired with starts (row-major order)
-    n = len(starts)
-    if n == 0:
-        return np.zeros((0, 4), np.float64)
-    stride = w + 1
-    start_key = rows * stride + starts
-    end_key = rows * stride + ends
-    nxt = (rows + 1) * stride
-    lo = np.searchsorted(end_key, nxt + starts, side="left")   # next-row runs ending at/after my start
-    hi = np.searchsorted(start_key, nxt + ends, side="right")  # ... and starting at/before my end
-    counts = np.maximum(hi - lo, 0)
-    src = np.repeat(np.arange(n), counts)
-    dst = np.repeat(lo, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-    label = np.arange(n)
-    while src.size:
-        new = label.copy()
-        np.minimum.at(new, src, label[dst])
-        np.minimum.at(new, dst, label[src])
-        for _ in range(2):
-            new = new[new]
-        if np.array_equal(new, label):
-            break
-        label = new
-    _, comp = np.unique(label, return_inverse=True)
-    k = int(comp.max()) + 1
-    x0 = np.full(k, w, np.int64)
-    y0 = np.full(k, h, np.int64)
-    x1 = np.zeros(k, np.int64)
-    y1 = np.zeros(k, np.int64)
-    np.minimum.at(x0, comp, starts)
-    np.maximum.at(x1, comp, ends)
-    np.minimum.at(y0, comp, rows)
-    np.maximum.at(y1, comp, rows + 1)
-    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float64)
-
-
-def best_box_iou_curve(score_map: np.ndarray, gt_boxes: np.ndarray, thresholds=BOX_THRESHOLDS) -> np.ndarray:
-    """(T,) float64: for each CAM threshold t, the best IoU between a box around any 8-connected
-    component of (score_map > t) and any ground-truth box (0 when no component). One image of
-    `metrics.best_box_iou_curve` (same strict threshold, same continuous boxes)."""
-    m = np.asarray(score_map)
-    gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
-    out = np.zeros(len(thresholds), np.float64)
-    if not len(gt):
-        return out
-    top = m.max() if m.size else -np.inf
-    for i, t in enumerate(np.asarray(thresholds, np.float64)):
-        if not top > t:
-            break  # nothing above t, nor above any larger t
-        boxes = component_boxes(m > t)
-        out[i] = float(np.max(metrics.pairwise_box_iou(boxes, gt))) if len(boxes) else 0.0
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-image measurements (pure)
 
 @dataclasses.dataclass
 class ImageMeasures:
@@ -243,7 +181,7 @@ def measure_image(score_map: np.ndarray, mask: np.ndarray, gt_boxes=(), *, peak_
     return ImageMeasures(
         hits=pointing_hits(m, g, tolerances),
         tp_ge=_ge_counts(m[g], PXAP_THRESHOLDS), n_ge=_ge_counts(m, PXAP_THRESHOLDS), mask_pixels=int(g.sum()),
-        box_curve=best_box_iou_curve(m, gt) if len(gt) else None,
+        box_curve=metrics.host_best_box_iou_curve(m, gt) if len(gt) else None,
         peak_iou=_best_iou(peak_box, gt), threshold_iou=_best_iou(threshold_box, gt))
 
 
@@ -456,7 +394,7 @@ def _clean(o):
 class CamRunner:
     """A classifier checkpoint's CAM maps, boxes and deletion/insertion on batches of images.
 
-    Built from (model, variables, metadata) as `mskjax.pipeline.load_classifier` returns them.
+    Built from (model, variables, metadata) as `mskjax.checkpoint.load_classifier` returns them.
     Inputs are made like the pipeline's: `preprocess(image, size, data.mode)`, normalised with the
     checkpoint's statistics; one-channel models are shown to `mskjax.cam` through the pipeline's
     gray-as-RGB adapter; the target is the abnormal logit. Shapes are static (batch padded).
@@ -465,12 +403,6 @@ class CamRunner:
     def __init__(self, model, variables, meta: dict, methods: Sequence[str], layer: str | None = None,
                  batch_size: int = 16, box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_chunk: int | None = None,
                  score_cam_channels: int | None = None, faithfulness_steps: int = FAITHFULNESS_STEPS):
-        import jax
-        import jax.numpy as jnp
-        from mskjax import boxes as boxlib
-        from mskjax import cam as camlib
-        from mskjax.pipeline import GrayAsRGB, abnormal_class, content_mask, probabilities
-        from mskjax.train import normalization_from_metadata, prepare_images
         self.meta = dict(meta)
         data = self.meta.get("data", {})
         self.size = int(data.get("image_size", self.meta["input_size"]))
@@ -530,8 +462,6 @@ class CamRunner:
     def prepare(self, images: Sequence[np.ndarray]):
         """Decoded (H0, W0) images -> (raw (B, S, S, 1) float32 in [0, 1], batched Geometry, per-image
         geometries), padded to the batch size."""
-        from mskjax import geometry as geo
-        from mskjax.data.preprocess import preprocess
         b, s = self.batch_size, self.size
         raw = np.zeros((b, s, s, 1), np.float32)
         geoms = []
@@ -544,7 +474,6 @@ class CamRunner:
     def maps(self, raw, geom, score_cam: bool) -> dict:
         """{method: {"maps" (B, S, S), "peak" (B, 4), "threshold" (B, 4), "threshold_valid" (B,)}}, numpy,
         input frame. Score-CAM only when asked."""
-        import jax
         out = {}
         if self._gradient is not None:
             out.update(jax.tree.map(np.asarray, self._gradient(self.variables, raw, geom)))
@@ -561,14 +490,6 @@ class CamRunner:
 
 # ---------------------------------------------------------------------------------------------
 # Running over a dataset split
-
-def map_to_original(score_map: np.ndarray, geom, original_hw: tuple[int, int]) -> np.ndarray:
-    """One input-frame map (H, W) -> (H0, W0) float64 in the original frame
-    (`mskjax.geometry.map_to_original`: crop the padding, bilinear, no antialiasing)."""
-    from mskjax import geometry as geo
-    return np.asarray(geo.map_to_original(np.asarray(score_map, np.float64), geom,
-                                          tuple(int(v) for v in original_hw)), np.float64)
-
 
 def eligible_items(items, limit: int | None = None) -> tuple[list, dict]:
     """Abnormal items with a ground-truth mask (first `limit`), and counts of the rest."""
@@ -589,10 +510,6 @@ def measure_split(runner: CamRunner, items, *, score_cam_limit: int, faithfulnes
     """{method: [ImageMeasures]} over `items`; unreadable/skipped inputs appended to `unreadable` as
     {"path", "split", "reason"}. The per-image measurements (numpy, mostly outside the GIL) run on
     `workers` threads (default: the CPU count, at most 8); results keep the item order."""
-    import concurrent.futures as cf
-    from mskjax import geometry as geo
-    from mskjax.data.images import decode_image
-    from mskjax.pipeline import read_mask
     skipped = unreadable if unreadable is not None else []
     out: dict[str, list[ImageMeasures]] = {m: [] for m in runner.methods}
     pending: list = []
@@ -603,7 +520,7 @@ def measure_split(runner: CamRunner, items, *, score_cam_limit: int, faithfulnes
     def one(args):
         r, i, geom_i, image, mask, gt = args
         h0, w0 = image.shape
-        orig = map_to_original(r["maps"][i], geom_i, (h0, w0))
+        orig = np.asarray(geo.map_to_original(r["maps"][i].astype(np.float64), geom_i, (h0, w0)), np.float64)
         peak = geo.clip_boxes(geo.boxes_to_original(r["peak"][i].astype(np.float64), geom_i), (h0, w0))
         thr = None
         if r["threshold_valid"][i]:
@@ -666,7 +583,6 @@ def measure_split(runner: CamRunner, items, *, score_cam_limit: int, faithfulnes
 
 def resolve_methods(spec: str, layer: str | None, model=None) -> tuple[list[str], list[str]]:
     """'all' or a comma list -> (methods, notes). 'all' drops 'cam' when --layer is not the last stage."""
-    from mskjax.cam import METHODS
     notes = []
     if spec.strip() == "all":
         methods = list(METHODS)
@@ -687,8 +603,6 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_channels: int | None = None,
         faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True) -> dict:
     """The whole run; writes OUT/localization.json and OUT/localization.md and returns the JSON dict."""
-    from mskjax.pipeline import load_classifier
-    from mskjax.segment import items_from_dataset, parse_dataset
     if tune_split == report_split:
         raise LocalizeError(f"--tune and --report must differ (thresholds are never chosen on the split reported); "
                             f"both are {tune_split!r}")
@@ -803,9 +717,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--pointing-tolerance needs non-negative values")
     if not 0.0 < a.box_fraction <= 1.0:
         ap.error("--box-fraction must be in (0, 1]")
-    from mskjax.cam import CamError
-    from mskjax.segment import InputError
-    from mskjax.weights.mapping import CheckpointMismatch
     try:
         report = run(a.classifier, a.dataset, a.tune, a.report, a.out, methods=a.methods, layer=a.layer,
                      score_cam_limit=a.score_cam_limit, faithfulness_limit=a.faithfulness_limit, limit=a.limit,

@@ -570,6 +570,84 @@ def best_box_iou_curve(maps, gt_boxes, gt_valid, thresholds):
 _best_iou_jit = jax.jit(best_box_iou_curve)
 
 
+# ---------------------------------------------------------------------------------------------
+# The same box curves on the host (numpy): the jitted `best_box_iou_curve` above is exact but far
+# too slow on CPU at radiograph size, so these do the same computation on row runs, one image at a time
+
+def host_component_boxes(foreground: np.ndarray) -> np.ndarray:
+    """(n, 4) float64 boxes (x0, y0, x1, y1) of the 8-connected components of a bool (H, W) mask,
+    continuous pixels (a component spanning columns 3..5 has x0 = 3, x1 = 6); order unspecified.
+
+    Works on horizontal runs: runs in adjacent rows touch (8-connectivity) when each starts at or
+    before the other's exclusive end; run labels are merged by min-label propagation with pointer
+    jumping until nothing changes. Same components as `mskjax.boxes.connected_components`.
+    """
+    fg = np.asarray(foreground, bool)
+    if fg.ndim != 2:
+        raise ValueError(f"foreground must be (H, W); got shape {fg.shape}")
+    h, w = fg.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = fg
+    d = np.diff(padded, axis=1)  # d[:, k] = fg[:, k] - fg[:, k - 1]
+    rows, starts = np.nonzero(d == 1)
+    _, ends = np.nonzero(d == -1)  # exclusive ends, paired with starts (row-major order)
+    n = len(starts)
+    if n == 0:
+        return np.zeros((0, 4), np.float64)
+    stride = w + 1
+    start_key = rows * stride + starts
+    end_key = rows * stride + ends
+    nxt = (rows + 1) * stride
+    lo = np.searchsorted(end_key, nxt + starts, side="left")   # next-row runs ending at/after my start
+    hi = np.searchsorted(start_key, nxt + ends, side="right")  # ... and starting at/before my end
+    counts = np.maximum(hi - lo, 0)
+    src = np.repeat(np.arange(n), counts)
+    dst = np.repeat(lo, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    label = np.arange(n)
+    while src.size:
+        new = label.copy()
+        np.minimum.at(new, src, label[dst])
+        np.minimum.at(new, dst, label[src])
+        for _ in range(2):
+            new = new[new]
+        if np.array_equal(new, label):
+            break
+        label = new
+    _, comp = np.unique(label, return_inverse=True)
+    k = int(comp.max()) + 1
+    x0 = np.full(k, w, np.int64)
+    y0 = np.full(k, h, np.int64)
+    x1 = np.zeros(k, np.int64)
+    y1 = np.zeros(k, np.int64)
+    np.minimum.at(x0, comp, starts)
+    np.maximum.at(x1, comp, ends)
+    np.minimum.at(y0, comp, rows)
+    np.maximum.at(y1, comp, rows + 1)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float64)
+
+
+def host_best_box_iou_curve(score_map: np.ndarray, gt_boxes: np.ndarray, thresholds=np.arange(0, 1, 0.01)) -> np.ndarray:
+    """(T,) float64: for each CAM threshold t, the best IoU between a box around any 8-connected
+    component of (score_map > t) and any ground-truth box (0 when no component). One image of
+    `metrics.best_box_iou_curve` (same strict threshold, same continuous boxes)."""
+    m = np.asarray(score_map)
+    gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    out = np.zeros(len(thresholds), np.float64)
+    if not len(gt):
+        return out
+    top = m.max() if m.size else -np.inf
+    for i, t in enumerate(np.asarray(thresholds, np.float64)):
+        if not top > t:
+            break  # nothing above t, nor above any larger t
+        boxes = host_component_boxes(m > t)
+        out[i] = float(np.max(pairwise_box_iou(boxes, gt))) if len(boxes) else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image measurements (pure)
+
+
 def max_box_acc_v2(maps, gt_boxes, gt_valid=None, thresholds=None,
                    iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7), normalize: bool = True) -> dict:
     """MaxBoxAccV2 (Choe et al., wsolevaluation), box accuracy at the best CAM threshold.

@@ -27,22 +27,21 @@ marked invalid: SAM still runs on it (static shapes) but its masks come out empt
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import checkpoint
 from mskjax import geometry as geo
 from mskjax import sam as samfn
-from mskjax.models.sam.common import linear_resize_matrix
-from mskjax.models.sam.sam import MASK_THRESHOLD
-from mskjax.weights.mapping import CheckpointMismatch
+from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
+from mskjax.data.images import decode_image
+from mskjax.data.preprocess import preprocess
 
 BOX_METHODS = ("peak", "threshold")
 
@@ -88,76 +87,7 @@ class PipelineConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def load_classifier(directory: str | os.PathLike):
-    """(model, variables, metadata) of a classifier checkpoint; errors name the directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"classifier checkpoint not found: {directory} (expected a directory "
-                                "with mskjax.json and variables/, e.g. WORKDIR/best from mskjax.train)")
-    meta = checkpoint.read_metadata(directory)
-    if meta.get("kind") != "classifier":
-        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a classifier")
-    return checkpoint.load_model(directory)
-
-
-def load_sam(directory: str | os.PathLike):
-    """(model, variables {"params", "buffers"}, metadata) of a SAM checkpoint (kind "sam", with
-    arch and img_size). Uses `mskjax.train_sam.load_sam` when that module provides it."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"SAM checkpoint not found: {directory} (expected a directory with "
-                                "mskjax.json and variables/, e.g. WORKDIR/best from configs/sam_synthetic.py)")
-    meta = checkpoint.read_metadata(directory)
-    if meta.get("kind") != "sam":
-        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a SAM")
-    try:
-        from mskjax.train_sam import load_sam as trained_loader  # the trainer's own reader, if any
-    except Exception:  # not in this checkout (or broken): the equivalent reader below
-        trained_loader = None
-    if trained_loader is not None:
-        return trained_loader(directory)
-    from mskjax.models.sam import build_sam, sam_variable_shapes
-    for key in ("arch", "img_size"):
-        if key not in meta:
-            raise CheckpointMismatch(f"{directory / checkpoint.METADATA_FILE}: SAM metadata lacks {key!r}")
-    model = build_sam(meta["arch"], int(meta["img_size"]))
-    variables, _ = checkpoint.restore(directory)
-    checkpoint.check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
-    return model, variables, meta
-
-
-# ---------------------------------------------------------------------------------------------
 # The jitted step
-
-class GrayAsRGB:
-    """Presents a classifier that takes C != 3 channels to `mskjax.cam`, which takes (B, H, W, 3)
-    inputs: it feeds the model the first C channels (the gray image is repeated, so nothing is lost).
-    Duck-typed: cam only uses `apply`, `segments` and `num_classes`."""
-
-    def __init__(self, model, channels: int):
-        self.model, self.channels = model, channels
-        self.segments = model.segments
-        self.num_classes = model.num_classes
-
-    def apply(self, variables, x, *args, method=None, **kwargs):
-        if method in (None, "features"):
-            x = x[..., :self.channels]
-        return self.model.apply(variables, x, *args, method=method, **kwargs)
-
-
-def abnormal_class(num_classes: int) -> int:
-    """Index of the abnormal logit: 0 for a single-logit head (sigmoid), else class 1."""
-    return 0 if num_classes == 1 else 1
-
-
-def probabilities(logits: jax.Array) -> jax.Array:
-    """(B, K) logits -> (B,) probability of abnormal (sigmoid of one logit, else softmax class 1)."""
-    if logits.shape[-1] == 1:
-        return jax.nn.sigmoid(logits[:, 0])
-    return jax.nn.softmax(logits, axis=-1)[:, 1]
-
 
 def content_mask(geom: geo.Geometry) -> jax.Array:
     """(B, H, W) bool: pixels of the classifier input that hold image content (not letterbox
@@ -195,7 +125,6 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       gt_mask_logits (B, G, L, L) and gt_boxes_sam (B, G, 4) when G > 0 (SAM prompted with the
       ground-truth boxes, whatever the classifier said).
     """
-    from mskjax.train import prepare_images
     cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
     target = abnormal_class(classifier.num_classes)
     img_size = sam_model.config.img_size
@@ -238,12 +167,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             gvalid = batch["gt_valid"] & valid[:, None]
             prompts = jnp.concatenate([boxes_sam, gt_sam], axis=1)
             pvalid = jnp.concatenate([bvalid, gvalid], axis=1)
-        # A SAM fine-tuned with boxes also given as dense mask prompts (train_sam.box_mask_prompt)
+        # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
         # is decoded the way it was trained.
-        mask_input = None
-        if box_mask:
-            from mskjax.train_sam import box_mask_prompt
-            mask_input = box_mask_prompt(prompts, img_size)
+        mask_input = samfn.box_mask_prompt(prompts, img_size) if box_mask else None
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, mask_input=mask_input, multimask=False,
                            prompt_valid=pvalid)
         low = dec["low_res_logits"][:, :, 0]
@@ -318,24 +244,11 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
     """A 0/255 (any non-zero = inside) mask PNG as bool (H0, W0); ValueError naming the file if
     its size differs from the image's."""
-    from PIL import Image
     with Image.open(path) as im:
         m = np.asarray(im.convert("L")) > 0
     if m.shape != tuple(hw):
         raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]} (WxH) but its image is {hw[1]}x{hw[0]}")
     return m
-
-
-def sam_logits_to_original(low_res_logits: np.ndarray, input_size, original_size, img_size: int) -> np.ndarray:
-    """`mskjax.sam.postprocess(..., return_logits=True)` in numpy: (..., L, L) low-res logits of one
-    image -> (..., H0, W0) float32 logits in its original frame (upscale to img_size, crop the
-    padding, resize). Numpy so that every new image size does not compile a new XLA program."""
-    in_h, in_w = (int(v) for v in input_size)
-    out_h, out_w = (int(v) for v in original_size)
-    lh, lw = low_res_logits.shape[-2:]
-    m_h = linear_resize_matrix(in_h, out_h) @ linear_resize_matrix(lh, img_size)[:in_h]
-    m_w = linear_resize_matrix(in_w, out_w) @ linear_resize_matrix(lw, img_size)[:in_w]
-    return np.einsum("yi,...ij,xj->...yx", m_h, np.asarray(low_res_logits, np.float32), m_w).astype(np.float32)
 
 
 class Pipeline:
@@ -355,7 +268,6 @@ class Pipeline:
         if [float(v) for v in rng] != [0.0, 1.0]:
             raise PipelineError(f"classifier expects inputs in {rng}; the pipeline feeds [0, 1] images "
                                 "(convert the checkpoint's normalization first)")
-        from mskjax.train import normalization_from_metadata  # lazily, as make_step imports prepare_images
         self.normalization = normalization_from_metadata(norm)
         self.sam_img_size = int(sam_model.config.img_size)
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
@@ -366,8 +278,8 @@ class Pipeline:
 
     @classmethod
     def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
-        model, variables, meta = load_classifier(classifier_dir)
-        smodel, svars, smeta = load_sam(sam_dir)
+        model, variables, meta = checkpoint.load_classifier(classifier_dir)
+        smodel, svars, smeta = checkpoint.load_sam(sam_dir)
         return cls(model, variables, meta, smodel, svars, smeta, config)
 
     # -- host-side preparation ------------------------------------------------------------
@@ -375,7 +287,6 @@ class Pipeline:
                 gt_boxes: Sequence[np.ndarray] | None = None, num_gt: int = 0) -> dict:
         """Decoded (H0, W0) float32 [0, 1] images -> the step's batch dict, padded to batch_size.
         gt_boxes: per image (n_i, 4) original-frame boxes, n_i <= num_gt."""
-        from mskjax.data.preprocess import preprocess
         n = len(images)
         if not 0 < n <= batch_size:
             raise ValueError(f"prepare needs 1..{batch_size} images, got {n}")
@@ -424,7 +335,7 @@ class Pipeline:
         def masks_of(logits):
             if not len(logits):
                 return np.zeros((h0, w0), bool)
-            return (sam_logits_to_original(logits, in_size, (h0, w0), self.sam_img_size) > MASK_THRESHOLD).any(axis=0)
+            return samfn.postprocess_host(logits, in_size, (h0, w0), self.sam_img_size).any(axis=0)
 
         mask = masks_of(out["mask_logits"][index][keep])
         gt_box_mask = None
@@ -445,7 +356,6 @@ class Pipeline:
         as `Unreadable(path, reason)` and skipped. progress(done, total) is called after each
         batch when given (total counts every item).
         """
-        from mskjax.data.images import decode_image
         items = list(items)
         num_gt = max([len(it.gt_boxes) for it in items] + [0])
         skipped = unreadable if unreadable is not None else []
@@ -453,7 +363,6 @@ class Pipeline:
         done = 0
 
         def flush():
-            nonlocal done
             batch = self.prepare([im for _, im, _ in pending], batch_size,
                                  [it.gt_boxes for it, _, _ in pending], num_gt)
             out = self.step(batch)
@@ -495,6 +404,5 @@ def describe(pipe: Pipeline) -> dict:
             "classifier_input": {"size": pipe.input_size, "mode": pipe.mode}}
 
 
-__all__ = ["BOX_METHODS", "GrayAsRGB", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "abnormal_class", "content_mask", "describe", "load_classifier", "load_sam", "make_step",
-           "probabilities", "read_mask", "sam_logits_to_original"]
+__all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+           "content_mask", "describe", "make_step", "read_mask"]

@@ -19,6 +19,7 @@ Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.we
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from mskjax.geometry import validate_boxes
 from mskjax.models.sam.common import linear_resize_matrix
 from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam
 
@@ -134,7 +136,6 @@ def validate_prompt_boxes(boxes, original_size, valid=None, name: str = "prompt 
     Raises `mskjax.geometry.InvalidBoxError` (a ValueError) naming the first box that is non-finite,
     inverted, of zero area or entirely outside the image; prompts with valid=False are not checked.
     Returns the boxes as float64."""
-    from mskjax.geometry import validate_boxes
     return validate_boxes(boxes, original_size, valid=valid, name=name)
 
 
@@ -217,22 +218,97 @@ def decode(model: Sam, variables: dict, embeddings: jax.Array, boxes: jax.Array 
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def postprocess_matrix(low: int, img_size: int, inner: int, out: int) -> np.ndarray:
+    """(out, low) float64: one axis of SAM's postprocess folded into one matrix: bilinear
+    (align_corners=False, no antialias) upscale of `low` cells to img_size, crop to the first
+    `inner` pixels (the unpadded input), bilinear resize to `out` pixels (the original frame)."""
+    if not 0 < inner <= img_size:
+        raise ValueError(f"input size {inner} must lie within img_size {img_size}")
+    return linear_resize_matrix(inner, out).astype(np.float64) @ linear_resize_matrix(low, img_size)[:inner]
+
+
 def postprocess(low_res_logits: jax.Array, input_size: Sequence[int], original_size: Sequence[int],
                 img_size: int = 1024, return_logits: bool = False) -> jax.Array:
-    """Low-res logits (..., L, L) of one image -> its original frame (..., H, W).
+    """Low-res logits (..., L, L) of one image -> its original frame (..., H, W), traceable.
 
     As Sam.postprocess_masks: bilinear (align_corners=False, no antialias) upscale to img_size,
     crop to input_size (h, w), bilinear resize to original_size (H, W); the three linear steps are
-    folded into one matrix per axis. Returns bool masks (logit > 0.0) or, with return_logits, the
-    logits. Sizes must be concrete ints (they fix output shapes).
+    folded into one matrix per axis (`postprocess_matrix`). Returns bool masks (logit > 0.0) or,
+    with return_logits, the logits. Sizes must be concrete ints (they fix output shapes); for many
+    image sizes on the host, `postprocess_host` avoids one compilation per size.
     """
     in_h, in_w = (int(v) for v in input_size)
     out_h, out_w = (int(v) for v in original_size)
     lh, lw = low_res_logits.shape[-2:]
     if not (0 < in_h <= img_size and 0 < in_w <= img_size):
         raise ValueError(f"input_size {(in_h, in_w)} must lie within img_size {img_size}")
-    m_h = linear_resize_matrix(in_h, out_h) @ linear_resize_matrix(lh, img_size)[:in_h]
-    m_w = linear_resize_matrix(in_w, out_w) @ linear_resize_matrix(lw, img_size)[:in_w]
+    m_h = postprocess_matrix(lh, img_size, in_h, out_h).astype(np.float32)
+    m_w = postprocess_matrix(lw, img_size, in_w, out_w).astype(np.float32)
     logits = jnp.einsum("yi,...ij,xj->...yx", jnp.asarray(m_h), low_res_logits, jnp.asarray(m_w),
                         precision=_HIGHEST)
     return logits if return_logits else logits > MASK_THRESHOLD
+
+
+def postprocess_host(low_res_logits: np.ndarray, input_size: Sequence[int], original_size: Sequence[int],
+                     img_size: int, return_logits: bool = False) -> np.ndarray:
+    """`postprocess` in NumPy (float64 products): (..., L, L) low-res logits of one image ->
+    (..., H, W) bool masks (logit > 0.0) or, with return_logits, float32 logits in its original
+    frame. NumPy so that every new image size does not compile a new XLA program."""
+    in_h, in_w = (int(v) for v in input_size)
+    out_h, out_w = (int(v) for v in original_size)
+    lh, lw = np.shape(low_res_logits)[-2:]
+    if not (0 < in_h <= img_size and 0 < in_w <= img_size):
+        raise ValueError(f"input_size {(in_h, in_w)} must lie within img_size {img_size}")
+    m_h = postprocess_matrix(lh, img_size, in_h, out_h)
+    m_w = postprocess_matrix(lw, img_size, in_w, out_w)
+    logits = m_h @ np.asarray(low_res_logits, np.float64) @ m_w.T
+    return logits.astype(np.float32) if return_logits else logits > MASK_THRESHOLD
+
+
+# ---------------------------------------------------------------------------------------------
+# A box, also as a dense mask prompt
+
+# Logit magnitude of the box rendered as a dense mask prompt (`box_mask_prompt`): +4 for a low-res
+# cell fully inside the box, -4 fully outside, linear in the covered fraction between.
+BOX_MASK_LOGIT = 4.0
+
+
+def uses_box_mask_prompt(config_or_meta) -> bool:
+    """Whether each box prompt also goes in as a dense mask prompt: config.train.box_mask_prompt for
+    a training config, "box_mask_prompt" for checkpoint metadata (absent = False)."""
+    if isinstance(config_or_meta, dict):
+        return bool(config_or_meta.get("box_mask_prompt", False))
+    return bool(config_or_meta.train.get("box_mask_prompt", False))
+
+
+def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
+    """Boxes (..., 4) (x0, y0, x1, y1) in the SAM input frame -> mask-prompt logits (..., L, L) on the
+    low-res grid (L = img_size / 4; cell k covers input pixels [4k, 4k + 4) on each axis).
+
+    A cell's logit is BOX_MASK_LOGIT * (2 f - 1), f the fraction of the cell inside the box, so the
+    box edge is located to a fraction of a cell. Why: a 16 px patch ViT gives one embedding per
+    16 x 16 px, and the lesions here are 5-40 px wide; SAM's sparse box tokens reach the mask only
+    through attention, which a model trained from scratch takes long to learn to resolve below
+    one patch. The mask prompt goes through the prompt encoder's convolutions straight into the
+    image embedding the mask upscaler reads (frozen random convolutions, as the rest of the prompt
+    encoder), and the decoder learns to use it in minutes (see configs/sam_synthetic.py).
+    """
+    low = img_size // 4
+    cell = img_size / low
+    edges = jnp.arange(low, dtype=jnp.float32) * cell
+    b = boxes.astype(jnp.float32)
+
+    def coverage(a0, a1):  # (...,) -> (..., low): covered fraction of each cell along one axis
+        return jnp.clip(jnp.minimum(a1[..., None], edges + cell) - jnp.maximum(a0[..., None], edges), 0.0, cell) / cell
+
+    fx, fy = coverage(b[..., 0], b[..., 2]), coverage(b[..., 1], b[..., 3])
+    return BOX_MASK_LOGIT * (2.0 * fy[..., :, None] * fx[..., None, :] - 1.0)
+
+
+def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool) -> jax.Array:
+    """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
+    with the boxes also given as dense mask prompts when box_mask."""
+    mask_input = box_mask_prompt(boxes, model.config.img_size) if box_mask else None
+    return decode(model, variables, embeddings, boxes=boxes, mask_input=mask_input,
+                        multimask=False)["low_res_logits"][:, :, 0]

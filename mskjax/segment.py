@@ -37,73 +37,11 @@ from typing import Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-DEFAULT_SPLITS = {"synthetic": "test", "mura": "valid", "fracatlas": "valid"}
-# mura:DIR:tune / fracatlas:DIR:tune: the validation split mskjax.train carves from the official
-# train split (default data.valid_fraction and seed 0), which its classifier never trains on.
-TUNE_SPLIT = "tune"
-
-
-class InputError(ValueError):
-    """Inputs that cannot be resolved (unknown dataset kind, missing folder)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-def items_from_paths(paths: Sequence[str]):
-    """Items for files and folders (searched recursively for image files, sorted). A path that
-    does not exist still becomes an item, so the run reports it as unreadable."""
-    from mskjax.pipeline import Item
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(str(q) for q in Path(p).rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-            files += found
-        else:
-            files.append(p)
-    return [Item(path=os.path.abspath(f), study=os.path.dirname(os.path.abspath(f))) for f in files]
-
-
-def parse_dataset(spec: str) -> tuple[str, str, str]:
-    """'kind:DIR[:SPLIT]' -> (kind, DIR, SPLIT) with the kind's default split."""
-    kind, sep, rest = spec.partition(":")
-    if not sep or kind not in DEFAULT_SPLITS or not rest:
-        raise InputError(f"--dataset must be mura:DIR, fracatlas:DIR or synthetic:DIR (optionally :SPLIT); got {spec!r}")
-    root, split = rest, DEFAULT_SPLITS[kind]
-    if not os.path.isdir(rest) and ":" in rest:
-        head, tail = rest.rsplit(":", 1)
-        if tail and "/" not in tail:
-            root, split = head, tail
-    if not os.path.isdir(root):
-        raise InputError(f"--dataset {spec}: folder not found: {root}")
-    return kind, root, split
-
-
-def items_from_dataset(spec: str):
-    """(items, reader_skips [(where, reason)], description) for a dataset spec."""
-    from mskjax.pipeline import Item
-    kind, root, split = parse_dataset(spec)
-    if split == TUNE_SPLIT and kind in ("mura", "fracatlas"):
-        # The validation split mskjax.train carves from train (its default valid_fraction and seed):
-        # images the classifier did not train on, for choosing thresholds.
-        from mskjax.config_base import base_config
-        from mskjax.datasets import load_splits
-        data = base_config().data
-        data.dataset, data.root = kind, root
-        splits = load_splits(data, seed=0)
-        records, report = splits.records["valid"], [s for _, s in splits.skipped]
-    elif kind in ("mura", "synthetic"):
-        from mskjax.data.mura import read_mura
-        records, report = read_mura(root, split)
-    else:
-        from mskjax.data.fracatlas import read_fracatlas
-        records, report = read_fracatlas(root, splits=[split])
-    items = [Item(path=r.path, study=r.study, label=r.label, body_part=r.body_part, mask_path=r.mask_path,
-                  gt_boxes=tuple(r.boxes)) for r in records]
-    skips = [(s.where, f"[{s.kind}] {s.reason}") for s in report]
-    return items, skips, f"{kind} at {root}, split {split!r}"
-
+from mskjax import metrics, viz
+from mskjax.cam import METHODS
+from mskjax.inputs import InputError, items_from_dataset, items_from_paths
+from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
+from mskjax.weights.mapping import CheckpointMismatch
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -115,7 +53,6 @@ def _mean_entry(values: list[float]) -> dict:
 
 def image_measures(r) -> dict:
     """Per-image localisation / segmentation numbers against whatever ground truth r has."""
-    from mskjax import metrics
     out: dict = {"mask_area": int(r.mask.sum()), "has_gt_mask": r.gt_mask is not None}
     gt = r.gt_mask
     if gt is not None and gt.any():
@@ -133,7 +70,6 @@ def image_measures(r) -> dict:
 
 def summarise(results, measures: list[dict], threshold: float, bootstrap: int) -> dict:
     """Classification (when every image has a label), localisation and segmentation summaries."""
-    from mskjax import metrics
     out: dict = {}
     labels = [r.item.label for r in results]
     if results and all(lab is not None for lab in labels):
@@ -216,8 +152,6 @@ def _clean(o):
 def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstrap: int = 200,
         reader_skips=(), description: str = "", progress: bool = True) -> dict:
     """Runs `pipe` over `items` and writes every output into out_dir; returns metrics.json's dict."""
-    from mskjax import viz
-    from mskjax.pipeline import Unreadable, describe
     out = Path(out_dir)
     for sub in ("overlays", "masks", "thumbs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -284,7 +218,6 @@ def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstr
 
 
 def _write_html(out: Path, report: dict, results, measures, names, study_p, thr) -> None:
-    from mskjax import viz
     sections = []
     c = report["counts"]
     sections.append(("Run", viz.html_table(["", "value"], [
@@ -343,8 +276,6 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
 # CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from mskjax.cam import METHODS
-    from mskjax.pipeline import BOX_METHODS
     ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classifier", required=True, help="classifier checkpoint directory (e.g. WORKDIR/best)")
@@ -372,8 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--batch must be >= 1")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be >= 1")
-    from mskjax.pipeline import Pipeline, PipelineConfig, PipelineError
-    from mskjax.weights.mapping import CheckpointMismatch
     try:
         if args.images:
             items, skips, desc = items_from_paths(args.images), [], ""

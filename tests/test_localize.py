@@ -113,11 +113,11 @@ def test_components_and_box_curve_match_the_jax_implementation():
             labels = boxlib.connected_components(jnp.asarray(fg)[None])
             b, _, valid = boxlib.component_boxes(labels)
             want = np.asarray(b[0])[np.asarray(valid[0])]
-            got = localize.component_boxes(fg)
+            got = metrics.host_component_boxes(fg)
             assert sorted(map(tuple, got)) == sorted(map(tuple, want.astype(float)))
     want = np.asarray(metrics.best_box_iou_curve(jnp.asarray(maps, jnp.float32), jnp.asarray(gt, jnp.float32),
                                                  jnp.ones((3, 2), bool), jnp.asarray(thresholds, jnp.float32)))
-    got = np.stack([localize.best_box_iou_curve(m.astype(np.float32), g, thresholds.astype(np.float32))
+    got = np.stack([metrics.host_best_box_iou_curve(m.astype(np.float32), g, thresholds.astype(np.float32))
                     for m, g in zip(maps, gt)])
     np.testing.assert_allclose(got, want.T, atol=1e-6)
     # MaxBoxAccV2 at the tuned thresholds on the same images equals the library's best-threshold value.
@@ -142,16 +142,6 @@ def test_pxap_and_dice_match_metrics_on_pooled_maps():
     ref = np.asarray(metrics.dice_of_thresholded_map(maps, masks, localize.DICE_THRESHOLDS)).mean(1)
     assert t.dice == pytest.approx(localize.DICE_THRESHOLDS[np.argmax(ref)])
     assert localize.score_split(ms, t)["dice"]["mean"] == pytest.approx(ref.max(), abs=1e-12)
-
-
-@pytest.mark.parametrize("original_hw, mode", [((60, 37), "letterbox"), ((31, 80), "resize"), ((50, 50), "letterbox")])
-def test_map_to_original_equals_the_geometry_module(original_hw, mode):
-    from mskjax import geometry
-    from mskjax.data.preprocess import preprocess
-    _, geom = preprocess(np.zeros(original_hw, np.float32), 24, mode)
-    m = np.random.default_rng(2).random((24, 24))
-    np.testing.assert_allclose(localize.map_to_original(m, geom, original_hw),
-                               geometry.map_to_original(m, geom, original_hw), atol=1e-12)
 
 
 def test_bad_inputs_are_errors_naming_the_problem():
@@ -273,7 +263,7 @@ def test_frames_line_up_when_the_map_is_the_mask(synthetic):
     from mskjax.data.images import decode_image
     from mskjax.data.preprocess import preprocess
     from mskjax.pipeline import read_mask
-    from mskjax.segment import items_from_dataset
+    from mskjax.inputs import items_from_dataset
 
     items, _, _ = items_from_dataset(f"synthetic:{synthetic}:test")
     chosen, _ = localize.eligible_items(items)

@@ -19,8 +19,8 @@ from mskjax.data.images import decode_image
 from mskjax.data.mura import read_mura
 from mskjax.models import create
 from mskjax.models.sam import build_sam, sam_variable_shapes
-from mskjax.pipeline import (Item, Pipeline, PipelineConfig, PipelineError, content_mask, load_classifier,
-                             load_sam, sam_logits_to_original)
+from mskjax.checkpoint import load_classifier, load_sam
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, content_mask
 from mskjax.weights.mapping import CheckpointMismatch
 from mskjax.weights.sam import sam_metadata
 
@@ -150,7 +150,8 @@ def test_step_outputs_equal_their_parts(setup):
 
     # Back to the original frame: the numpy path equals mskjax.sam.postprocess.
     h0, w0 = images[0].shape
-    mine = sam_logits_to_original(out["gt_mask_logits"][0], batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE)
+    mine = samfn.postprocess_host(out["gt_mask_logits"][0], batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE,
+                                  return_logits=True)
     ref = samfn.postprocess(jnp.asarray(out["gt_mask_logits"][0]), batch["sam_input_sizes"][0], (h0, w0), SAM_SIZE,
                             return_logits=True)
     np.testing.assert_allclose(mine, np.asarray(ref), atol=1e-3)
@@ -158,7 +159,7 @@ def test_step_outputs_equal_their_parts(setup):
 
 def test_per_image_normalisation_reaches_the_classifier(setup, tmp_path):
     """A checkpoint trained with data.normalization = "per_image" gets each image standardised in
-    the pipeline too, as in training (train.prepare_images)."""
+    the pipeline too, as in training (mskjax.classifier.prepare_images)."""
     pipe, records, _, _ = setup
     norm = {"input_range": [0.0, 1.0], "mean": [0.0], "std": [1.0], "per_image": True}
     cls_dir, sam_dir = make_checkpoints(tmp_path, "letterbox", norm=norm)

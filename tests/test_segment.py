@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mskjax import demo, segment
+from mskjax import demo, inputs, segment
 
 def _pipeline_helpers():
     """test_pipeline.py's checkpoint and data builders (tests/ is not a package: load by path)."""
@@ -132,12 +132,12 @@ def test_errors_name_the_path(ckpts, tmp_path, capsys):
 
 def test_dataset_spec_and_names(tmp_path):
     (tmp_path / "d").mkdir()
-    assert segment.parse_dataset(f"synthetic:{tmp_path / 'd'}") == ("synthetic", str(tmp_path / "d"), "test")
-    assert segment.parse_dataset(f"mura:{tmp_path / 'd'}:train") == ("mura", str(tmp_path / "d"), "train")
-    assert segment.parse_dataset(f"fracatlas:{tmp_path / 'd'}")[2] == "valid"
+    assert inputs.parse_dataset(f"synthetic:{tmp_path / 'd'}") == ("synthetic", str(tmp_path / "d"), "test")
+    assert inputs.parse_dataset(f"mura:{tmp_path / 'd'}:train") == ("mura", str(tmp_path / "d"), "train")
+    assert inputs.parse_dataset(f"fracatlas:{tmp_path / 'd'}")[2] == "valid"
     a = segment.output_name(3, "/x/train/XR_HAND/patient1/study1_positive/image1.png")
     assert a == "0003_XR_HAND_patient1_study1_positive_image1"
-    items = segment.items_from_paths([str(tmp_path)])
+    items = inputs.items_from_paths([str(tmp_path)])
     assert items == []
 
 
@@ -188,10 +188,10 @@ def test_demo_summary_reads_the_segment_metrics(tmp_path):
 
 def test_fracatlas_tune_split_is_the_trainers_carved_valid(shared_data):
     """fracatlas:DIR:tune names exactly the images mskjax.train validates on (never trained on)."""
-    from mskjax.config_base import base_config
-    from mskjax.datasets import load_splits
+    from mskjax.data.splits import load_splits
+    from mskjax.train.config import base_config
     root = str(shared_data / "fracatlas")
-    items, _, desc = segment.items_from_dataset(f"fracatlas:{root}:tune")
+    items, _, desc = inputs.items_from_dataset(f"fracatlas:{root}:tune")
     data = base_config().data
     data.dataset, data.root = "fracatlas", root
     splits = load_splits(data, seed=0)

@@ -507,7 +507,7 @@ def jax_pipeline_worker(job: dict) -> dict:
     jax = _jax_setup(job.get("cache_dir"))
     import jax.numpy as jnp
 
-    from mskjax.data.preprocess import IMAGENET_NORMALIZATION
+    from mskjax.classifier import IMAGENET_NORMALIZATION
     from mskjax.models import create
     from mskjax.models.sam.sam import build_sam, init_sam_variables
     from mskjax.pipeline import Pipeline, PipelineConfig

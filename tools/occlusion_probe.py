@@ -73,8 +73,8 @@ def main(argv=None) -> int:
 
     from mskjax.data.mura import read_mura
     from mskjax.data.preprocess import preprocess
-    from mskjax.pipeline import load_classifier
-    from mskjax.train import normalization_from_metadata, prepare_images, probabilities
+    from mskjax.checkpoint import load_classifier
+    from mskjax.classifier import normalization_from_metadata, prepare_images, probabilities
 
     model, variables, meta = load_classifier(args.classifier)
     data = meta.get("data", {})

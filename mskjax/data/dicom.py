@@ -35,12 +35,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
-from mskjax.data.images import (
+from mskjax.data.decoded import (
     DEFAULT_MAX_PIXELS,
     Decoded,
     ImageDecodeError,
-    _check_is_file,
-    _check_pixel_count,
+    check_is_file,
+    check_pixel_count,
     rgb_to_gray,
 )
 
@@ -65,7 +65,7 @@ def decode_dicom(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
         `max_pixels` pixels.
     """
     path = os.path.abspath(os.fspath(path))
-    _check_is_file(path)
+    check_is_file(path)
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as e:
@@ -87,7 +87,7 @@ def decode_dicom(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
         raise ImageDecodeError(path, f"multi-frame DICOM ({frames} frames) is not supported")
     if photometric not in _MONOCHROME + _COLOUR:
         raise ImageDecodeError(path, f"unsupported Photometric Interpretation {photometric!r}")
-    _check_pixel_count(path, rows, cols, max_pixels)
+    check_pixel_count(path, rows, cols, max_pixels)
 
     tsyntax = _transfer_syntax(ds)
     if tsyntax is not None and tsyntax.is_compressed:

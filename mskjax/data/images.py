@@ -37,8 +37,6 @@ Choices, and why:
 """
 from __future__ import annotations
 
-import dataclasses
-import errno
 import io
 import os
 import zlib
@@ -46,6 +44,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from mskjax.data.decoded import (DEFAULT_MAX_PIXELS, LUMA_WEIGHTS, Decoded, ImageDecodeError, check_is_file,
+                                 check_pixel_count, rgb_to_gray)
+from mskjax.data.dicom import decode_dicom
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -56,56 +58,11 @@ __all__ = [
     "LUMA_WEIGHTS",
 ]
 
-# 8192 x 8192: larger than any radiograph detector (43 cm at 0.05 mm is 8600 px on one side, but
-# clinical exports are at most ~4300 px), and below Pillow's warning threshold (~89.5 M pixels).
-DEFAULT_MAX_PIXELS = 8192 * 8192
-
-# ITU-R BT.601 luma weights (R, G, B).
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
 # Start-of-frame markers carry the image size (all but DHT C4, JPG C8, DAC CC).
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _EXIF_ORIENTATION_TAG = 0x0112
-
-
-class ImageDecodeError(ValueError):
-    """A file exists but cannot be decoded into an image. `path` and `reason` are kept as attributes."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"cannot decode image {self.path!r}: {reason}")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Decoded:
-    """One decoded radiograph.
-
-    Attributes:
-      image: float32 (H, W), values in [0, 1], displayed frame, 0 = black.
-      original_size: (H, W) of `image`, i.e. of the displayed frame (after EXIF orientation).
-      bits_stored: significant bits per sample: PNG sBIT when present else the PNG/JPEG sample depth;
-        DICOM BitsStored. Informational: see the module docstring for how values are scaled.
-      bits_allocated: bits per sample in the container (8 or 16 for PNG/JPEG; DICOM BitsAllocated).
-      path: the file decoded, as given (made absolute).
-      source_format: "JPEG", "PNG" or "DICOM".
-      source_mode: Pillow mode of the stored image ("L", "I;16", "RGB", ...) or the DICOM
-        Photometric Interpretation ("MONOCHROME1", ...).
-      exif_orientation: the EXIF orientation (1..8) applied to reach the displayed frame; 1 = none.
-      pixel_spacing: (row, col) spacing in mm (DICOM PixelSpacing or ImagerPixelSpacing), else None.
-    """
-
-    image: np.ndarray
-    original_size: tuple[int, int]
-    bits_stored: int
-    bits_allocated: int
-    path: str
-    source_format: str
-    source_mode: str
-    exif_orientation: int = 1
-    pixel_spacing: tuple[float, float] | None = None
 
 
 def decode_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoded:
@@ -126,12 +83,11 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
         unsupported pixel mode, or an image larger than `max_pixels`.
     """
     path = os.path.abspath(os.fspath(path))
-    _check_is_file(path)
+    check_is_file(path)
     with open(path, "rb") as f:
         data = f.read()
     kind = _sniff(data, path)
     if kind == "DICOM":
-        from mskjax.data.dicom import decode_dicom  # deferred: dicom.py imports this module
 
         return decode_dicom(path, max_pixels=max_pixels)
 
@@ -140,7 +96,7 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MA
     else:
         header = _jpeg_structure(data, path)
     width, height = header["width"], header["height"]
-    _check_pixel_count(path, height, width, max_pixels)
+    check_pixel_count(path, height, width, max_pixels)
 
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as im:
@@ -208,13 +164,6 @@ def apply_exif_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB in any numeric dtype -> (...) float64 luma with `LUMA_WEIGHTS`, same units."""
-    rgb = np.asarray(rgb, dtype=np.float64)
-    r, g, b = LUMA_WEIGHTS
-    return rgb[..., 0] * r + rgb[..., 1] * g + rgb[..., 2] * b
-
-
 def read_yolo_boxes(
     path: str | os.PathLike, width: int, height: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -271,24 +220,6 @@ def read_yolo_boxes(
 
 # --------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _check_is_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, f"no such image file: {path!r}", path)
-    if os.path.isdir(path):
-        raise ImageDecodeError(path, "is a directory, not an image file")
-
-
-def _check_pixel_count(path: str, height: int, width: int, max_pixels: int | None) -> None:
-    if height <= 0 or width <= 0:
-        raise ImageDecodeError(path, f"header gives an empty image ({width}x{height})")
-    if max_pixels is not None and height * width > max_pixels:
-        raise ImageDecodeError(
-            path,
-            f"image is {width}x{height} = {height * width} pixels, more than max_pixels={max_pixels}"
-            " (possible decompression bomb; raise max_pixels if the file is trusted)",
-        )
 
 
 def _sniff(data: bytes, path: str) -> str:

@@ -1,4 +1,4 @@
-"""Decoded radiograph -> fixed-size model input on the host, and intensity normalisation.
+"""Decoded radiograph -> fixed-size model input on the host.
 
 `preprocess` turns one decoded gray image (H0, W0) float32 in [0, 1] into an (S, S, C) float32
 array plus the `mskjax.geometry.Geometry` that maps boxes and maps between the two frames.
@@ -24,27 +24,19 @@ Modes:
   **value 0 (black), content centred** (`letterbox_geometry(align="center")`). 0 is the background
   of a radiograph, so the padding looks like collimated air rather than a new structure.
 
-Normalisation is separate (`normalize`), applied after augmentation, on [0, 1] inputs.
+Normalisation is the classifier's (`mskjax.classifier.prepare_images`), applied after augmentation, on
+[0, 1] inputs.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from mskjax.geometry import Geometry, letterbox_geometry, resize_geometry
 
-__all__ = ["MODES", "IMAGENET_NORMALIZATION", "preprocess", "resize_image", "normalize"]
+__all__ = ["MODES", "preprocess", "resize_image"]
 
 MODES = ("resize", "letterbox")
-
-# torchvision / timm ImageNet statistics for RGB inputs in [0, 1].
-IMAGENET_NORMALIZATION = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a float (H, W) image to (height, width) with Pillow's antialiased bilinear filter.
@@ -109,42 +101,3 @@ def preprocess(
 def _scalar_geometry(geom: Geometry) -> Geometry:
     """Geometry with plain Python float fields (numpy 0-d arrays stack and serialise awkwardly)."""
     return Geometry(*(float(f) for f in geom._data()), input_h=geom.input_h, input_w=geom.input_w)
-
-
-def normalize(images: Any, normalization: Mapping[str, Sequence[float]] | None) -> Any:
-    """Standardise [0, 1] images per channel: (x - mean) / std, over the last (channel) axis.
-
-    Args:
-      images: (..., C) numpy or JAX array (jit-able) with values in [0, 1].
-      normalization: None (returns `images` unchanged) or {"mean": [...], "std": [...]} with
-        1 or C entries each (1 entry broadcasts over all channels). Other keys are an error.
-
-    Returns:
-      the same kind of array as `images` (numpy in, numpy out; JAX in, JAX out), float32 unless the
-      input is float64 numpy.
-    """
-    if normalization is None:
-        return images
-    if not isinstance(normalization, Mapping):
-        raise ValueError(f"normalization must be None or a mapping with 'mean' and 'std'; got {normalization!r}")
-    unknown = set(normalization) - {"mean", "std"}
-    if unknown or not {"mean", "std"} <= set(normalization):
-        raise ValueError(f"normalization needs exactly the keys 'mean' and 'std'; got {sorted(normalization)}")
-    mean = np.asarray(normalization["mean"], dtype=np.float64).reshape(-1)
-    std = np.asarray(normalization["std"], dtype=np.float64).reshape(-1)
-    channels = images.shape[-1]
-    for name, v in (("mean", mean), ("std", std)):
-        if v.size not in (1, channels):
-            raise ValueError(f"normalization {name} has {v.size} values but the images have {channels} channels")
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"normalization {name} must be finite; got {v.tolist()}")
-    if np.any(std <= 0):
-        raise ValueError(f"normalization std must be positive; got {std.tolist()}")
-    if isinstance(images, jax.Array):
-        dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32
-        x = images.astype(dtype)
-        return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
-    x = np.asarray(images)
-    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
-    x = x.astype(dtype, copy=False)
-    return ((x - mean.astype(dtype)) / std.astype(dtype)).astype(dtype, copy=False)

@@ -78,6 +78,7 @@ from etils import epath
 from mskjax.data import fracatlas as _fracatlas
 from mskjax.data import mura as _mura
 from mskjax.data.images import decode_image
+from mskjax.data.preprocess import resize_image
 from mskjax.data.records import Record, SkipReport
 
 __all__ = [
@@ -343,7 +344,6 @@ def _fit(h: int, w: int, max_side: int | None) -> tuple[int, int]:
 
 
 def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    from mskjax.data.preprocess import resize_image  # deferred: preprocess imports jax
 
     return resize_image(image, h, w)
 

@@ -93,7 +93,6 @@ class ResNet(SplitModel):
         return ("stem", "layer1", "layer2", "layer3", "layer4")
 
     def _layers(self):
-        from functools import partial
         bn = partial(BatchNorm, epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype)
 
         def conv(features, kernel, stride, name):

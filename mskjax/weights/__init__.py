@@ -14,149 +14,120 @@ Sources and what `arch` names:
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mskjax.weights.mapping import CheckpointMismatch, to_numpy
+from mskjax.classifier import IMAGENET_NORMALIZATION
+from mskjax.models import create, default_variant
+from mskjax.weights import keras, timm
+from mskjax.weights import torchvision as tv
+from mskjax.weights.mapping import CheckpointMismatch, read_torch_state_dict, to_numpy
 
 __all__ = ["CheckpointMismatch", "from_state_dict", "load", "variant_for", "checkpoint_classes", "read_torch_state_dict",
            "read_state_dict", "model_arch", "normalization_for", "source_details", "SOURCES"]
 
-SOURCES = ("torchvision", "timm", "keras")
-
 HEAD = {"resnet": "fc", "efficientnet": "classifier"}
 STEM = {"resnet": "conv1", "efficientnet": "stem_conv"}
 
-# What each source's models expect as input: [0, 1] RGB, then this mean/std.
-IMAGENET_NORMALIZATION = {"input_range": [0.0, 1.0], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What one checkpoint source supplies: each field a function of the source's model name."""
+
+    arch_for: Callable[[str], str]  # our architecture name
+    variant: Callable[[str], dict]  # variant settings (padding, BatchNorm) for mskjax.models.create
+    normalization: Callable[[str, Mapping | None], dict]  # input the model expects (may read the file)
+    details: Callable[[str, Mapping], dict]  # source-specific facts for the checkpoint's metadata
+    read: Callable[[str | Path], dict]  # file -> flat {key: numpy}
+    head_key: Callable[[str], str | None]  # state-dict key whose first dimension is the class count
+    classes: Callable[[str, Mapping], int | None] | None  # class count when no head_key says it
+    convert: Callable[[Mapping, str, Any], dict]  # flat state dict -> {"params", "batch_stats"}
 
 
-def _check_source(source: str) -> None:
-    if source not in SOURCES:
+def _keras_normalization(name: str, state_dict: Mapping | None) -> dict:
+    if keras.arch_for(name) == "resnet50_v1":
+        return keras.resnet_normalization()
+    if state_dict is None:
+        raise ValueError("Keras normalisation is read from the weight file: pass its state_dict")
+    return keras.normalization(state_dict)
+
+
+def _keras_details(name: str, state_dict: Mapping) -> dict:
+    if keras.arch_for(name) == "resnet50_v1":
+        return {"name": name, "keras_input_range": [0, 255],
+                "keras_preprocessing": "caffe (BGR, mean subtraction) outside the model; "
+                                       "our stem takes RGB (kernel channels reversed)"}
+    rescale, why = keras.imagenet_rescaling(state_dict)
+    return {"name": name, "keras_input_range": [0, 255], "imagenet_rescaling": rescale,
+            "imagenet_rescaling_reason": why}
+
+
+SOURCE_TABLE: dict[str, Source] = {
+    "torchvision": Source(
+        arch_for=lambda name: name, variant=default_variant,
+        normalization=lambda name, sd: dict(IMAGENET_NORMALIZATION), details=lambda name, sd: {},
+        read=read_torch_state_dict,
+        head_key=lambda name: "fc.weight" if tv.family(name) == "resnet" else "classifier.1.weight",
+        classes=None, convert=tv.convert_state_dict),
+    "timm": Source(
+        arch_for=timm.arch_for, variant=timm.variant, normalization=lambda name, sd: timm.normalization(name),
+        details=lambda name, sd: {"name": name}, read=timm.read_state_dict, head_key=timm.head_key,
+        classes=None, convert=timm.convert_state_dict),
+    "keras": Source(
+        arch_for=keras.arch_for, variant=keras.variant, normalization=_keras_normalization,
+        details=_keras_details, read=keras.read_weights, head_key=lambda name: None,
+        classes=lambda name, sd: keras.head_classes(sd), convert=keras.convert_state_dict),
+}
+SOURCES = tuple(SOURCE_TABLE)
+
+
+def _source(source: str) -> Source:
+    if source not in SOURCE_TABLE:
         raise ValueError(f"unknown checkpoint source {source!r}: expected one of {list(SOURCES)}")
+    return SOURCE_TABLE[source]
 
 
 def model_arch(source: str, arch: str) -> str:
     """Our architecture name for a source's model name ("tf_efficientnet_b3" -> "efficientnet_b3")."""
-    _check_source(source)
-    if source == "timm":
-        from mskjax.weights import timm
-        return timm.arch_for(arch)
-    if source == "keras":
-        from mskjax.weights import keras
-        return keras.arch_for(arch)
-    return arch
+    return _source(source).arch_for(arch)
 
 
 def variant_for(source: str, arch: str) -> dict[str, Any]:
     """Variant settings a checkpoint from `source` needs for `arch` (padding, BatchNorm)."""
-    from mskjax.models import default_variant
-    _check_source(source)
-    if source == "timm":
-        from mskjax.weights import timm
-        return timm.variant(arch)
-    if source == "keras":
-        from mskjax.weights import keras
-        return keras.variant(arch)
-    return default_variant(arch)
+    return _source(source).variant(arch)
 
 
 def normalization_for(source: str, arch: str, state_dict: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """{"input_range", "mean", "std"} the source's model expects (see mskjax.checkpoint). Keras reads
     its Normalization statistics from `state_dict` (`read_state_dict("keras", path)`)."""
-    _check_source(source)
-    if source == "timm":
-        from mskjax.weights import timm
-        return timm.normalization(arch)
-    if source == "keras":
-        from mskjax.weights import keras
-        if keras.arch_for(arch) == "resnet50_v1":
-            return keras.resnet_normalization()
-        if state_dict is None:
-            raise ValueError("Keras normalisation is read from the weight file: pass its state_dict")
-        return keras.normalization(state_dict)
-    return dict(IMAGENET_NORMALIZATION)
+    return _source(source).normalization(arch, state_dict)
 
 
 def source_details(source: str, arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Source-specific facts for a checkpoint's metadata ("source" entry)."""
-    _check_source(source)
-    if source == "timm":
-        return {"name": arch}
-    if source == "keras":
-        from mskjax.weights import keras
-        if keras.arch_for(arch) == "resnet50_v1":
-            return {"name": arch, "keras_input_range": [0, 255],
-                    "keras_preprocessing": "caffe (BGR, mean subtraction) outside the model; "
-                                           "our stem takes RGB (kernel channels reversed)"}
-        rescale, why = keras.imagenet_rescaling(state_dict)
-        return {"name": arch, "keras_input_range": [0, 255], "imagenet_rescaling": rescale,
-                "imagenet_rescaling_reason": why}
-    return {}
-
-
-def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A `.pth` file -> flat {key: float32 numpy}. Accepts a bare state dict or one wrapped under
-    "state_dict" / "model". Loads with `weights_only=True` (no arbitrary pickles)."""
-    import torch  # optional dependency: pip install mskjax[convert]
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign files
-        raise CheckpointMismatch(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise CheckpointMismatch(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: to_numpy(v) for k, v in obj.items()}
+    return _source(source).details(arch, state_dict)
 
 
 def read_state_dict(source: str, path: str | Path) -> dict[str, np.ndarray]:
     """Reads a checkpoint file of `source` into a flat {key: numpy} dict."""
-    _check_source(source)
-    if source == "timm":
-        from mskjax.weights import timm
-        return timm.read_state_dict(path)
-    if source == "keras":
-        from mskjax.weights import keras
-        return keras.read_weights(path)
-    return read_torch_state_dict(path)
+    return _source(source).read(path)
 
 
 def checkpoint_classes(source: str, arch: str, state_dict: Mapping[str, Any]) -> int | None:
     """Number of logits of the checkpoint's classifier (None: a Keras file without its top)."""
-    _check_source(source)
-    if source == "keras":
-        from mskjax.weights import keras
-        return keras.head_classes(state_dict)
-    if source == "timm":
-        from mskjax.weights import timm
-        key = timm.head_key(arch)
-    else:
-        from mskjax.weights import torchvision as tv
-        key = "fc.weight" if tv.family(arch) == "resnet" else "classifier.1.weight"
+    src = _source(source)
+    key = src.head_key(arch)
+    if key is None:
+        return src.classes(arch, state_dict)
     if key not in state_dict:
         raise CheckpointMismatch(f"{source} {arch} checkpoint has no {key}: cannot tell its number of classes "
                                  "(is it the right architecture?)")
     return int(np.shape(state_dict[key])[0])
-
-
-def _convert(source: str, arch: str, state_dict: Mapping[str, np.ndarray], expected) -> dict:
-    if source == "timm":
-        from mskjax.weights import timm
-        return timm.convert_state_dict(state_dict, arch, expected)
-    if source == "keras":
-        from mskjax.weights import keras
-        return keras.convert_state_dict(state_dict, arch, expected)
-    from mskjax.weights import torchvision as tv
-    return tv.convert_state_dict(state_dict, arch, expected)
 
 
 def from_state_dict(source: str, arch: str, state_dict: Mapping[str, Any], num_classes: int | None = None,
@@ -169,8 +140,6 @@ def from_state_dict(source: str, arch: str, state_dict: Mapping[str, Any], num_c
     output. A `num_classes` other than the checkpoint's keeps the backbone and initialises a new
     head from `seed` (fine-tuning); a checkpoint without a head (Keras `_notop`) needs `num_classes`.
     """
-    from mskjax.models import create
-    from mskjax.weights import torchvision as tv
     ours = model_arch(source, arch)
     fam = tv.family(ours)
     state_dict = {k: to_numpy(v) for k, v in state_dict.items()}
@@ -183,7 +152,7 @@ def from_state_dict(source: str, arch: str, state_dict: Mapping[str, Any], num_c
     head_width = expected["params"][HEAD[fam]]["kernel"].shape[0]  # features feeding the classifier
     if ckpt_classes is None:  # nothing in the file for the head: map the backbone only
         expected = {c: {k: v for k, v in tree.items() if k != HEAD[fam]} for c, tree in expected.items()}
-    variables = _convert(source, arch, state_dict, expected)
+    variables = _source(source).convert(state_dict, arch, expected)
     if in_channels == 1:
         k = variables["params"][STEM[fam]]["kernel"]
         variables["params"][STEM[fam]]["kernel"] = k.sum(axis=2, keepdims=True)

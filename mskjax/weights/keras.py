@@ -37,13 +37,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mskjax.classifier import IMAGENET_MEAN, IMAGENET_STD
+from mskjax.models import default_variant
 from mskjax.weights.mapping import CheckpointMismatch, Target, map_state_dict
 
 # keras/src/applications/efficientnet.py: the constant of the Rescaling that Keras adds for weights="imagenet".
-IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+IMAGENET_STDDEV_RGB = IMAGENET_STD  # Keras' name for the same statistics
 # What Keras' published EfficientNet files store in their Normalization layer (mean, and the standard
 # deviations as "variance": tensorflow/tensorflow#49930).
-PUBLISHED_NORMALIZATION_MEAN = (0.485, 0.456, 0.406)
+PUBLISHED_NORMALIZATION_MEAN = IMAGENET_MEAN
 PUBLISHED_NORMALIZATION_VARIANCE = IMAGENET_STDDEV_RGB
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(), the floor of Normalization's sqrt(variance)
 
@@ -87,7 +89,6 @@ def variant(name: str) -> dict:
     stride on the first 1x1 conv, conv biases, eps 1.001e-5, momentum 0.01)."""
     arch = arch_for(name)
     if arch == "resnet50_v1":
-        from mskjax.models import default_variant
         return default_variant(arch)
     return {"padding": "same", "bn_epsilon": 1e-3, "bn_momentum": 0.01}
 
@@ -98,7 +99,7 @@ def read_weights(path: str | Path) -> dict[str, np.ndarray]:
     """A Keras weight file (`.h5` legacy or Keras 3 `.weights.h5`, or a `.keras` archive) -> flat
     {"<layer>/<variable>": numpy} plus RESCALING_COUNT_KEY. Raises FileNotFoundError for a missing
     file and CheckpointMismatch for one that is not a Keras weight file."""
-    import h5py
+    import h5py  # optional dependency: pip install mskjax[convert]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Keras weight file not found: {path}")

@@ -7,6 +7,7 @@ filled, and every shape must match: otherwise `CheckpointMismatch` lists all pro
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -88,3 +89,22 @@ def _unfreeze(tree):
     if hasattr(tree, "unfreeze"):
         return tree.unfreeze()
     return dict(tree)
+
+
+def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A `.pth` file -> flat {key: float32 numpy}. Accepts a bare state dict or one wrapped under
+    "state_dict" / "model". Loads with `weights_only=True` (no arbitrary pickles)."""
+    import torch  # optional dependency: pip install mskjax[convert]
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise CheckpointMismatch(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatch(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: to_numpy(v) for k, v in obj.items()}

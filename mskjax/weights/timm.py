@@ -25,14 +25,15 @@ from typing import Mapping
 
 import numpy as np
 
-from mskjax.weights.mapping import CheckpointMismatch, Target, map_state_dict, to_numpy
+from mskjax.classifier import IMAGENET_MEAN, IMAGENET_STD
+from mskjax.weights.mapping import CheckpointMismatch, Target, map_state_dict, read_torch_state_dict, to_numpy
 from mskjax.weights.torchvision import _leaf, resnet_key, torch_tensor_to_flax
 
 _NAME = re.compile(r"(resnet(?:18|34|50|101|152)|(tf_)?efficientnet_(b[0-7]))(?:\.(\w+))?")
 
 # timm's pretrained_cfg mean/std of each name's default tag (timm 1.0.31); used only when timm is not
 # installed. tests/parity/test_timm.py checks this table against timm.
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 _INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 DEFAULT_TAG_MEAN_STD = {
     **{f"resnet{d}": _IMAGENET for d in (18, 34, 50, 101, 152)},
@@ -71,7 +72,7 @@ def normalization(name: str) -> dict:
     default tags, and a tagged name raises ValueError."""
     base, tag = parse_name(name)
     try:
-        from timm.models import get_pretrained_cfg
+        from timm.models import get_pretrained_cfg  # optional: authoritative where installed
     except ImportError:
         if tag is not None:
             raise ValueError(f"the normalisation of timm {name!r} needs timm installed (only default tags are pinned)")
@@ -123,11 +124,10 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     Hugging Face hub) or a PyTorch `.pth` / `.bin` (bare or under "state_dict" / "model")."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        from mskjax.weights import read_torch_state_dict
         return read_torch_state_dict(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file  # optional: comes with timm / huggingface_hub
     try:
         raw = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for damaged headers

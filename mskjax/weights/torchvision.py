@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mskjax.weights.mapping import TorchKey, Target
+from mskjax.weights.mapping import Target, TorchKey, map_state_dict
 
 
 def resnet_key(key: str, tree_has) -> Target | None:
@@ -99,6 +99,5 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str, expected
     Returns {"params", "batch_stats"} as numpy float32. Raises CheckpointMismatch naming every
     unexpected key, missing leaf and shape mismatch.
     """
-    from mskjax.weights.mapping import map_state_dict
     return map_state_dict(state_dict, KEY_MAPS[family(arch)], torch_tensor_to_flax, expected,
                           source=f"torchvision {arch}")

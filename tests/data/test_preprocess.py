@@ -1,13 +1,12 @@
 """preprocess (resize / letterbox) and normalize."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mskjax.data.preprocess import IMAGENET_NORMALIZATION, normalize, preprocess, resize_image
+from mskjax.data.preprocess import preprocess, resize_image
 from mskjax.geometry import boxes_to_input
 
 
@@ -91,29 +90,3 @@ def test_preprocess_rejects_bad_input(kwargs, match):
         preprocess(**kwargs)
 
 
-def test_normalize_numpy_and_jax_agree_and_are_per_channel():
-    x = np.random.default_rng(4).random((2, 5, 5, 3), dtype=np.float32)
-    want = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    got_np = normalize(x, IMAGENET_NORMALIZATION)
-    got_jnp = normalize(jnp.asarray(x), IMAGENET_NORMALIZATION)
-    assert isinstance(got_np, np.ndarray) and got_np.dtype == np.float32
-    assert got_jnp.dtype == jnp.float32
-    np.testing.assert_allclose(got_np, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(got_jnp), want, rtol=1e-6, atol=1e-6)
-    assert normalize(x, None) is x
-
-
-def test_normalize_single_value_broadcasts():
-    x = np.full((1, 2, 2, 3), 0.75, np.float32)
-    np.testing.assert_allclose(normalize(x, {"mean": [0.5], "std": [0.25]}), 1.0)
-
-
-@pytest.mark.parametrize("norm,match", [
-    ({"mean": [0.5]}, "exactly the keys"),
-    ({"mean": [0.5], "std": [0.2], "scale": 2}, "exactly the keys"),
-    ({"mean": [0.5, 0.5], "std": [0.2]}, "2 values"),
-    ({"mean": [0.5], "std": [0.0]}, "positive"),
-])
-def test_normalize_rejects_bad_config(norm, match):
-    with pytest.raises(ValueError, match=match):
-        normalize(np.zeros((1, 2, 2, 3), np.float32), norm)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from mskjax.data import synthetic
-from mskjax.data import synthetic_anatomy as anat
-from mskjax.data import synthetic_lesions as les
+from mskjax.data.synthetic import anatomy as anat
+from mskjax.data.synthetic import lesions as les
 
 N_STUDIES = 110
 SEED = 3
@@ -189,7 +189,7 @@ def test_abnormality_is_drawn_inside_its_mask(part, kind):
     subject = anat.Subject()
     pose = anat.draw_pose(part, np.random.default_rng(0), 0)
     anatomy = anat.build(part, subject, pose)
-    base = anat.build(part, subject, dict(synthetic._CANONICAL_POSE))
+    base = anat.build(part, subject, dict(synthetic.dataset._CANONICAL_POSE))
     abns = les.draw_abnormalities(np.random.default_rng(7), kind, base, synthetic.unit_mm(base))
     with_ab, masks, _ = synthetic.render_view(np.random.default_rng(11), anatomy, abns, (200, 200))
     without, none, _ = synthetic.render_view(np.random.default_rng(11), anatomy, [], (200, 200))
@@ -241,7 +241,7 @@ def _draws(kind: str, conspicuity: str, per_part: int = 12) -> list:
     for part in anat.PARTS:
         for i in range(per_part):
             rng = np.random.default_rng(i)
-            base = anat.build(part, anat.draw_subject(rng), dict(synthetic._CANONICAL_POSE))
+            base = anat.build(part, anat.draw_subject(rng), dict(synthetic.dataset._CANONICAL_POSE))
             for ab in les.draw_abnormalities(rng, kind, base, synthetic.unit_mm(base), 1.0, conspicuity):
                 seg = base.bones[ab.bone].segs[ab.seg]
                 out.append((ab, seg.radius_at(ab.t * seg.frame()[3]) if kind != "hardware" else None))
@@ -271,7 +271,7 @@ def test_high_conspicuity_lesions_are_deep_and_reach_the_cortex():
     assert [repr(a) for a, _ in _draws("hardware", "high", 4)] == [repr(a) for a, _ in _draws("hardware", "realistic", 4)]
     with pytest.raises(ValueError, match="conspicuity"):
         les.draw_abnormalities(np.random.default_rng(0), "lesion", anat.build("XR_HAND", anat.draw_subject(
-            np.random.default_rng(0)), dict(synthetic._CANONICAL_POSE)), 1.0, 1.0, "loud")
+            np.random.default_rng(0)), dict(synthetic.dataset._CANONICAL_POSE)), 1.0, 1.0, "loud")
 
 
 def test_conspicuity_is_part_of_the_dataset_identity(tmp_path):

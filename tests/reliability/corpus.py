@@ -5,7 +5,7 @@ A case ends in one of four expected ways:
 
 * ``error``: raises one of `Case.error` whose message contains `Case.mentions` (the path, field or
   row at fault; ``{tmp}`` in it stands for the case's folder).
-* ``message``: the API reports through its return value (``train.check_overrides``): a non-empty
+* ``message``: the API reports through its return value (``mskjax.train.__main__.check_overrides``): a non-empty
   string containing `mentions`.
 * ``skip``: inside a dataset run (reader or loader), returns a `SkipReport` (alone, or as the second
   item of ``(records, report)``) with an entry of `Case.skip_kind` whose "where: reason" contains
@@ -659,13 +659,13 @@ TINY_CONFIG = REPO / "tests" / "train" / "tiny_config.py"
 
 def _overrides(*args: str, config: str | None = None) -> Callable[[Path], Any]:
     def run(tmp: Path):
-        from mskjax.train import check_overrides
+        from mskjax.train.__main__ import check_overrides
         return check_overrides(["train", f"--config={config or TINY_CONFIG}", *args])
     return run
 
 
 def _no_get_config(tmp: Path):
-    from mskjax.train import check_overrides
+    from mskjax.train.__main__ import check_overrides
     p = tmp / "empty_config.py"
     p.write_text("X = 1\n")
     return check_overrides(["train", f"--config={p}"])
@@ -674,7 +674,7 @@ def _no_get_config(tmp: Path):
 def _assign(field: str, value) -> Callable[[Path], Any]:
     """Sets a field of the locked base config as a `--config.a.b=v` override would."""
     def run(tmp: Path):
-        from mskjax.config_base import base_config
+        from mskjax.train.config import base_config
         c = base_config()
         c.lock()
         section, name = field.split(".")
@@ -685,7 +685,7 @@ def _assign(field: str, value) -> Callable[[Path], Any]:
 
 def _validate(num_devices: int = 1, **fields) -> Callable[[Path], Any]:
     def run(tmp: Path):
-        from mskjax.config_base import base_config, validate
+        from mskjax.train.config import base_config, validate
         c = base_config()
         for dotted, value in fields.items():
             section, name = dotted.split("__")
@@ -696,7 +696,7 @@ def _validate(num_devices: int = 1, **fields) -> Callable[[Path], Any]:
 
 
 def _config_error(id, field, num_devices=1, gap="", **fields) -> Case:
-    from mskjax.config_base import ConfigError
+    from mskjax.train.config import ConfigError
     return Case(id, "config", _validate(num_devices, **fields), "error", (ConfigError,), f"config.{field}",
                 known_gap=gap)
 
@@ -728,8 +728,8 @@ def _save_classifier(tmp: Path, arch: str, claimed_arch: str | None = None, **me
 
 def _init_from_wrong_arch(tmp: Path):
     import jax
-    from mskjax.config_base import base_config
-    from mskjax.train import variables_from_checkpoint
+    from mskjax.train.config import base_config
+    from mskjax.train.classifier import variables_from_checkpoint
     directory = _save_classifier(tmp, "resnet18")
     c = base_config()
     c.model.arch, c.data.image_size = "resnet34", 32

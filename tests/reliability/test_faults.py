@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from mskjax import distributed
-from mskjax.run_checkpoints import CheckpointWriteError, RunCheckpoints
+from mskjax.train.run_checkpoints import CheckpointWriteError, RunCheckpoints
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("psum_worker.py")
@@ -106,7 +106,7 @@ def test_full_disk_while_checkpointing_keeps_previous(tmp_path, monkeypatch, asy
 def test_poll_confirms_a_finished_write_and_surfaces_a_failed_one(tmp_path, monkeypatch):
     """poll() never blocks on a write in flight; once the write has ended it confirms it (releasing
     its freed heap) or raises the write's CheckpointWriteError, as wait() would."""
-    import mskjax.run_checkpoints as rc
+    import mskjax.train.run_checkpoints as rc
     released = []
     monkeypatch.setattr(rc, "release_free_heap", lambda: released.append(1) or True)
     ckpts = RunCheckpoints(tmp_path / "checkpoints", keep=3, async_writes=True)

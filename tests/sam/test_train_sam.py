@@ -1,4 +1,4 @@
-"""Box-prompted SAM training (mskjax.train_sam, mskjax.sam_data, configs/sam_*.py).
+"""Box-prompted SAM training (mskjax.train.sam, mskjax.train.sam_data, configs/sam_*.py).
 
 Small sizes throughout: vit_tiny at 64 px on 16 synthetic studies; vit_b at 64 px with random
 weights for one step. Most of the time is XLA compilation.
@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mskjax import distributed, optim, sam as samfn, sam_data, train_sam
-from mskjax.config_base import ConfigError
+from mskjax import checkpoint, distributed, sam as samfn
+from mskjax.train import optim, sam_data
+from mskjax.train import sam as train_sam
+from mskjax.train.__main__ import check_overrides
+from mskjax.train.config import ConfigError, validate_sam
 from mskjax.data.mura import read_mura
 from mskjax.models.sam import build_sam
 
@@ -116,8 +119,8 @@ def test_box_mask_prompt_covers_the_box_to_a_fraction_of_a_cell():
     s = 64  # low-res grid 16 x 16, cells of 4 px
     boxes = jnp.asarray([[[8.0, 4.0, 20.0, 12.0], [0.0, 0.0, 64.0, 64.0]],
                          [[10.0, 6.0, 13.0, 7.0], [0.0, 0.0, 0.0, 0.0]]])
-    m = np.asarray(train_sam.box_mask_prompt(boxes, s))
-    big = train_sam.BOX_MASK_LOGIT
+    m = np.asarray(samfn.box_mask_prompt(boxes, s))
+    big = samfn.BOX_MASK_LOGIT
     assert m.shape == (2, 2, 16, 16)
     want = np.full((16, 16), -big)
     want[1:3, 2:5] = big  # the box covers cells x 2..4, y 1..2 exactly
@@ -220,7 +223,7 @@ def test_scoring_frames_agree_with_training_frames(data_root):
         logits = 20 * (cover - 0.5)
         i = ex.image_index[e]
         for lg, out in ((logits, good), (np.roll(logits, 3, axis=-1), shifted)):
-            masks = sam_data.lesion_masks_original(lg, ex.input_sizes[i], ex.original_sizes[i], 256)
+            masks = samfn.postprocess_host(lg, ex.input_sizes[i], ex.original_sizes[i], 256)
             out += [sam_data.lesion_dice(masks[j], truth[(e, j)])[0] for j in np.flatnonzero(ex.valid[e])]
     assert len(good) == len(ex.lesions) > 0
     assert np.mean(good) > 0.75 and np.mean(shifted) < 0.5 * np.mean(good), (np.mean(good), np.mean(shifted))
@@ -242,14 +245,13 @@ def test_config_errors():
     config = _load_config("sam_synthetic")
     config.train.cache_embeddings = True
     with pytest.raises(ConfigError, match="train.cache_embeddings"):
-        train_sam.validate_sam(config, 1)
+        validate_sam(config, 1)
     for field, value in (("synthetic_abnormality_scale", 0.0), ("synthetic_conspicuity", "loud"),
                          ("synthetic_parts", "XR_HAND,XR_HAND")):  # the checks shared with the classifier
         bad = _load_config("sam_synthetic")
         bad.data[field] = value
         with pytest.raises(ConfigError, match=f"data.{field}"):
-            train_sam.validate_sam(bad, 1)
-    from mskjax.train import check_overrides
+            validate_sam(bad, 1)
     err = check_overrides(["x", f"--config={CONFIGS / 'sam_synthetic.py'}", "--config.train.encoder=1"])
     assert "unknown config field" in err and "train_image_encoder" in err
 
@@ -299,7 +301,7 @@ def test_vit_b_config_one_step(train_examples):
     config = _load_config("sam_finetune_fracatlas_vit_b")
     assert config.model.arch == "vit_b" and config.model.img_size == 1024
     assert config.init_from  # points at a converted official checkpoint
-    train_sam.validate_sam(config, 1)
+    validate_sam(config, 1)
     config.init_from = ""
     config.model.img_size = SIDE
     config.data.max_prompts = 2
@@ -350,10 +352,10 @@ def test_cli_run_writes_results_and_exports_best(cli_run):
 
 def test_exported_best_loads_and_predicts(cli_run, data_root):
     workdir, _ = cli_run
-    model, variables, meta = train_sam.load_sam(workdir / "best")
+    model, variables, meta = checkpoint.load_sam(workdir / "best")
     assert meta["kind"] == "sam" and meta["arch"] == "vit_tiny" and meta["img_size"] == SIDE
     assert meta["source"]["format"] == "mskjax.train_sam" and meta["source"]["trained"] == ["image_encoder", "mask_decoder"]
-    assert meta["box_mask_prompt"] is True and train_sam.uses_box_mask_prompt(meta)  # as configs/sam_synthetic.py
+    assert meta["box_mask_prompt"] is True and samfn.uses_box_mask_prompt(meta)  # as configs/sam_synthetic.py
     # The prompt encoder in the export is the untouched initialisation.
     config = _small(_load_config("sam_synthetic"), data_root)
     _, state, _ = _state_and_step(config)
@@ -368,7 +370,7 @@ def test_exported_best_loads_and_predicts(cli_run, data_root):
     emb = samfn.embed(model, variables, jnp.asarray(batch.images))
     boxes = samfn.transform_boxes(np.asarray(rec.boxes, np.float32)[None], batch.original_sizes)
     out = samfn.decode(model, variables, emb, boxes=jnp.asarray(boxes), multimask=False,
-                       mask_input=train_sam.box_mask_prompt(jnp.asarray(boxes), SIDE))
+                       mask_input=samfn.box_mask_prompt(jnp.asarray(boxes), SIDE))
     masks = samfn.postprocess(out["low_res_logits"][0, :, 0], batch.input_sizes[0], batch.original_sizes[0], SIDE)
     assert masks.shape == (len(rec.boxes), *img.shape) and bool(np.isfinite(out["low_res_logits"]).all())
     # The trainer's predict (what evaluate scores) is that same computation.

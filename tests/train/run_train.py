@@ -16,7 +16,8 @@ import sys
 if os.environ.get("MSKJAX_TEST_DEVICES"):
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.environ['MSKJAX_TEST_DEVICES']}"
 
-from mskjax import run_checkpoints, train  # noqa: E402
+from mskjax.train import __main__ as train  # noqa: E402
+from mskjax.train import classifier, run_checkpoints  # noqa: E402
 
 kill_at = int(os.environ.get("MSKJAX_KILL_AT_STEP", "0"))
 kill_point = os.environ.get("MSKJAX_KILL_POINT", "after_save")
@@ -40,7 +41,7 @@ if kill_at:
 
     run_checkpoints.RunCheckpoints.save = save_and_maybe_die
     if kill_point == "during_eval":
-        _evaluate, passes = train.evaluate, []
+        _evaluate, passes = classifier.evaluate, []
 
         def evaluate_and_maybe_die(*args, **kwargs):
             passes.append(1)
@@ -48,7 +49,7 @@ if kill_at:
                 _die()
             return _evaluate(*args, **kwargs)
 
-        train.evaluate = evaluate_and_maybe_die
+        classifier.evaluate = evaluate_and_maybe_die
 
 workdir, root, *rest = sys.argv[1:]
 here = os.path.dirname(os.path.abspath(__file__))

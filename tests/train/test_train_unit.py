@@ -9,8 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from mskjax import optim, train
-from mskjax.config_base import ConfigError, base_config, validate
+from mskjax.classifier import prepare_images
+from mskjax.train import classifier as train
+from mskjax.train import optim
+from mskjax.train.__main__ import check_overrides
+from mskjax.train.config import ConfigError, base_config, validate, validate_sam
 from mskjax.models import create
 
 CONFIG_FILE = "tests/train/tiny_config.py"
@@ -34,11 +37,11 @@ def test_weighted_bce_matches_manual():
 
 
 def test_unknown_override_lists_valid_fields():
-    err = train.check_overrides(["x", f"--config={CONFIG_FILE}", "--config.train.batchsize=3"])
+    err = check_overrides(["x", f"--config={CONFIG_FILE}", "--config.train.batchsize=3"])
     assert "batchsize" in err and "batch_size" in err and "learning_rate" in err
-    assert train.check_overrides(["x", f"--config={CONFIG_FILE}", "--config.train.batch_size=3"]) is None
-    assert "no field 'nope'" in train.check_overrides(["x", "--config", CONFIG_FILE, "--config.nope.x=1"])
-    assert "not found" in train.check_overrides(["x", "--config=configs/absent.py"])
+    assert check_overrides(["x", f"--config={CONFIG_FILE}", "--config.train.batch_size=3"]) is None
+    assert "no field 'nope'" in check_overrides(["x", "--config", CONFIG_FILE, "--config.nope.x=1"])
+    assert "not found" in check_overrides(["x", "--config=configs/absent.py"])
 
 
 def test_impossible_values_are_named():
@@ -105,7 +108,6 @@ def test_every_shipped_config_validates(name):
     """Each configs/*.py loads and passes its validator (a typo or an out-of-range value in a shipped
     config would otherwise surface only when a user runs it)."""
     import importlib.util
-    from mskjax.config_sam import validate_sam
     path = Path(__file__).parents[2] / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_shipped_{name}", path)
     module = importlib.util.module_from_spec(spec)
@@ -172,11 +174,11 @@ def test_per_image_normalisation():
     assert norm["per_image"] is True and norm["mean"] == [0.0] and norm["std"] == [1.0]
     rng = np.random.default_rng(0)
     images = np.stack([rng.uniform(0, 1, (8, 8, 1)) ** g for g in (0.5, 1.0, 2.0)] + [np.zeros((8, 8, 1))])
-    x = np.asarray(train.prepare_images(jnp.asarray(images, jnp.float32), norm, 1))
+    x = np.asarray(prepare_images(jnp.asarray(images, jnp.float32), norm, 1))
     np.testing.assert_allclose(x[:3].mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(x[:3].std(axis=(1, 2, 3)), 1.0, atol=1e-4)
     assert np.array_equal(x[3], np.zeros((8, 8, 1)))  # a blank (padding) image stays blank, not nan
-    x3 = np.asarray(train.prepare_images(jnp.asarray(images, jnp.float32), dict(norm, mean=[0.0] * 3, std=[1.0] * 3), 3))
+    x3 = np.asarray(prepare_images(jnp.asarray(images, jnp.float32), dict(norm, mean=[0.0] * 3, std=[1.0] * 3), 3))
     np.testing.assert_allclose(x3, np.repeat(x, 3, axis=-1), atol=1e-6)
     # the others are untouched by the option's existence
     c.data.normalization = "none"

@@ -1,5 +1,5 @@
 """A tiny configuration for trainer tests: ResNet18 at 32 px on a few synthetic studies."""
-from mskjax.config_base import base_config
+from mskjax.train.config import base_config
 
 
 def get_config():

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from mskjax.data.synthetic_anatomy import Anatomy, Target
-from mskjax.data.synthetic_render import Bone, Seg, box_density, rod_density
+from mskjax.data.synthetic.anatomy import Anatomy, Target
+from mskjax.data.synthetic.render import Bone, box_density, rod_density
 
 TYPES = ("fracture", "hardware", "lesion")
 HARDWARE_KINDS = ("plate", "kwire", "screws", "nail", "arthroplasty")

@@ -1,16 +1,16 @@
-"""Box-prompted SAM training (MedSAM's recipe) through the classifier's CLI, mesh and checkpoints.
+"""Box-prompted SAM training (MedSAM's recipe, kind "sam") through the one CLI, loop and checkpoints.
 
     python -m mskjax.train --config configs/sam_synthetic.py --workdir runs/sam_synthetic \
         [--config.train.epochs=4 ...]
 
-`mskjax.train` sends configs with kind "sam" here. The recipe, after MedSAM (Ma et al. 2024):
+`python -m mskjax.train` sends configs with kind "sam" here. The recipe, after MedSAM (Ma et al. 2024):
 
-- one box prompt per lesion, each scored against that lesion's own mask (`mskjax.sam_data`);
+- one box prompt per lesion, each scored against that lesion's own mask (`mskjax.train.sam_data`);
 - boxes jittered outward by U(0, 20) px per side in a 1024 px SAM input frame (scaled by
   img_size / 1024: 5 px at 256), clipped to the image (`jitter_boxes`);
 - single-mask output (multimask=False);
 - optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
-  as a dense mask prompt (`box_mask_prompt`): a from-scratch model learns to place small masks from
+  as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
   it in minutes, where the sparse box tokens alone took far longer (see configs/sam_synthetic.py).
   Checkpoints record it (metadata "box_mask_prompt"); whoever decodes them must do the same;
 - the prompt encoder frozen (parameters and its random-feature buffer), the mask decoder trained,
@@ -23,16 +23,15 @@
   would only be a blur on the S/4 grid. The S/4 grid ("low_res") is 16x cheaper for the loss
   itself; the decoder costs the same either way.
 
-Same machinery as the classifier (`mskjax.train`): one jitted step with donated state over a
+Same machinery as the classifier (`mskjax.train.loop`): one jitted step with donated state over a
 ('data',) mesh (batches sharded, parameters replicated and created already sharded), Orbax run
 checkpoints with the data position and fallback, resume by rerunning, the best model by validation
-Dice exported to WORKDIR/best in the checkpoint contract (kind "sam"; `load_sam` reads it),
+Dice exported to WORKDIR/best in the checkpoint contract (kind "sam"; `mskjax.checkpoint.load_sam`
+reads it),
 metrics.jsonl, a progress line, and TrainingDiverged on a non-finite loss.
 """
 from __future__ import annotations
 
-import json
-import math
 import resource
 import time
 from pathlib import Path
@@ -42,90 +41,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mskjax import checkpoint, distributed, optim
+from mskjax import checkpoint, distributed
 from mskjax import sam as samfn
-from mskjax import sam_data
-from mskjax.config_base import ConfigError
-from mskjax.config_sam import validate_sam
-from mskjax.models.sam import build_sam, init_sam_variables, sam_variable_shapes
-from mskjax.train import TrainingDiverged, _fmt_time, _host, _json_default, _log, _tensorboard, _write
-from mskjax.weights.mapping import CheckpointMismatch
+from mskjax.data.splits import load_splits
+from mskjax.models.sam import build_sam, init_sam_variables
+from mskjax.sam import decode_boxes, uses_box_mask_prompt
+from mskjax.train import loop, optim, sam_data
+from mskjax.train.config import ConfigError, validate_sam
+from mskjax.train.loop import log
 from mskjax.weights.sam import sam_metadata
 
 DICE_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr = smooth_dr default
-# Logit magnitude of the box rendered as a dense mask prompt (`box_mask_prompt`): +4 for a low-res
-# cell fully inside the box, -4 fully outside, linear in the covered fraction between.
-BOX_MASK_LOGIT = 4.0
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def load_sam(directory: str | Path):
-    """(model, variables {"params", "buffers"} as numpy, metadata) of an mskjax SAM checkpoint
-    (`mskjax.convert --source sam` output or WORKDIR/best of a SAM training run), checked leaf by
-    leaf against `build_sam(metadata["arch"], metadata["img_size"])`."""
-    variables, meta = checkpoint.restore(directory)
-    if meta.get("kind") != "sam":
-        raise CheckpointMismatch(f"{directory}: checkpoint kind {meta.get('kind')!r} is not 'sam'")
-    model = build_sam(meta["arch"], int(meta["img_size"]))
-    checkpoint.check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
-    return model, variables, meta
-
-
 def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
     """Writes `variables` ({"params", "buffers"}) as an mskjax SAM checkpoint with sam_metadata."""
-    host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
-                        variables)
     meta = sam_metadata(config.model.arch, config.model.img_size)
     meta["box_mask_prompt"] = uses_box_mask_prompt(config)
     meta["source"] = source
-    checkpoint.save(directory, host, meta, overwrite=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The box, also as a dense mask prompt
-
-
-def uses_box_mask_prompt(config_or_meta) -> bool:
-    """Whether each box prompt also goes in as a dense mask prompt: config.train.box_mask_prompt for
-    a config, "box_mask_prompt" for checkpoint metadata (absent = False)."""
-    if isinstance(config_or_meta, dict):
-        return bool(config_or_meta.get("box_mask_prompt", False))
-    return bool(config_or_meta.train.get("box_mask_prompt", False))
-
-
-def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
-    """Boxes (..., 4) (x0, y0, x1, y1) in the SAM input frame -> mask-prompt logits (..., L, L) on the
-    low-res grid (L = img_size / 4; cell k covers input pixels [4k, 4k + 4) on each axis).
-
-    A cell's logit is BOX_MASK_LOGIT * (2 f - 1), f the fraction of the cell inside the box, so the
-    box edge is located to a fraction of a cell. Why: a 16 px patch ViT gives one embedding per
-    16 x 16 px, and the lesions here are 5-40 px wide; SAM's sparse box tokens reach the mask only
-    through attention, which a model trained from scratch takes long to learn to resolve below
-    one patch. The mask prompt goes through the prompt encoder's convolutions straight into the
-    image embedding the mask upscaler reads (frozen random convolutions, as the rest of the prompt
-    encoder), and the decoder learns to use it in minutes (see configs/sam_synthetic.py).
-    """
-    low = img_size // 4
-    cell = img_size / low
-    edges = jnp.arange(low, dtype=jnp.float32) * cell
-    b = boxes.astype(jnp.float32)
-
-    def coverage(a0, a1):  # (...,) -> (..., low): covered fraction of each cell along one axis
-        return jnp.clip(jnp.minimum(a1[..., None], edges + cell) - jnp.maximum(a0[..., None], edges), 0.0, cell) / cell
-
-    fx, fy = coverage(b[..., 0], b[..., 2]), coverage(b[..., 1], b[..., 3])
-    return BOX_MASK_LOGIT * (2.0 * fy[..., :, None] * fx[..., None, :] - 1.0)
-
-
-def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool) -> jax.Array:
-    """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
-    with the boxes also given as dense mask prompts when box_mask."""
-    mask_input = box_mask_prompt(boxes, model.config.img_size) if box_mask else None
-    return samfn.decode(model, variables, embeddings, boxes=boxes, mask_input=mask_input,
-                        multimask=False)["low_res_logits"][:, :, 0]
+    checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +89,10 @@ def merge_variables(trainable: dict, frozen: dict) -> dict:
 
 
 def variables_from_checkpoint(directory: str, config) -> dict:
-    _, variables, meta = load_sam(directory)
+    _, variables, meta = checkpoint.load_sam(directory)
     if uses_box_mask_prompt(meta) != uses_box_mask_prompt(config):
-        _log(f"note: {directory} was trained with box_mask_prompt={uses_box_mask_prompt(meta)}, this run uses "
-             f"{uses_box_mask_prompt(config)}")
+        log(f"note: {directory} was trained with box_mask_prompt={uses_box_mask_prompt(meta)}, this run uses "
+            f"{uses_box_mask_prompt(config)}")
     if meta["arch"] != config.model.arch or int(meta["img_size"]) != config.model.img_size:
         raise ConfigError(
             f"config.init_from: {directory} holds SAM {meta['arch']} at img_size {meta['img_size']}, the config "
@@ -308,7 +246,7 @@ def embed_all(embed_step, variables, ex: sam_data.SamExamples, batch_size: int, 
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         idx = np.where(idx < n, idx, 0)
-        e = _host(embed_step(variables, _global(ex.images[idx], sharding), _global(ex.input_sizes[idx], sharding)))
+        e = loop.host(embed_step(variables, _global(ex.images[idx], sharding), _global(ex.input_sizes[idx], sharding)))
         out.append(e[:min(batch_size, n - start)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
@@ -326,13 +264,13 @@ def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int,
         b = sam_data.gather_batch(ex, idx)
         img = ex.image_index[np.where(idx >= 0, idx, 0)]
         first = embeddings[img] if embeddings is not None else b["images"]
-        logits = _host(predict_step(variables, _global(first, sharding), _global(b["input_sizes"], sharding),
+        logits = loop.host(predict_step(variables, _global(first, sharding), _global(b["input_sizes"], sharding),
                                     _global(b["boxes"], sharding)))
         for row, e in enumerate(idx):
             if e < 0:
                 continue
             i = ex.image_index[e]
-            masks = sam_data.lesion_masks_original(logits[row], ex.input_sizes[i], ex.original_sizes[i], ex.img_size)
+            masks = samfn.postprocess_host(logits[row], ex.input_sizes[i], ex.original_sizes[i], ex.img_size)
             for j in np.flatnonzero(ex.valid[e]):
                 t = truth[(int(e), int(j))]
                 d, u = sam_data.lesion_dice(masks[j], t)
@@ -351,9 +289,8 @@ def _format_report(name: str, rep: dict) -> str:
     return "\n".join(lines)
 
 
-def load_examples(config, log=_log) -> tuple[dict[str, sam_data.SamExamples], str]:
+def load_examples(config, log=log) -> tuple[dict[str, sam_data.SamExamples], str]:
     """The splits of config.data as SAM examples, in host memory."""
-    from mskjax.datasets import load_splits
     splits = load_splits(config.data, seed=config.seed)
     for split, s in splits.skipped:
         log(f"skipped ({split}): {s}")
@@ -364,7 +301,7 @@ def load_examples(config, log=_log) -> tuple[dict[str, sam_data.SamExamples], st
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The run
 
 
 def create_state(model, tx, config, mesh):
@@ -384,13 +321,30 @@ def create_state(model, tx, config, mesh):
     return jax.jit(lambda: assemble(init_sam_variables(model, init_key)), out_shardings=repl)()
 
 
+class _ExampleBatches:
+    """Shuffled SAM examples as the loop's Batches (cached embeddings in place of images when the
+    encoder is frozen), each a global array over the data sharding."""
+
+    def __init__(self, ex, config, sharding, cache, data_state):
+        self.ex, self.config, self.sharding, self.cache = ex, config, sharding, cache
+        self.it = sam_data.EpochIterator(len(ex), config.train.batch_size, config.seed, data_state)
+
+    def next(self) -> dict:
+        idx = next(self.it)
+        b = sam_data.gather_batch(self.ex, idx, repeat_prompts=self.config.data.repeat_prompts)
+        if self.cache is not None:
+            b["embeddings"] = self.cache[self.ex.image_index[idx]]
+            del b["images"]
+        return {k: _global(v, self.sharding) for k, v in b.items()}
+
+    def state(self) -> dict:
+        return self.it.state()
+
+
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Trains, keeps the best checkpoint by validation Dice, evaluates it on the test split.
     Returns the dict written to WORKDIR/results.json."""
-    from mskjax.run_checkpoints import RunCheckpoints, release_free_heap
-
     t_start, cpu_start = time.time(), time.process_time()
-    workdir = Path(workdir).absolute()
     mesh = distributed.data_mesh()
     validate_sam(config, jax.device_count())
     if config.data.hflip and config.train.cache_embeddings:
@@ -398,10 +352,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                           "(set train.cache_embeddings=False)")
     data_sharding = distributed.batch_sharding(mesh)
     repl = distributed.replicated(mesh)
-    if distributed.is_main_process():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    _log(f"devices: {jax.device_count()} ({jax.devices()[0].platform}), processes: {jax.process_count()}")
+    workdir = loop.prepare_workdir(workdir, config)
 
     examples, description = load_examples(config)
     train_ex = examples["train"]
@@ -412,9 +363,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                           f"training examples ({description})")
     if len(examples.get("valid", [])) == 0:
         raise ConfigError(f"config.data: the valid split has no lesion with a mask ({description})")
-    _log(f"data: {description}; " + ", ".join(
+    log(f"data: {description}; " + ", ".join(
         f"{k} {len(v)} examples / {len(v.lesions)} lesions {sam_data.class_counts(v)}" for k, v in examples.items()))
-    _log(f"data loaded in {time.time() - t_start:.1f}s")
+    log(f"data loaded in {time.time() - t_start:.1f}s")
 
     model = build_sam(config.model.arch, config.model.img_size)
     bs = config.train.batch_size
@@ -423,22 +374,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     lr = optim.schedule(config.train.learning_rate, total_steps, int(config.train.warmup_epochs * steps_per_epoch))
     tx = optim.make_optimizer(config.train.optimizer, lr, config.train.weight_decay, config.train.momentum,
                               config.train.grad_clip)
-
     state = create_state(model, tx, config, mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
-    ckpts = RunCheckpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
-                           async_writes=config.checkpoint.async_writes)
-    data_state, best = None, {"dice": -math.inf, "step": -1}
-    restored = ckpts.restore_latest(abstract, log=_log)
-    if restored is not None:
-        step0, state, saved = restored
-        data_state, best = saved["loader"], saved["best"]
-        _log(f"resumed from the checkpoint at step {step0} in {ckpts.directory}")
 
     train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(repl, data_sharding),
                          out_shardings=(repl, repl), donate_argnums=0)
-    predict_step = jax.jit(make_predict(model, uses_box_mask_prompt(config)), in_shardings=(repl, data_sharding, data_sharding, data_sharding),
-                           out_shardings=data_sharding)
+    predict_step = jax.jit(make_predict(model, uses_box_mask_prompt(config)),
+                           in_shardings=(repl, data_sharding, data_sharding, data_sharding), out_shardings=data_sharding)
     embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
                          out_shardings=data_sharding)
 
@@ -448,77 +389,41 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         v0 = merge_variables(state["params"], state["frozen"])
         for name in ("train", "valid"):
             cache[name] = embed_all(embed_step, v0, examples[name], config.eval.batch_size, data_sharding)
-        _log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s")
+        log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s")
 
-    it = sam_data.EpochIterator(len(train_ex), bs, config.seed, data_state)
-    writer = _tensorboard(workdir) if distributed.is_main_process() else None
-    log_file = open(workdir / "metrics.jsonl", "a") if distributed.is_main_process() else None
-    step = int(_host(state["step"]))
-    ckpt_every = config.checkpoint.every_steps or steps_per_epoch
-    t_window, n_window, last_saved = time.time(), 0, ckpts.latest_step()
-    _log(f"training {total_steps} steps ({config.train.epochs} epochs of {steps_per_epoch}), batch {bs} images, "
-         f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px, "
-         f"box also as mask prompt: {uses_box_mask_prompt(config)}")
-    try:
-        while step < total_steps:
-            idx = next(it)
-            b = sam_data.gather_batch(train_ex, idx, repeat_prompts=config.data.repeat_prompts)
-            if "train" in cache:
-                b["embeddings"] = cache["train"][train_ex.image_index[idx]]
-                del b["images"]
-            state, m = train_step(state, {k: _global(v, data_sharding) for k, v in b.items()})
-            step += 1
-            n_window += bs
-            loss = float(_host(m["loss"]))
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"non-finite loss ({loss}) at step {step}; stopping. The last good checkpoint is "
-                    f"{'step ' + str(last_saved) if last_saved is not None else 'none'} in {ckpts.directory}")
-            if step % config.train.log_every == 0 or step == total_steps:
-                ckpts.poll()  # a finished checkpoint write: surface its error now
-                release_free_heap()  # free heap back to the OS each log step, as mskjax.train does
-                now = time.time()
-                ips = n_window / max(now - t_window, 1e-9)
-                eta = (total_steps - step) * bs / max(ips, 1e-9)
-                _log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {loss:.4f} "
-                     f"(dice {float(_host(m['dice_loss'])):.4f} bce {float(_host(m['bce'])):.4f}) "
-                     f"lr {float(lr(step)):.2e} {ips:.1f} img/s eta {_fmt_time(eta)}")
-                _write(log_file, writer, step, {"train/loss": loss, "train/dice_loss": float(_host(m["dice_loss"])),
-                                                "train/bce": float(_host(m["bce"])), "train/lr": float(lr(step)),
-                                                "train/images_per_s": ips,
-                                                "train/grad_norm": float(_host(m["grad_norm"]))})
-                t_window, n_window = now, 0
-            end_of_epoch = step % steps_per_epoch == 0
-            if (end_of_epoch and (step // steps_per_epoch) % config.eval.every_epochs == 0) or step == total_steps:
-                variables = merge_variables(state["params"], state["frozen"])
-                rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
-                               cache.get("valid"))
-                release_free_heap()  # evaluation's buffers are freed by now
-                _log(f"valid at step {step}: Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
-                    f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items()))
-                _write(log_file, writer, step, {"valid/dice": rep["dice"], "valid/iou": rep["iou"],
-                                                **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}})
-                score = rep["dice"] if math.isfinite(rep["dice"]) else -1.0
-                if score > best["dice"]:
-                    best = {"dice": score, "step": step}
-                    ckpts.wait()  # one collective write at a time; every process takes part in both
-                    export_sam(workdir / "best", variables, config, _source(config, step, rep))
-                    release_free_heap()  # the export's host copy and Orbax buffers are freed by now
-            if step % ckpt_every == 0 or step == total_steps:
-                ckpts.save(step, state, {"loader": it.state(), "best": best})
-                last_saved = step
-    finally:
-        ckpts.close()
-        if log_file:
-            log_file.close()
-        if writer:
-            writer.close()
+    def validation(state) -> loop.Evaluation:
+        variables = merge_variables(state["params"], state["frozen"])
+        rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
+                       cache.get("valid"))
+        return loop.Evaluation(
+            score=rep["dice"], best={},
+            line=f"Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
+                f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items()),
+            scalars={"valid/dice": rep["dice"], "valid/iou": rep["iou"],
+                     **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}},
+            report=rep, variables=variables)
+
+    def train_scalars(m: dict) -> tuple[str, dict]:
+        return (f" (dice {m['dice_loss']:.4f} bce {m['bce']:.4f})",
+                {"train/dice_loss": m["dice_loss"], "train/bce": m["bce"]})
+
+    task = loop.Task(
+        state=state, train_step=train_step,
+        batches=lambda data_state: _ExampleBatches(train_ex, config, data_sharding, cache.get("train"), data_state),
+        evaluate=validation,
+        export_best=lambda ev, step: export_sam(workdir / "best", ev.variables, config, _source(config, step, ev.report)),
+        best_key="dice", batch_size=bs, steps_per_epoch=steps_per_epoch, total_steps=total_steps, lr=lr,
+        train_scalars=train_scalars)
+    log(f"training {total_steps} steps ({config.train.epochs} epochs of {steps_per_epoch}), batch {bs} images, "
+        f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px, "
+        f"box also as mask prompt: {uses_box_mask_prompt(config)}")
+    _, best = loop.run(task, config, workdir)
     t_train = time.time() - t_start
 
     # Final numbers come from the exported best model, never from the last step.
     result = {"workdir": str(workdir), "best_step": best["step"], "valid": None, "test": None}
     if (workdir / "best").is_dir():
-        _, bv, _ = load_sam(workdir / "best")
+        _, bv, _ = checkpoint.load_sam(workdir / "best")
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
         for split in ("valid", config.eval.test_split):
             if split and len(examples.get(split, [])):
@@ -531,16 +436,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                                per_lesion=split != "valid")
                 result[split] = rep
                 title = f"{split} (best checkpoint, step {best['step']}, ground-truth boxes)"
-                _log("\n" + _format_report(title, rep))
+                log("\n" + _format_report(title, rep))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["time"] = {"wall_s": round(time.time() - t_start, 1), "train_wall_s": round(t_train, 1),
                       "cpu_s": round(time.process_time() - cpu_start, 1),
                       "process_cpu_s_total": round(usage.ru_utime + usage.ru_stime, 1)}
     result["skipped"] = {k: [str(s) for s in v.skipped] for k, v in examples.items()}
-    if distributed.is_main_process():
-        (workdir / "results.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    _log(f"total time {_fmt_time(time.time() - t_start)} (CPU {result['time']['cpu_s']:.0f}s); "
-         f"results in {workdir / 'results.json'}")
+    loop.write_results(workdir, result)
+    log(f"total time {loop.fmt_time(time.time() - t_start)} (CPU {result['time']['cpu_s']:.0f}s); "
+        f"results in {workdir / 'results.json'}")
     return result
 
 

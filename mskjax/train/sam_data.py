@@ -21,7 +21,6 @@ original frame cropped to its box.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -31,7 +30,6 @@ from PIL import Image
 
 from mskjax.data.images import ImageDecodeError, decode_image
 from mskjax.data.records import Record, SkipReport
-from mskjax.models.sam.common import linear_resize_matrix
 from mskjax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
 from mskjax.sam import sam_input_size
 
@@ -236,26 +234,6 @@ def gather_batch(ex: SamExamples, indices: np.ndarray, repeat_prompts: bool = Fa
         boxes, masks, valid = boxes[rows, src], masks[rows, src], valid[rows, src]
     return {"images": ex.images[img], "input_sizes": ex.input_sizes[img], "boxes": boxes,
             "masks": masks, "valid": valid & real[:, None]}
-
-
-def lesion_masks_original(low_res_logits: np.ndarray, input_size, original_size, img_size: int) -> np.ndarray:
-    """Low-res logits (P, L, L) of one example -> bool masks (P, H, W) in the original frame.
-
-    NumPy (float64) version of `mskjax.sam.postprocess` (upscale to S, crop to (h, w), resize to
-    (H, W), all bilinear align_corners=False, folded into one matrix per axis; logit > 0)."""
-    in_h, in_w = (int(v) for v in input_size)
-    out_h, out_w = (int(v) for v in original_size)
-    lh, lw = low_res_logits.shape[-2:]
-    m_h = _resize_matrix(lh, img_size, in_h, out_h)
-    m_w = _resize_matrix(lw, img_size, in_w, out_w)
-    logits = m_h @ np.asarray(low_res_logits, np.float64) @ m_w.T  # (P, H, W)
-    return logits > 0.0
-
-
-@functools.lru_cache(maxsize=4096)
-def _resize_matrix(low: int, img_size: int, inner: int, out: int) -> np.ndarray:
-    """(out, low) float64: low-res -> img_size, crop to inner, -> out (bilinear, as postprocess)."""
-    return linear_resize_matrix(inner, out).astype(np.float64) @ linear_resize_matrix(low, img_size)[:inner]
 
 
 def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:

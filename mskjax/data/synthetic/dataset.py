@@ -5,7 +5,7 @@
 or `generate(out_dir, n_studies, seed)`. Each study shows one of the seven MURA body parts in 1-4
 views; about half the studies are abnormal, carrying fractures (clean, displaced or hairline),
 metal hardware (plates, screws, wires, nails, a shoulder prosthesis) or lytic lesions, visible in
-every view of the study. Images are procedural projections (see synthetic_render): bones are hollow
+every view of the study. Images are procedural projections (see render.py): bones are hollow
 tubes with bright cortex and darker medulla inside a soft-tissue envelope, then film exposure,
 blur, noise, gamma/contrast/brightness, collimation and side markers vary per image so that only
 the bone tells normal from abnormal.
@@ -35,16 +35,15 @@ import math
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mskjax.data import synthetic_anatomy as anat
-from mskjax.data import synthetic_lesions as les
-from mskjax.data.synthetic_render import (Canvas, bone_density, gaussian_blur, glyph, polygon_plate_density,
+from mskjax.data.synthetic import anatomy as anat
+from mskjax.data.synthetic import lesions as les
+from mskjax.data.synthetic.render import (Canvas, bone_density, gaussian_blur, glyph, polygon_plate_density,
                                           smooth_noise, soft_thickness)
 
 VERSION = "1.0"
@@ -234,7 +233,7 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
     limits, lesion and hardware sizes), not the anatomy: 1.0 is the default look; larger values make
     the task easier for a classifier trained from scratch on few images. conspicuity: "realistic"
     (the default mix) or "high" (displaced fractures, deep lesions through the cortex: see
-    synthetic_lesions.CONSPICUITY).
+    lesions.CONSPICUITY).
 
     Returns {"images": [uint8 (H, W)], "masks": [uint8 (H, W) 0/255 or None],
     "boxes": [[{"box", "type"}] per image], "abnormalities": [descriptions]}.
@@ -554,6 +553,3 @@ def main(argv=None) -> int:
           f"({tot['abnormal_studies']} abnormal studies) in {dt:.1f} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

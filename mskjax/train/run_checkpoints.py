@@ -15,6 +15,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from mskjax import distributed
+
 
 def _load_malloc_trim():
     try:
@@ -99,7 +101,7 @@ class RunCheckpoints:
     def _set_aside(self, step: int) -> Path:
         """Renames a damaged step directory (kept for inspection; Orbax ignores the new name) so
         the resumed run can write that step again."""
-        from mskjax import distributed
+
         aside = self.directory / f"damaged-step-{step}"
         if distributed.is_main_process():
             n = 0

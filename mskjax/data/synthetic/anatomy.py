@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from mskjax.data.synthetic_render import Bone, Seg, Soft
+from mskjax.data.synthetic.render import Bone, Seg, Soft
 
 PARTS = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST")
 
@@ -24,7 +24,7 @@ class Target:
     """Where an abnormality may go: bone `bone`, segment `seg`, axial fraction in [t_lo, t_hi].
 
     fracture / displace / lesion: which abnormalities fit; hardware: which kinds of hardware
-    (see synthetic_lesions.HARDWARE_KINDS); weight: relative chance of being picked."""
+    (see lesions.HARDWARE_KINDS); weight: relative chance of being picked."""
 
     bone: str
     seg: int

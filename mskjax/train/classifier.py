@@ -1,0 +1,360 @@
+"""Data-parallel classifier training from one CPU to a TPU pod (kind "classifier").
+
+    python -m mskjax.train --config configs/synthetic.py --workdir runs/synthetic \
+        [--config.train.batch_size=64 ...]
+
+One jitted train step with donated state over a ('data',) mesh: batches sharded on their leading
+axis, parameters replicated (created already sharded), BatchNorm statistics computed over the
+global batch. Checkpoints every epoch (last N kept, asynchronous, with the data iterator's position);
+the best validation kappa is exported as an mskjax checkpoint in WORKDIR/best, which
+`mskjax.segment` and `--config.init_from` read. Restarting the same command resumes.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mskjax import checkpoint, distributed, metrics
+from mskjax.classifier import prepare_images, probabilities
+from mskjax.classifier import normalization as input_normalization
+from mskjax.data import augment as aug
+from mskjax.data.loader import Loader
+from mskjax.data.splits import load_splits
+from mskjax.models import create
+from mskjax.train import loop, optim
+from mskjax.train.config import ConfigError, validate
+from mskjax.train.loop import log
+from mskjax.train.run_checkpoints import release_free_heap
+from mskjax.weights import HEAD, STEM
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and state
+
+def model_variant(config) -> dict[str, Any]:
+    m = config.model
+    v: dict[str, Any] = {"padding": m.padding, "dtype": m.dtype}
+    if m.arch.startswith("efficientnet"):
+        v["stochastic_depth"] = m.stochastic_depth
+        if m.dropout >= 0:
+            v["dropout"] = m.dropout
+        if m.depthwise_impl:
+            v["depthwise_impl"] = m.depthwise_impl
+    return v
+
+
+def normalization(config) -> dict[str, Any]:
+    """What the model expects as input, in the checkpoint-contract form (`mskjax.classifier`)."""
+    return input_normalization(config.data.normalization, config.model.in_channels)
+
+
+def init_variables(model, config, key) -> dict:
+    side = config.data.image_size
+    return model.init(key, jnp.zeros((1, side, side, config.model.in_channels), jnp.float32), train=False)
+
+
+def variables_from_checkpoint(directory: str, model, config, key) -> dict:
+    """Starts from a converted checkpoint: adapts a 3-channel stem to 1 channel (sum over inputs)
+    and re-initialises the head when the number of classes differs."""
+    src_model, src, meta = checkpoint.load_model(directory)
+    if meta["arch"] != config.model.arch:
+        raise ConfigError(f"config.init_from: {directory} holds {meta['arch']}, config.model.arch is {config.model.arch}")
+    fresh = init_variables(model, config, key)
+    fam = "resnet" if config.model.arch.startswith("resnet") else "efficientnet"
+    params = jax.tree.map(np.asarray, src["params"])
+    if meta["in_channels"] != config.model.in_channels:
+        k = params[STEM[fam]]["kernel"]
+        if meta["in_channels"] == 3 and config.model.in_channels == 1:
+            params[STEM[fam]]["kernel"] = k.sum(axis=2, keepdims=True)
+        else:
+            raise ConfigError(f"config.init_from: cannot adapt {meta['in_channels']} input channels to "
+                              f"{config.model.in_channels}")
+    if meta["num_classes"] != config.model.num_classes:
+        params[HEAD[fam]] = jax.tree.map(np.asarray, fresh["params"][HEAD[fam]])
+    out = {"params": params, "batch_stats": src.get("batch_stats", {})}
+    checkpoint.check_tree(out, fresh, f"init_from {directory}")
+    return out
+
+
+def class_weights(labels: np.ndarray) -> tuple[float, float]:
+    """The MURA paper's weighted cross-entropy: abnormal examples weighted by the normal fraction,
+    normal ones by the abnormal fraction (over the whole training split)."""
+    n = len(labels)
+    a = float(np.sum(labels))
+    if n == 0 or a == 0 or a == n:
+        return 1.0, 1.0
+    return (n - a) / n, a / n  # (w_abnormal, w_normal)
+
+
+def loss_fn(logits: jax.Array, labels: jax.Array, valid: jax.Array, *, num_classes: int,
+            w_pos: float, w_neg: float, label_smoothing: float) -> jax.Array:
+    """Mean loss over valid rows. One logit: weighted binary cross-entropy; more: softmax CE."""
+    valid = valid.astype(jnp.float32)
+    if num_classes == 1:
+        y = labels.astype(jnp.float32)
+        t = y * (1 - label_smoothing) + 0.5 * label_smoothing
+        z = logits[:, 0]
+        per = -(w_pos * t * jax.nn.log_sigmoid(z) + w_neg * (1 - t) * jax.nn.log_sigmoid(-z))
+    else:
+        onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+        per = optax.softmax_cross_entropy(logits, onehot)
+    return jnp.sum(per * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn):
+    ema_decay = config.train.ema_decay
+    channels = config.model.in_channels
+
+    def step(state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        k_aug, k_drop = jax.random.split(key)
+        images = batch["image"]
+        if augment_fn is not None:
+            images = augment_fn(k_aug, images)
+        images = prepare_images(images, norm, channels)
+
+        def compute(params):
+            logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
+                                          train=True, rngs={"dropout": k_drop}, mutable=["batch_stats"])
+            loss = loss_fn(logits, batch["label"], batch["valid"], num_classes=config.model.num_classes,
+                           w_pos=w_pos, w_neg=w_neg, label_smoothing=config.train.label_smoothing)
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        if ema_decay > 0:
+            new["ema"] = optim.ema_update(state["ema"], params, ema_decay)
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return step
+
+
+def make_eval_step(model, config, norm):
+    channels = config.model.in_channels
+
+    def step(variables, images):
+        logits = model.apply(variables, prepare_images(images, norm, channels), train=False)
+        return probabilities(logits)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, evaluation, the run
+
+def make_loader(records, config, *, train: bool, sharding, seed: int, state=None):
+    kwargs = dict(global_batch_size=config.train.batch_size if train else config.eval.batch_size,
+                  image_size=config.data.image_size, mode=config.data.mode, channels=1,
+                  shuffle=train, seed=seed, num_epochs=None if train else 1, drop_remainder=train,
+                  sharding=sharding, workers=config.data.workers, cache=config.data.cache)
+    if state is not None:
+        kwargs["state"] = state
+    return Loader(records, **kwargs)
+
+
+def evaluate(eval_step, variables, records, config, sharding, loader=None) -> dict:
+    """Image probabilities for every record (each exactly once) and the classification report.
+
+    `loader`: an evaluation loader over `records` (`make_loader(records, ..., train=False)`) to
+    reuse; it is rewound to its start, so its cache of decoded images carries over from one
+    validation pass to the next. None builds (and closes) one for this call."""
+    own = loader is None
+    if own:
+        loader = make_loader(records, config, train=False, sharding=sharding, seed=0)
+    else:
+        loader.restore({"epoch": 0, "step": 0, "seed": loader.seed})
+    probs = np.full(len(records), np.nan, np.float64)
+    try:
+        for batch in loader:
+            p = loop.host(eval_step(variables, batch["image"]))
+            idx = np.asarray(batch["index"]) if not isinstance(batch["index"], jax.Array) else loop.host(batch["index"])
+            valid = np.asarray(batch["valid"]) if not isinstance(batch["valid"], jax.Array) else loop.host(batch["valid"])
+            probs[idx[valid]] = p[valid]
+    finally:
+        if own:
+            loader.close()
+    skipped = list(getattr(loader, "skipped", []))
+    seen = ~np.isnan(probs)
+    keep = [i for i in range(len(records)) if seen[i]]
+    labels = np.array([records[i].label for i in keep])
+    studies = np.array([records[i].study for i in keep])
+    report = metrics.classification_report(
+        probs[keep], labels, studies, np.array([records[i].body_part for i in keep]),
+        threshold=config.eval.threshold, n_bootstrap=config.eval.bootstrap, seed=config.seed)
+    if any(records[i].box_types for i in keep):  # datasets with typed ground truth (synthetic, FracAtlas)
+        report["by_abnormality_type"] = metrics.auroc_by_type(probs[keep], labels, studies,
+                                                              [records[i].box_types for i in keep])
+    report["skipped"] = [f"{p}: {r}" for p, r in skipped]
+    report["n_unreadable"] = int((~seen).sum())
+    return {"report": report, "probs": probs}
+
+
+def warm_up_eval(eval_step, variables, loader) -> None:
+    """Runs the evaluation step once on the first batch of `loader` (the validation loader) before
+    training, so that its compilation (time, memory, any error) comes at start-up with the train
+    step's instead of after the first epoch; the memory that compilation leaves free is handed back."""
+    for batch in loader:
+        jax.block_until_ready(eval_step(variables, batch["image"]))
+        break
+    release_free_heap()
+
+
+def summary_table(report: dict) -> str:
+    rows = [("overall", report["overall"])] + sorted(report.get("by_body_part", {}).items())
+    lines = [f"{'group':<14}{'images':>7}{'studies':>8}{'img AUROC':>10}{'st AUROC':>9}{'kappa':>7}"
+             f"{'acc':>7}{'sens':>7}{'spec':>7}"]
+    for name, g in rows:
+        s, i = g["study"], g["image"]
+        lines.append(f"{name:<14}{g['n_images']:>7}{g['n_studies']:>8}{i['auroc']['value']:>10.4f}"
+                     f"{s['auroc']['value']:>9.4f}{s['kappa']['value']:>7.3f}{s['accuracy']['value']:>7.3f}"
+                     f"{s['sensitivity']['value']:>7.3f}{s['specificity']['value']:>7.3f}")
+    for name, t in report.get("by_abnormality_type", {}).items():
+        lines.append(f"{name + ' v normal':<21}{t['n_studies']:>8}{t['image_auroc']:>10.4f}{t['study_auroc']:>9.4f}"
+                     f"   ({t['n_images']} abnormal images)")
+    return "\n".join(lines)
+
+
+class _LoaderBatches:
+    """The training Loader as the loop's Batches: endless, its position checkpointed."""
+
+    def __init__(self, loader):
+        self.loader, self._it = loader, iter(loader)
+
+    def next(self) -> dict:
+        batch = next(self._it)
+        return {k: batch[k] for k in ("image", "label", "valid")}
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+    """Trains, keeps the best checkpoint by validation kappa, evaluates it on the test split.
+    Returns {"valid": report, "test": report | None, "best_step", "workdir"}."""
+    t_start = time.time()
+    mesh = distributed.data_mesh()
+    validate(config, jax.device_count())
+    data_sharding = distributed.batch_sharding(mesh)
+    repl = distributed.replicated(mesh)
+    workdir = loop.prepare_workdir(workdir, config)
+
+    splits = load_splits(config.data, seed=config.seed)
+    for split, s in splits.skipped:
+        log(f"skipped ({split}): {s}")
+    train_records = splits.records["train"]
+    if not train_records:
+        raise ConfigError(f"config.data: no training images found ({splits.description})")
+    log(f"data: {splits.description}; " + ", ".join(f"{k} {len(v)}" for k, v in splits.records.items()))
+
+    model = create(config.model.arch, num_classes=config.model.num_classes, **model_variant(config))
+    norm = normalization(config)
+    steps_per_epoch = max(1, len(train_records) // config.train.batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+    lr = optim.schedule(config.train.learning_rate, total_steps, int(config.train.warmup_epochs * steps_per_epoch))
+    tx = optim.make_optimizer(config.train.optimizer, lr, config.train.weight_decay, config.train.momentum,
+                              config.train.grad_clip)
+    w_pos, w_neg = class_weights(np.array([r.label for r in train_records])) if config.train.class_weighting else (1.0, 1.0)
+
+    root_key = jax.random.PRNGKey(config.seed)
+    init_key, state_key = jax.random.split(root_key)
+
+    def init_state():
+        if config.init_from:
+            v = variables_from_checkpoint(config.init_from, model, config, init_key)
+            v = jax.tree.map(jnp.asarray, v)
+        else:
+            v = init_variables(model, config, init_key)
+        state = {"step": jnp.zeros((), jnp.int32), "params": v["params"], "batch_stats": v.get("batch_stats", {}),
+                 "opt_state": tx.init(v["params"]), "rng": state_key}
+        if config.train.ema_decay > 0:
+            state["ema"] = v["params"]
+        return state
+
+    if config.init_from:  # reading files cannot happen inside jit: build on host, then place
+        state = jax.device_put(init_state(), repl)
+    else:
+        state = jax.jit(init_state, out_shardings=repl)()
+
+    augment_fn = partial(aug.augment, config=aug.AugmentConfig()) if config.data.augment else None
+    train_step = jax.jit(make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn),
+                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, config, norm), in_shardings=(repl, data_sharding), out_shardings=data_sharding)
+
+    def eval_variables(state):
+        return {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}
+
+    # One validation loader for the whole run: its cache keeps the decoded images between passes.
+    valid_loader = (make_loader(splits.records["valid"], config, train=False, sharding=data_sharding, seed=0)
+                    if splits.records["valid"] else None)
+
+    def validation(state) -> loop.Evaluation:
+        variables = eval_variables(state)
+        rep = evaluate(eval_step, variables, splits.records["valid"], config, data_sharding, valid_loader)["report"]
+        kappa = rep["overall"]["study"]["kappa"]["value"]
+        auc = rep["overall"]["study"]["auroc"]["value"]
+        return loop.Evaluation(
+            score=kappa, best={"auroc": auc}, line=f"study AUROC {auc:.4f} kappa {kappa:.4f}",
+            scalars={"valid/study_auroc": auc, "valid/study_kappa": kappa,
+                     "valid/image_auroc": rep["overall"]["image"]["auroc"]["value"]},
+            report=rep, variables=variables)
+
+    def before_training(state):
+        if valid_loader is not None:
+            warm_up_eval(eval_step, eval_variables(state), valid_loader)
+
+    def close_valid_loader():
+        if valid_loader is not None:
+            valid_loader.close()
+
+    task = loop.Task(
+        state=state, train_step=train_step,
+        batches=lambda data_state: _LoaderBatches(make_loader(train_records, config, train=True, sharding=data_sharding,
+                                                              seed=config.seed, state=data_state)),
+        evaluate=validation,
+        export_best=lambda ev, step: export_best(workdir / "best", ev.variables, config, norm, step, ev.report),
+        best_key="kappa", batch_size=config.train.batch_size, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, lr=lr, train_scalars=lambda m: ("", {"train/rss_mb": loop.resident_mb()}),
+        before_training=before_training, on_error=close_valid_loader)
+    _, best = loop.run(task, config, workdir)
+
+    # Final numbers come from the best checkpoint, never from the last step.
+    result = {"workdir": str(workdir), "best_step": best["step"], "valid": None, "test": None}
+    if (workdir / "best").is_dir():
+        _, bv, _ = checkpoint.load_model(workdir / "best")
+        bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
+        for split in ("valid", config.eval.test_split):
+            if split and splits.records.get(split):
+                rep = evaluate(eval_step, bv, splits.records[split], config, data_sharding,
+                               valid_loader if split == "valid" else None)["report"]
+                result[split] = rep
+                log(f"\n{split} (best checkpoint, step {best['step']}):\n{summary_table(rep)}")
+                if split == "valid":
+                    log(f"valid's study-level Youden threshold: {rep['youden_threshold']:.4f} "
+                        "(a decision threshold chosen on valid, e.g. for mskjax.segment --threshold)")
+    close_valid_loader()
+    loop.write_results(workdir, result)
+    log(f"total time {loop.fmt_time(time.time() - t_start)}; results in {workdir / 'results.json'}")
+    return result
+
+
+def export_best(directory: Path, variables, config, norm, step: int, report: dict) -> None:
+    variant = model_variant(config)
+    meta = checkpoint.classifier_metadata(
+        config.model.arch, config.model.num_classes, config.model.in_channels, config.data.image_size, variant, norm,
+        {"format": "mskjax.train", "step": step, "dataset": config.data.dataset,
+         "valid_study_kappa": report["overall"]["study"]["kappa"]["value"],
+         "valid_study_auroc": report["overall"]["study"]["auroc"]["value"]})
+    meta["data"] = {"mode": config.data.mode, "image_size": config.data.image_size}
+    checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)

@@ -1,0 +1,245 @@
+"""The base configurations every `configs/*.py` starts from, and their validation.
+
+`base_config()` is the classifier's (kind "classifier"), `sam_base_config()` box-prompted SAM
+training's (kind "sam"); `python -m mskjax.train` dispatches on `kind`. Every field exists here with
+its type, so a mistyped override (`--config.train.batchsize=8`) is an error that lists the valid
+names instead of a silent new field (see `mskjax.train.__main__.check_overrides`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from mskjax.data.splits import DEFAULT_VALID_FRACTION
+from mskjax.data.synthetic.anatomy import PARTS
+from mskjax.data.synthetic.lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
+from mskjax.models import ARCHITECTURES
+from mskjax.models.sam import ARCHS
+
+MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
+                "depthwise_impl")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "classifier"
+    c.seed = 0
+    c.init_from = ""  # an mskjax checkpoint directory (mskjax.convert output) to start from
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "resnet18"
+    c.model.num_classes = 1  # one abnormality logit (sigmoid)
+    c.model.in_channels = 1
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
+    c.model.dropout = -1.0  # EfficientNet: < 0 means the variant's own rate
+    c.model.stochastic_depth = 0.2  # EfficientNet only
+    c.model.padding = "symmetric"
+    c.model.depthwise_impl = ""  # EfficientNet: "" picks per backend
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "synthetic"  # synthetic | mura | fracatlas
+    c.data.root = "data/synthetic"
+    c.data.image_size = 128
+    c.data.mode = "resize"  # resize (the report) | letterbox (aspect kept, zero padding)
+    c.data.normalization = "none"  # none ([0, 1], the report) | imagenet (mean/std) | per_image (each image to mean 0, std 1)
+    c.data.body_parts = ""  # comma-separated MURA body parts; "" = all
+    c.data.valid_fraction = DEFAULT_VALID_FRACTION  # MURA/FracAtlas: carved from train, patient/image-disjoint
+    c.data.synthetic_studies = 700  # generated when data.root has no dataset
+    c.data.synthetic_seed = 0
+    c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
+    c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (data/synthetic/lesions.CONSPICUITY)
+    c.data.synthetic_parts = ""  # generator knob: comma-separated XR_ parts to draw; "" = all seven
+    c.data.workers = 2
+    c.data.cache = True
+    c.data.augment = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global, over all devices and processes
+    c.train.epochs = 10
+    c.train.optimizer = "adamw"  # adamw | sgd
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4
+    c.train.momentum = 0.9
+    c.train.warmup_epochs = 1.0
+    c.train.grad_clip = 1.0
+    c.train.label_smoothing = 0.0
+    c.train.class_weighting = True  # the MURA paper's weights from abnormal/normal frequencies
+    c.train.ema_decay = 0.0  # 0 disables the parameter EMA
+    c.train.log_every = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.every_epochs = 1
+    c.eval.threshold = 0.5
+    c.eval.bootstrap = 200
+    c.eval.test_split = "test"  # evaluated once with the best checkpoint; "" to skip
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
+    c.checkpoint.async_writes = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
+    return c
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, naming the field."""
+
+
+def check_synthetic_data(data: ml_collections.ConfigDict, need) -> None:
+    """The synthetic generator's knobs in `data` (shared by the classifier and SAM configs);
+    need(ok, field, message) reports the first that cannot work."""
+
+    lo, hi = ABNORMALITY_SCALE_RANGE
+    need(lo <= data.synthetic_abnormality_scale <= hi, "data.synthetic_abnormality_scale", f"must be in [{lo}, {hi}]")
+    need(data.synthetic_conspicuity in CONSPICUITY, "data.synthetic_conspicuity",
+         f"{data.synthetic_conspicuity!r} is not one of {list(CONSPICUITY)}")
+    chosen = [p.strip() for p in str(data.synthetic_parts).split(",") if p.strip()]
+    need(all(p in PARTS for p in chosen) and len(set(chosen)) == len(chosen), "data.synthetic_parts",
+         f"{chosen} must be distinct names from {list(PARTS)} (or empty for all)")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config.{field}: {msg}")
+
+    need(c.model.arch in ARCHITECTURES, "model.arch", f"{c.model.arch!r} is not one of {list(ARCHITECTURES)}")
+    need(c.model.num_classes >= 1, "model.num_classes", "must be >= 1")
+    need(c.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
+    need(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
+    need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
+    need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
+    need(c.data.normalization in ("none", "imagenet", "per_image"), "data.normalization", "none | imagenet | per_image")
+    need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+    check_synthetic_data(c.data, need)
+    need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
+    need(c.train.batch_size % num_devices == 0, "train.batch_size",
+         f"{c.train.batch_size} is not divisible by the {num_devices} devices")
+    need(c.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    need(c.eval.batch_size % num_devices == 0, "eval.batch_size",
+         f"{c.eval.batch_size} is not divisible by the {num_devices} devices")
+    need(c.train.epochs > 0, "train.epochs", "must be > 0")
+    need(c.train.learning_rate > 0, "train.learning_rate", f"must be > 0, got {c.train.learning_rate}")
+    need(c.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(c.train.optimizer in ("adamw", "sgd"), "train.optimizer", "adamw | sgd")
+    need(0 <= c.train.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+    need(0 <= c.train.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: every epoch)")
+    need(c.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
+    need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Box-prompted SAM training (kind "sam")
+
+LOSS_FRAMES = ("input", "low_res")
+
+
+def sam_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "sam"
+    c.seed = 0
+    # An mskjax SAM checkpoint directory to start from: `python -m mskjax.convert --source sam ...`
+    # output, or WORKDIR/best of an earlier SAM run. "" trains from a fresh initialisation.
+    c.init_from = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit_tiny"  # vit_tiny | vit_b | vit_l | vit_h
+    c.model.img_size = 256  # SAM input side S (multiple of 16); official weights are 1024
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "synthetic"  # synthetic | fracatlas (any dataset whose records carry boxes + masks)
+    c.data.root = "data/synthetic"
+    c.data.body_parts = ""  # synthetic/MURA layout: comma-separated XR_ parts; "" = all
+    c.data.valid_fraction = DEFAULT_VALID_FRACTION  # FracAtlas: tuning split carved from train
+    c.data.synthetic_studies = 700  # generated when data.root has no dataset
+    c.data.synthetic_seed = 0
+    c.data.synthetic_abnormality_scale = 1.0  # generator knob: multiplies abnormality sizes
+    c.data.synthetic_conspicuity = "realistic"  # generator knob: realistic | high (data/synthetic/lesions.CONSPICUITY)
+    c.data.synthetic_parts = ""  # generator knob: comma-separated XR_ parts to draw; "" = all seven
+    # Prompts (lesions) decoded per image in one example; an image with more lesions becomes
+    # several examples. Padding prompts are masked out of the loss.
+    c.data.max_prompts = 2
+    # MedSAM's box perturbation: each side moves outward by U(0, box_jitter) px, given in a 1024 px
+    # SAM input frame and scaled by img_size / 1024 (5 px at 256); then clipped to the image.
+    c.data.box_jitter = 20.0
+    # Training: prompt slots an image's lesions leave empty repeat them (each with its own jitter).
+    c.data.repeat_prompts = True
+    c.data.hflip = False  # random horizontal flips of image, boxes and masks (training only)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.box_mask_prompt = False  # each box also as a dense mask prompt (mskjax.sam.box_mask_prompt)
+    c.train.batch_size = 8  # images per global batch (each with up to data.max_prompts prompts)
+    c.train.epochs = 10
+    c.train.optimizer = "adamw"  # adamw | sgd
+    c.train.learning_rate = 1e-4  # MedSAM: AdamW 1e-4, weight decay 0.01
+    c.train.weight_decay = 0.01
+    c.train.momentum = 0.9
+    c.train.warmup_epochs = 0.0
+    c.train.grad_clip = 1.0
+    c.train.train_image_encoder = True  # False: only the mask decoder learns (prompt encoder: never)
+    c.train.cache_embeddings = False  # frozen encoder only: embed every image once, keep in memory
+    c.train.dice_weight = 1.0
+    c.train.bce_weight = 1.0
+    c.train.loss_frame = "input"  # input: logits upscaled to S x S | low_res: the S/4 grid
+    c.train.log_every = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 16  # images
+    c.eval.every_epochs = 1
+    c.eval.test_split = "test"  # evaluated once with the best checkpoint; "" to skip
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
+    c.checkpoint.async_writes = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
+    return c
+
+
+def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError naming the first field whose value cannot work."""
+
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ConfigError(f"config.{field}: {msg}")
+
+    need(c.kind == "sam", "kind", f"expected 'sam', got {c.kind!r}")
+    need(c.model.arch in ARCHS, "model.arch", f"{c.model.arch!r} is not one of {list(ARCHS)}")
+    need(c.model.img_size >= 32 and c.model.img_size % 16 == 0, "model.img_size",
+         f"must be a multiple of 16 and >= 32, got {c.model.img_size}")
+    need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
+    need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
+    check_synthetic_data(c.data, need)
+    need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
+    need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
+    need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
+    need(c.train.batch_size % num_devices == 0, "train.batch_size",
+         f"{c.train.batch_size} is not divisible by the {num_devices} devices")
+    need(c.eval.batch_size > 0 and c.eval.batch_size % num_devices == 0, "eval.batch_size",
+         f"{c.eval.batch_size} must be > 0 and divisible by the {num_devices} devices")
+    need(c.train.epochs > 0, "train.epochs", "must be > 0")
+    need(c.train.learning_rate > 0, "train.learning_rate", f"must be > 0, got {c.train.learning_rate}")
+    need(c.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(c.train.optimizer in ("adamw", "sgd"), "train.optimizer", "adamw | sgd")
+    need(c.train.dice_weight >= 0 and c.train.bce_weight >= 0 and c.train.dice_weight + c.train.bce_weight > 0,
+         "train.dice_weight", "dice_weight and bce_weight must be >= 0, not both 0")
+    need(c.train.loss_frame in LOSS_FRAMES, "train.loss_frame", " | ".join(LOSS_FRAMES))
+    need(not (c.train.cache_embeddings and c.train.train_image_encoder), "train.cache_embeddings",
+         "embeddings can only be cached while the image encoder is frozen "
+         "(set train.train_image_encoder=False)")
+    need(c.eval.every_epochs >= 1, "eval.every_epochs", "must be >= 1")
+    need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
