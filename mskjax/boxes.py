@@ -1,4 +1,11 @@
-"""Maps -> boxes: the report's peak box, thresholded connected components, Otsu's threshold.
+"""Maps -> peaks and boxes: the report's peak box, thresholded connected components, Otsu's threshold.
+
+Peaks. One rule everywhere (`plateau_peak`): the centroid of the plateau of maximum values that
+contains the first maximum, NaN ignored — never the first maximum pixel itself, which on the
+plateau an upsampled CAM has at an edge cell lies on the image border. For a raw (low-resolution)
+CAM, `raw_map_peaks` / `peak_boxes_from_raw` put the peak at the peak cell's centre in the image
+frame, which is exact; `plateau_peak` / `peak_boxes` on the upsampled map are within a quarter
+cell of it.
 
 All functions take maps of shape (B, H, W) (a single (H, W) map is accepted and the batch axis is
 dropped again on return), are pure jax.numpy, and are jit-able with static shapes: the number of
@@ -23,8 +30,8 @@ REPORT_INPUT_SIDE = 224.0
 
 
 class PeakBoxes(NamedTuple):
-    """boxes (B, 4) float32; peaks (B, 2) float32 (x, y) pixel centre of the maximum; scores (B,)
-    the map's maximum."""
+    """boxes (B, 4) float32; peaks (B, 2) float32 (x, y), the map's peak (`plateau_peak` /
+    `raw_map_peaks`); scores (B,) the map's maximum (NaN ignored; NaN for an all-NaN map)."""
 
     boxes: jax.Array
     peaks: jax.Array
@@ -58,16 +65,230 @@ def argmax_2d(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     Ties go to the first maximum in row-major order (smallest row, then smallest column), as
     `jnp.argmax` on the flattened map returns the first occurrence. NaN counts as the maximum.
+
+    Not a peak rule: on a plateau (an upsampled CAM whose maximum is in an edge cell is one that
+    reaches the image border) the first maximum is the plateau's top-left pixel. For peaks use
+    `plateau_peak` / `plateau_peak_pixel` (maps at image resolution) or `raw_map_peaks` (raw CAMs).
     """
     b, h, w = maps.shape
     flat = jnp.argmax(maps.reshape(b, h * w), axis=-1).astype(jnp.int32)
     return flat // w, flat % w
 
 
+# --------------------------------------------------------------------------------------------
+# Peaks
+# --------------------------------------------------------------------------------------------
+
+class _Plateau(NamedTuple):
+    plateau: jax.Array  # (B, h, w) bool: the connected tie set containing the first maximum
+    first: jax.Array    # (B,) int32 flat index of the first maximum (NaN skipped; 0 if all NaN)
+    score: jax.Array    # (B,) the maximum (NaN ignored; NaN when every value is NaN)
+    count: jax.Array    # (B,) int32 plateau size (0 when every value is NaN)
+    values: jax.Array   # (B, h, w) the maps with NaN replaced by -inf
+
+
+def _plateau(maps) -> _Plateau:
+    """The peak plateau of maps (B, h, w): see `plateau_peak`."""
+    if not jnp.issubdtype(maps.dtype, jnp.floating):
+        maps = maps.astype(jnp.float32)
+    b, h, w = maps.shape
+    nan = jnp.isnan(maps)
+    m = jnp.where(nan, jnp.array(-jnp.inf, maps.dtype), maps)
+    first = jnp.argmax(m.reshape(b, h * w), axis=1).astype(jnp.int32)
+    score = jnp.take_along_axis(m.reshape(b, h * w), first[:, None], axis=1)[:, 0]
+    tie = (m == score[:, None, None]) & ~nan
+    # The first maximum is the first pixel (row-major) of its component, so its label is `first`.
+    plateau = connected_components(tie) == first[:, None, None]
+    count = jnp.sum(plateau, axis=(1, 2), dtype=jnp.int32)
+    score = jnp.where(count > 0, score, jnp.array(jnp.nan, maps.dtype))
+    return _Plateau(plateau, first, score, count, m)
+
+
+def _centroid(p: _Plateau) -> jax.Array:
+    """(B, 2) float32 (x, y) centroid of the plateau's pixel centres in its own pixel frame;
+    NaN where the plateau is empty (all-NaN map)."""
+    _, h, w = p.plateau.shape
+    per_col = jnp.sum(p.plateau, axis=1, dtype=jnp.int32).astype(jnp.float32)  # (B, w), exact
+    per_row = jnp.sum(p.plateau, axis=2, dtype=jnp.int32).astype(jnp.float32)  # (B, h)
+    n = p.count.astype(jnp.float32)
+    safe = jnp.maximum(n, 1.0)
+    cx = per_col @ (jnp.arange(w, dtype=jnp.float32) + 0.5) / safe
+    cy = per_row @ (jnp.arange(h, dtype=jnp.float32) + 0.5) / safe
+    xy = jnp.stack([cx, cy], axis=-1)
+    return jnp.where((p.count > 0)[:, None], xy, jnp.nan)
+
+
+def _subcell_offset(p: _Plateau) -> jax.Array:
+    """(B, 2) float32 (dx, dy) in cells: vertex of the parabola through the peak cell and its two
+    neighbours, separately along x and along y (1-D three-point fits). Zero along an axis where
+    the peak is not a single cell (plateau), the cell is on the border on that axis, or a
+    neighbour is NaN/-inf. |offset| < 0.5 whenever it applies (the peak is a strict maximum)."""
+    b, h, w = p.values.shape
+    m = p.values.astype(jnp.float32).reshape(b, h * w)
+    r, c = p.first // w, p.first % w
+    single = p.count == 1
+
+    def val(rr, cc):
+        idx = jnp.clip(rr, 0, h - 1) * w + jnp.clip(cc, 0, w - 1)
+        return jnp.take_along_axis(m, idx[:, None], axis=1)[:, 0]
+
+    centre = val(r, c)
+
+    def offset(lo, hi, inside):
+        denom = lo - 2.0 * centre + hi
+        ok = single & inside & jnp.isfinite(lo) & jnp.isfinite(hi) & (denom < 0)
+        d = 0.5 * (lo - hi) / jnp.where(ok, denom, -1.0)
+        return jnp.where(ok, jnp.clip(d, -0.5, 0.5), 0.0)
+
+    dx = offset(val(r, c - 1), val(r, c + 1), (c > 0) & (c < w - 1))
+    dy = offset(val(r - 1, c), val(r + 1, c), (r > 0) & (r < h - 1))
+    return jnp.stack([dx, dy], axis=-1)
+
+
+@jax.jit
+def plateau_peak(maps) -> jax.Array:
+    """The peak of each map (B, H, W) -> (B, 2) float32 (x, y) in the map's own pixel frame.
+
+    The rule (the one rule for peaks: boxes, pointing game): take the first maximum in row-major
+    order (NaN skipped), then the **plateau** containing it — the 8-connected set of pixels whose
+    value equals the maximum exactly (`connected_components`) — and return the centroid of the
+    plateau's pixel centres (col + 0.5, row + 0.5). A unique maximum is its pixel centre. Other
+    pixels that reach the maximum but do not touch this plateau are ignored. The centroid of a
+    non-convex plateau may lie off it; `plateau_peak_pixel` gives the plateau pixel nearest to it.
+
+    NaN: NaN values are ignored (never the peak, never part of a plateau); an all-NaN map gives
+    (NaN, NaN). -inf / +inf are ordinary values (an all -inf map is one plateau: its centre).
+    Integer maps are compared exactly (converted to float32).
+
+    Upsampled CAMs: `mskjax.cam.postprocess` resizes a raw (h, w) map bilinearly with edge
+    clamping, so a maximum in an edge cell becomes a plateau from the cell centre to the image
+    border. Its centroid is then about a quarter cell (H / h / 4 pixels) from the cell centre
+    toward the border — far better than the first maximum (on the border itself), but not the
+    cell centre. When the raw map is at hand use `raw_map_peaks` / `peak_boxes_from_raw`, which
+    give the cell centre exactly.
+    """
+    maps, single = _batched(maps)
+    out = _centroid(_plateau(maps))
+    return out[0] if single else out
+
+
+@jax.jit
+def plateau_peak_pixel(maps) -> tuple[jax.Array, jax.Array]:
+    """(row, col) int32 of the plateau pixel nearest to `plateau_peak` (ties: first in row-major
+    order), maps (B, H, W) — a drop-in replacement for `argmax_2d` where one pixel is needed
+    (pointing game). It is always a maximum pixel (unlike the pixel containing the centroid, which
+    for a non-convex plateau may not be). An all-NaN map gives (0, 0), as `argmax_2d` does."""
+    maps, single = _batched(maps)
+    b, h, w = maps.shape
+    p = _plateau(maps)
+    xy = _centroid(p)
+    cols = jnp.arange(w, dtype=jnp.float32)[None, None, :] + 0.5
+    rows = jnp.arange(h, dtype=jnp.float32)[None, :, None] + 0.5
+    d2 = (cols - xy[:, 0, None, None]) ** 2 + (rows - xy[:, 1, None, None]) ** 2
+    d2 = jnp.where(p.plateau, d2, jnp.inf)
+    flat = jnp.argmin(d2.reshape(b, h * w), axis=1).astype(jnp.int32)
+    flat = jnp.where(p.count > 0, flat, 0)
+    row, col = flat // w, flat % w
+    return (row[0], col[0]) if single else (row, col)
+
+
+@jax.jit
+def peak_point(maps) -> jax.Array:
+    """(B, 2) float32 (x, y): the centre of `plateau_peak_pixel` (a pixel of the first maximum's
+    plateau, the one nearest its centroid), maps (B, H, W) or (H, W). The point the pointing game
+    tests: always on a maximum, even where a non-convex plateau's centroid is not."""
+    row, col = plateau_peak_pixel(maps)
+    return jnp.stack([col.astype(jnp.float32) + 0.5, row.astype(jnp.float32) + 0.5], axis=-1)
+
+
+def _frame_scale(raw_hw, out_hw):
+    h, w = raw_hw
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"out_hw must be positive (H, W); got {tuple(out_hw)}")
+    return jnp.array([ow / w, oh / h], jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw", "subcell"))
+def raw_map_peaks(raw_maps, out_hw: tuple[int, int], subcell: bool = False) -> jax.Array:
+    """The peak of each raw (low-resolution) map (B, h, w), in the frame of the (H, W) image it is
+    drawn over -> (B, 2) float32 (x, y).
+
+    A raw CAM cell (row i, col j) covers the image region [j W/w, (j+1) W/w) x [i H/h, (i+1) H/h)
+    (the half-pixel convention of `mskjax.cam.resize_maps`, where cell centres land at
+    (j + 0.5) W/w), so the peak is the peak cell's centre x = (col + 0.5) W / w,
+    y = (row + 0.5) H / h. Plateaus (tied cells) and NaN as `plateau_peak`: the centroid of the
+    8-connected set of cells equal to the maximum that contains the first maximum (row-major),
+    NaN cells ignored, (NaN, NaN) for an all-NaN map. Cells to exclude (e.g. those outside the
+    image content of a letterboxed input) can be set to NaN.
+
+    Which map: `postprocess` applies ReLU and min-max scaling before resizing; both are monotone,
+    so passing the raw map or relu(raw) gives the same peak unless every cell is <= 0 (then
+    relu(raw) is one plateau whose centroid is the image centre, and the raw map keeps its own
+    maximum).
+
+    Args:
+      raw_maps: (B, h, w) (or (h, w)) float, e.g. `mskjax.cam.raw_map` output.
+      out_hw: (H, W) static ints, the image frame (the model input).
+      subcell: refine a single-cell peak by the vertex of a parabola through it and its two
+        neighbours along each axis (less than half a cell; none on an axis where the peak cell is
+        at the border). Off by default: CAM cells are coarse and their values are not samples of a
+        smooth function, so the refinement is a guess.
+    """
+    raw_maps, single = _batched(raw_maps)
+    _, h, w = raw_maps.shape
+    p = _plateau(raw_maps)
+    xy = _centroid(p)
+    if subcell:
+        xy = xy + _subcell_offset(p)
+    out = xy * _frame_scale((h, w), out_hw)
+    return out[0] if single else out
+
+
+def _default_side(box_side, input_side, hw):
+    if input_side is None:
+        input_side = max(hw)
+    if box_side is None:
+        box_side = REPORT_BOX_SIDE * float(input_side) / REPORT_INPUT_SIDE
+    if not box_side > 0:
+        raise ValueError(f"box_side must be positive; got {box_side}")
+    return float(box_side)
+
+
+def _check_border(border):
+    if border not in ("clip", "shift"):
+        raise ValueError(f"border must be 'clip' or 'shift'; got {border!r}")
+
+
+def _box_around(peaks, box_side: float, hw, border: str, bounds=None) -> jax.Array:
+    """(B, 4) square boxes of side box_side centred on peaks (B, 2), kept inside `bounds`
+    ((4,) or (B, 4) x0, y0, x1, y1; default the whole (H, W) image) by `border`."""
+    b = peaks.shape[0]
+    h, w = hw
+    if bounds is None:
+        bounds = jnp.array([0.0, 0.0, float(w), float(h)], jnp.float32)
+    bounds = jnp.broadcast_to(jnp.asarray(bounds, jnp.float32), (b, 4))
+    bx0, by0, bx1, by1 = (bounds[:, i] for i in range(4))
+    cx, cy = peaks[:, 0], peaks[:, 1]
+    half = jnp.float32(box_side) / 2
+    x0, x1, y0, y1 = cx - half, cx + half, cy - half, cy + half
+    if border == "shift":
+        # Move the box inside first (right/bottom overshoot, then left/top), then clip.
+        dx = jnp.minimum(0.0, bx1 - x1)
+        dy = jnp.minimum(0.0, by1 - y1)
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+        dx = jnp.maximum(0.0, bx0 - x0)
+        dy = jnp.maximum(0.0, by0 - y0)
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+    boxes = jnp.stack([jnp.clip(x0, bx0, bx1), jnp.clip(y0, by0, by1),
+                       jnp.clip(x1, bx0, bx1), jnp.clip(y1, by0, by1)], axis=-1)
+    return boxes.astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("box_side", "input_side", "border"))
 def peak_boxes(maps, box_side: float | None = None, input_side: float | None = None,
-               border: str = "clip") -> PeakBoxes:
-    """The report's localisation: a square box centred on the map's maximum.
+               border: str = "shift", bounds=None) -> PeakBoxes:
+    """The report's localisation: a square box centred on the map's peak.
 
     Args:
       maps: (B, H, W) float, in the model-input frame (or any frame; boxes come back in it).
@@ -75,43 +296,53 @@ def peak_boxes(maps, box_side: float | None = None, input_side: float | None = N
         box at a 224 px model input, scaled to other sizes.
       input_side: side of the model input the map is drawn at; default the map's longer side
         max(H, W). Only used to derive the default box_side.
-      border: "clip" (default) cuts a box that sticks out of the image at the border, so boxes near
-        an edge are smaller than box_side; "shift" slides it inside to keep its full size (still
-        clipped when box_side exceeds the image).
+      border: "shift" (default) slides a box that sticks out of the image inside, so every box
+        keeps its full size (clipped only when box_side exceeds the image); "clip" cuts it at the
+        border (boxes near an edge are then smaller than box_side).
+      bounds: optional (4,) or (B, 4) float (x0, y0, x1, y1) region the box must stay inside
+        instead of the whole image, e.g. the image content of a letterboxed input. Traced.
 
-    The centre is the maximum pixel's centre (col + 0.5, row + 0.5); ties go to the first maximum
-    in row-major order (see `argmax_2d`).
+    The centre is `plateau_peak`: the centroid of the plateau of maximum pixels containing the
+    first maximum (a unique maximum: its pixel centre (col + 0.5, row + 0.5)); NaN ignored. An
+    all-NaN map gives NaN peak, box and score. For an upsampled CAM prefer `peak_boxes_from_raw`
+    (see `plateau_peak` on the quarter-cell offset at edge cells).
 
     Returns:
       PeakBoxes(boxes (B, 4), peaks (B, 2) as (x, y), scores (B,)).
     """
-    if border not in ("clip", "shift"):
-        raise ValueError(f"border must be 'clip' or 'shift'; got {border!r}")
+    _check_border(border)
     maps, single = _batched(maps)
-    b, h, w = maps.shape
-    if input_side is None:
-        input_side = max(h, w)
-    if box_side is None:
-        box_side = REPORT_BOX_SIDE * float(input_side) / REPORT_INPUT_SIDE
-    if not box_side > 0:
-        raise ValueError(f"box_side must be positive; got {box_side}")
-    row, col = argmax_2d(maps)
-    cx = col.astype(jnp.float32) + 0.5
-    cy = row.astype(jnp.float32) + 0.5
-    half = jnp.float32(box_side) / 2
-    x0, x1, y0, y1 = cx - half, cx + half, cy - half, cy + half
-    if border == "shift":
-        # Move the box inside first (right/bottom overshoot, then left/top), then clip.
-        dx = jnp.minimum(0.0, w - x1)
-        dy = jnp.minimum(0.0, h - y1)
-        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
-        dx = jnp.maximum(0.0, -x0)
-        dy = jnp.maximum(0.0, -y0)
-        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
-    boxes = jnp.stack([jnp.clip(x0, 0, w), jnp.clip(y0, 0, h),
-                       jnp.clip(x1, 0, w), jnp.clip(y1, 0, h)], axis=-1)
-    scores = maps.reshape(b, h * w)[jnp.arange(b), row * w + col]
-    out = PeakBoxes(boxes.astype(jnp.float32), jnp.stack([cx, cy], -1), scores)
+    _, h, w = maps.shape
+    side = _default_side(box_side, input_side, (h, w))
+    p = _plateau(maps)
+    peaks = _centroid(p)
+    out = PeakBoxes(_box_around(peaks, side, (h, w), border, bounds), peaks, p.score)
+    return _unbatch(out, single)
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw", "box_side", "input_side", "border", "subcell"))
+def peak_boxes_from_raw(raw_maps, out_hw: tuple[int, int], box_side: float | None = None,
+                        input_side: float | None = None, border: str = "shift", bounds=None,
+                        subcell: bool = False) -> PeakBoxes:
+    """`peak_boxes` from the raw (low-resolution) CAM (B, h, w), boxes in the (H, W) = out_hw
+    frame: centred on `raw_map_peaks` (the peak cell's centre, exactly), not on a peak of the
+    upsampled map (which at an edge cell is off by a quarter cell, see `plateau_peak`).
+
+    box_side / input_side / border / bounds as `peak_boxes`, in out_hw pixels (default box side:
+    50 * max(H, W) / 224). scores: the raw map's maximum (NaN ignored), in the raw map's units —
+    not the post-processed [0, 1] value. subcell: as `raw_map_peaks`.
+    """
+    _check_border(border)
+    raw_maps, single = _batched(raw_maps)
+    _, h, w = raw_maps.shape
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    side = _default_side(box_side, input_side, (oh, ow))
+    p = _plateau(raw_maps)
+    xy = _centroid(p)
+    if subcell:
+        xy = xy + _subcell_offset(p)
+    peaks = xy * _frame_scale((h, w), out_hw)
+    out = PeakBoxes(_box_around(peaks, side, (oh, ow), border, bounds), peaks, p.score)
     return _unbatch(out, single)
 
 
