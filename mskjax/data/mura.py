@@ -6,6 +6,7 @@ Layout under `root` (the folder that holds the CSVs)::
     <root>/<split>_labeled_studies.csv   "<study path>/,<0|1>" per row, no header
     <root>/<split>/XR_<PART>/patientNNNNN/studyN_{positive,negative}/imageN.png
     <root>/masks/<split>/XR_<PART>/.../imageN.png     optional 0/255 mask (synthetic data)
+    <root>/evidence/<split>/XR_<PART>/.../imageN.png  optional 0/255 evidence mask (synthetic data)
     <root>/boxes.json                                 optional {"<CSV image path>": [{"box": [x0, y0, x1, y1], "type": ...}]}
 
 Paths in the CSVs begin with the dataset folder's name (``MURA-v1.1/train/...``): the first
@@ -65,7 +66,8 @@ def read_mura(
     Returns:
       records: one `Record` per valid image, in CSV order. study = "<split>/<XR_PART>/<patient>/<study>",
         patient = "patientNNNNN", view = N - 1 for imageN, label = the study's label, mask_path /
-        boxes / box_types from the optional masks folder and boxes.json.
+        evidence_path from the optional masks / evidence folders (None where the file is absent),
+        boxes / box_types from the optional boxes.json.
       skipped: every row or study left out, with a kind and a reason.
 
     Raises:
@@ -123,6 +125,8 @@ def read_mura(
             continue
         mask = os.path.join(root, "masks", *parts)
         mask_path = mask if os.path.isfile(mask) else None
+        evidence = os.path.join(root, "evidence", *parts)
+        evidence_path = evidence if os.path.isfile(evidence) else None
         entries = boxes_by_path.pop(csv_path, [])
         try:
             boxes, box_types = _check_boxes(entries, path)
@@ -142,6 +146,7 @@ def read_mura(
                 mask_path=mask_path,
                 boxes=boxes,
                 box_types=box_types,
+                evidence_path=evidence_path,
             )
         )
         images_per_study[study_id] += 1

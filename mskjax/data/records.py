@@ -33,6 +33,9 @@ class Record:
       mask_path: absolute path of a 0/255 PNG mask in the displayed-image frame, or None.
       boxes: tuple of (x0, y0, x1, y1) floats, displayed-image pixels, x0 <= x1 and y0 <= y1.
       box_types: one string per box ("fracture", "hardware", "lesion", ...).
+      evidence_path: absolute path of a 0/255 PNG in the displayed-image frame marking the pixels
+        the abnormalities changed (synthetic data: where the image differs from its render without
+        them; mask_path marks their own extent), or None.
       extra: dataset-specific fields (FracAtlas region / view flags ...). Not part of hashing.
     """
 
@@ -46,6 +49,7 @@ class Record:
     mask_path: str | None = None
     boxes: tuple[Box, ...] = ()
     box_types: tuple[str, ...] = ()
+    evidence_path: str | None = None  # after box_types: positional construction keeps working
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class Record:
             raise ValueError(f"{where}: view must be an int >= 0, got {self.view!r}")
         if self.mask_path is not None and not os.path.isabs(self.mask_path):
             raise ValueError(f"{where}: mask_path must be absolute, got {self.mask_path!r}")
+        if self.evidence_path is not None and not os.path.isabs(self.evidence_path):
+            raise ValueError(f"{where}: evidence_path must be absolute, got {self.evidence_path!r}")
         boxes = tuple(tuple(float(v) for v in b) for b in self.boxes)
         for b in boxes:
             if len(b) != 4 or not all(math.isfinite(v) for v in b) or b[0] > b[2] or b[1] > b[3]:

@@ -106,6 +106,38 @@ def test_masks_and_boxes_from_synthetic_ground_truth(tmp_path):
     assert r0.box_types == ("fracture", "hardware")
     assert r6.boxes == ((0.5, 0.5, 3.5, 2.5),) and r6.box_types == ("lesion",)
     assert all(r.mask_path is None for r in records[1:])
+    assert all(r.evidence_path is None for r in records)  # no evidence folder
+
+
+def test_evidence_path_from_the_evidence_folder(tmp_path):
+    _make_tree(tmp_path)
+    rel = "train/XR_WRIST/patient00001/study1_positive"
+    _png(tmp_path / "masks" / rel / "image1.png", value=255)
+    _png(tmp_path / "evidence" / rel / "image1.png", value=255)
+    _png(tmp_path / "evidence" / rel / "image2.png", value=255)  # evidence without a mask is read too
+    (tmp_path / "evidence" / "train/XR_HAND/patient00003/study1_positive/image1.png").mkdir(parents=True)  # not a file
+    records, skipped = read_mura(tmp_path, "train")
+    assert not skipped, skipped.summary()
+    by_path = {os.path.relpath(r.path, tmp_path): r for r in records}
+    assert by_path[f"{rel}/image1.png"].evidence_path == str(tmp_path / "evidence" / rel / "image1.png")
+    assert by_path[f"{rel}/image1.png"].mask_path == str(tmp_path / "masks" / rel / "image1.png")
+    assert by_path[f"{rel}/image2.png"].evidence_path == str(tmp_path / "evidence" / rel / "image2.png")
+    assert by_path[f"{rel}/image2.png"].mask_path is None
+    assert sum(r.evidence_path is not None for r in records) == 2
+
+
+def test_reads_a_synthetic_folder_with_evidence(tmp_path):
+    from mskjax.data import synthetic
+    root = tmp_path / "SYN"
+    synthetic.generate(root, 4, 0, size_range=(64, 72), workers=1, splits=(("train", 1.0),), parts=("XR_HAND",))
+    records, skipped = read_mura(root, "train")
+    assert not skipped, skipped.summary()
+    assert any(r.label for r in records) and not all(r.label for r in records)
+    for r in records:
+        assert (r.evidence_path is not None) == (r.mask_path is not None) == bool(r.label)
+        if r.evidence_path:
+            assert r.evidence_path == os.path.join(str(root), "evidence", os.path.relpath(r.path, root))
+            assert os.path.isfile(r.evidence_path)
 
 
 @pytest.mark.parametrize(
@@ -252,6 +284,7 @@ def test_record_validates_and_normalises():
                boxes=[[1, 2, 3, 4]], box_types=["fracture"], extra={"k": 1})
     assert r.boxes == ((1.0, 2.0, 3.0, 4.0),) and r.box_types == ("fracture",)
     assert hash(r) == hash(dataclasses.replace(r, extra={"k": 2}))  # extra is not hashed
+    assert r.evidence_path is None and dataclasses.replace(r, evidence_path="/a/e.png").evidence_path == "/a/e.png"
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.label = 0  # type: ignore[misc]
     base = dict(path="/a/b.png", label=0, study="s", patient="p", body_part="b", view=0, split="train")
@@ -263,6 +296,7 @@ def test_record_validates_and_normalises():
         ({"boxes": ((3, 0, 1, 1),), "box_types": ("fracture",)}, "x0 <= x1"),
         ({"boxes": ((0, 0, 1, 1),)}, "1 boxes but 0 box_types"),
         ({"mask_path": "m.png"}, "mask_path"),
+        ({"evidence_path": "e.png"}, "evidence_path"),
     ]:
         with pytest.raises(ValueError, match=match):
             Record(**{**base, **bad})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,117 @@ def test_parts_restrict_the_dataset_and_are_part_of_its_identity(tmp_path):
     for bad in ((), ("XR_KNEE",), ("XR_HAND", "XR_HAND")):
         with pytest.raises(ValueError, match="parts"):
             synthetic.generate(tmp_path / "z", 4, 1, parts=bad)
+
+
+# ---------------------------------------------------------------------------------- evidence
+
+
+def _union(masks, shape) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for mk in masks:
+        m |= mk
+    return m
+
+
+@pytest.mark.parametrize("part,kind,conspicuity", [("XR_FOREARM", "fracture", "high"), ("XR_HUMERUS", "lesion", "high"),
+                                                   ("XR_HAND", "hardware", "realistic"),
+                                                   ("XR_WRIST", "fracture", "realistic")])
+def test_counterfactual_is_the_render_without_abnormalities_and_takes_no_draws(part, kind, conspicuity):
+    """render_view(counterfactual=True) returns the same image, masks and generator state as without
+    it, and its fourth item is exactly the view rendered without the abnormalities from the same
+    generator state; the evidence is exactly where the two differ."""
+    base = anat.build(part, anat.Subject(), dict(synthetic.dataset._CANONICAL_POSE))
+    abns = les.draw_abnormalities(np.random.default_rng(7), kind, base, synthetic.unit_mm(base), 3.0, conspicuity)
+    anatomy = anat.build(part, anat.Subject(), anat.draw_pose(part, np.random.default_rng(2), 1))
+    rngs = [np.random.default_rng(11) for _ in range(3)]
+    img, masks, cv, cf = synthetic.render_view(rngs[0], anatomy, abns, (160, 200), True, counterfactual=True)
+    img2, masks2, cv2 = synthetic.render_view(rngs[1], anatomy, abns, (160, 200), True)
+    without, none, _ = synthetic.render_view(rngs[2], anatomy, [], (160, 200), True)
+    assert np.array_equal(img, img2) and all(np.array_equal(a, b) for a, b in zip(masks, masks2))
+    assert (cv.height, cv.width, cv.scale) == (cv2.height, cv2.width, cv2.scale)
+    assert rngs[0].bit_generator.state == rngs[1].bit_generator.state == rngs[2].bit_generator.state
+    assert np.array_equal(cf, without) and none == []
+    ev = synthetic.evidence_mask(img, cf)
+    assert np.array_equal(ev, img != without) and ev.any()
+    m = _union(masks, img.shape)
+    n, outside = synthetic.evidence_outside(ev, m)
+    assert n == ev.sum()
+    if kind == "fracture" and conspicuity == "high":  # the fragment moved: most evidence is off the mask
+        assert outside > 0.5 * n, (outside, n)
+    else:  # lesions, metal, gaps: the evidence hugs the mask (blur and a lesion's rim spill a little)
+        assert outside <= 0.2 * n, (outside, n)
+
+
+def test_dilate_disc():
+    m = np.zeros((9, 9), bool)
+    m[4, 4] = True
+    d = synthetic.dataset.dilate_disc(m, 3)
+    yy, xx = np.mgrid[0:9, 0:9]
+    assert np.array_equal(d, (yy - 4) ** 2 + (xx - 4) ** 2 <= 9)
+    m[0, 8] = True  # at the border: no wrap-around
+    d = synthetic.dataset.dilate_disc(m, 1)
+    assert d[0, 7] and d[1, 8] and not d[0, 0] and not d[8, 8] and d.sum() == 5 + 3
+
+
+def test_render_study_evidence_does_not_change_the_study():
+    """The study's images, masks and boxes are byte-identical with and without evidence; normal
+    studies have none."""
+    for i, kind in enumerate(("fracture", "lesion", "hardware", None)):
+        a = synthetic.render_study(4, i, "XR_FOREARM", kind, (96, 128), 3.0, "high")
+        b = synthetic.render_study(4, i, "XR_FOREARM", kind, (96, 128), 3.0, "high", evidence=False)
+        assert "evidence" not in b and len(a["evidence"]) == len(a["images"])
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(a["images"], b["images"]))
+        assert all((x is None and y is None) or x.tobytes() == y.tobytes() for x, y in zip(a["masks"], b["masks"]))
+        assert a["boxes"] == b["boxes"] and a["abnormalities"] == b["abnormalities"]
+        for img, mask, ev in zip(a["images"], a["masks"], a["evidence"]):
+            if kind is None:
+                assert mask is None and ev is None
+            else:
+                assert ev.shape == img.shape and ev.dtype == np.uint8 and set(np.unique(ev)) <= {0, 255}
+
+
+def test_evidence_files_and_summary(dataset):
+    root, summary = dataset
+    masks = {str(p.relative_to(root / "masks")) for p in (root / "masks").rglob("*.png")}
+    evidence = {str(p.relative_to(root / "evidence")) for p in (root / "evidence").rglob("*.png")}
+    assert evidence == masks  # abnormal images only, every one
+    boxes = json.loads((root / "boxes.json").read_text())
+    fractions: dict = {}
+    for p, entries in boxes.items():
+        rel = p.split("/", 1)[1]
+        ev = np.asarray(Image.open(root / "evidence" / rel))
+        assert ev.shape == np.asarray(Image.open(root / rel)).shape and set(np.unique(ev)) <= {0, 255}
+        n, k = synthetic.evidence_outside(ev > 0, np.asarray(Image.open(root / "masks" / rel)) > 0)
+        fractions.setdefault(entries[0]["type"], []).append(k / n if n else None)
+    stats = summary["evidence"]["outside_dilated_mask"]
+    assert summary["evidence"]["dilation_px"] == 3
+    for t, fr in fractions.items():
+        s = stats["types"][t]
+        have = [f for f in fr if f is not None]
+        assert s["images"] == len(fr) and s["empty"] == len(fr) - len(have)
+        assert s["mean"] == pytest.approx(np.mean(have), abs=1e-4)
+    assert stats["types"]["lesion"]["mean"] < 0.1 and stats["types"]["hardware"]["mean"] < 0.05
+    assert stats["subtypes"]["fracture/displaced"]["mean"] > 0.5 > stats["subtypes"]["fracture/hairline"]["mean"]
+    assert sum(v["images"] for k, v in stats["subtypes"].items() if k.startswith("fracture/")) \
+        == stats["types"]["fracture"]["images"]
+
+
+def test_old_version_is_refused_and_regenerated_with_evidence(tmp_path):
+    root = tmp_path / "SYN"
+    synthetic.generate(root, 6, 2, size_range=(64, 80), workers=1, abnormal_fraction=1.0)
+    meta = json.loads((root / "synthetic.json").read_text())
+    assert meta["version"] == synthetic.VERSION != "1.0"
+    shutil.rmtree(root / "evidence")  # what version 1.0 left behind
+    meta["version"] = "1.0"
+    del meta["evidence"]
+    (root / "synthetic.json").write_text(json.dumps(meta))
+    with pytest.raises(synthetic.SyntheticDatasetError, match="version 1.0"):
+        synthetic.generate(root, 6, 2, size_range=(64, 80), workers=1, abnormal_fraction=1.0)
+    s = synthetic.generate(root, 6, 2, size_range=(64, 80), workers=1, abnormal_fraction=1.0, overwrite=True)
+    assert s["version"] == synthetic.VERSION and "evidence" in s
+    assert {p.relative_to(root / "evidence") for p in (root / "evidence").rglob("*.png")} \
+        == {p.relative_to(root / "masks") for p in (root / "masks").rglob("*.png")} != set()
+    # a regeneration with other arguments clears the old evidence too
+    synthetic.generate(root, 6, 3, size_range=(64, 80), workers=1, abnormal_fraction=1.0, overwrite=True)
+    assert {p.relative_to(root / "evidence") for p in (root / "evidence").rglob("*.png")} \
+        == {p.relative_to(root / "masks") for p in (root / "masks").rglob("*.png")}

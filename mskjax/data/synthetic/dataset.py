@@ -16,13 +16,24 @@ Layout under DIR (NAME = basename of DIR; CSVs have no header, as in MURA-v1.1):
     {split}_image_paths.csv      NAME/{split}/XR_<PART>/patientNNNNN/studyK_positive/imageJ.png
     {split}_labeled_studies.csv  NAME/{split}/XR_<PART>/patientNNNNN/studyK_positive/,1
     masks/{split}/.../imageJ.png  0/255 union of the image's abnormalities (abnormal images only)
+    evidence/{split}/.../imageJ.png  0/255 evidence (abnormal images only): 255 where the image's
+                 8-bit value differs (by >= 1 grey level) from the same view rendered again without
+                 its abnormalities - same canvas, anatomy, pose, exposure, noise, collimation and
+                 marker - so exactly the pixels the abnormalities changed. One map per image, the
+                 union over its abnormalities. Unlike the mask it covers the whole effect: where a
+                 displaced fragment left and where it went (most of a displaced fracture's evidence
+                 lies outside its mask grown by 3 px), a lesion's or a gap's blurred edge.
     boxes.json   {image CSV path: [{"box": [x0, y0, x1, y1], "type": "fracture"}, ...]}
                  boxes in the image's pixel frame (pixel i covers [i, i+1)): the extent of each
                  abnormality's own mask, so the union of an image's boxes is its mask's extent
-    synthetic.json  generator, version, config (seed, ...) and counts per split / part / type
+    synthetic.json  generator, version, config (seed, ...), counts per split / part / type and
+                 "evidence": per type and subtype, the fraction of evidence pixels outside the mask
+                 dilated by a 3-px disc (see _evidence_summary)
 
 Determinism: every study draws from its own numpy Generator seeded by (seed, study index), so the
-files are byte-identical for the same arguments whatever the number of worker processes.
+files are byte-identical for the same arguments whatever the number of worker processes. The
+render without abnormalities takes no draws of its own (it shares the image's), so images, masks
+and boxes are byte-identical to those of version 1.0, which wrote no evidence.
 """
 from __future__ import annotations
 
@@ -46,7 +57,7 @@ from mskjax.data.synthetic import lesions as les
 from mskjax.data.synthetic.render import (Canvas, bone_density, gaussian_blur, glyph, polygon_plate_density,
                                           smooth_noise, soft_thickness)
 
-VERSION = "1.0"
+VERSION = "1.1"  # 1.1: evidence masks (evidence/...); images, masks and boxes as in 1.0
 PARTS = anat.PARTS
 TYPES = les.TYPES
 DEFAULT_SPLITS = (("train", 0.7), ("valid", 0.15), ("test", 0.15))
@@ -56,6 +67,7 @@ SOFT_SATURATION_MM = 60.0  # film response flattens thick soft tissue
 _VIEW_PROBS = (0.15, 0.35, 0.35, 0.15)  # 1, 2, 3, 4 views per study
 _MAX_VIEW_TRIES = 16
 _INCOMPLETE_MARKER = ".synthetic_incomplete"
+EVIDENCE_DILATION_PX = 3  # synthetic.json's evidence statistic: evidence outside the mask grown this much
 
 
 class SyntheticDatasetError(FileExistsError):
@@ -70,27 +82,39 @@ _CANONICAL_POSE = {"lat": 0.0, "squeeze": 1.0, "spread": 1.0, "flex": 0.0, "dev"
 # One image
 
 
-def _film(rng: np.random.Generator, atten: np.ndarray, long_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Attenuation (H, W) -> brightness in [0, 1] with exposure, heel effect, blur, noise, global
-    gamma / contrast / brightness, collimation and a side marker. Returns (image, visible) where
-    visible marks pixels not hidden by collimation."""
-    h, w = atten.shape
-    img = 1.0 - np.exp(-atten * np.float32(rng.uniform(0.75, 1.3)))
+def _film(rng: np.random.Generator, attens: list, long_side: int) -> tuple[list, np.ndarray]:
+    """Attenuation maps (H, W) float32 -> brightness in [0, 1] with exposure, heel effect, blur,
+    noise, global gamma / contrast / brightness, collimation and a side marker. Returns (images,
+    visible): one image per map, all filmed with the same draws (the draws do not depend on how
+    many maps there are), and visible (H, W) bool marking pixels not hidden by collimation."""
+    h, w = attens[0].shape
+    # each step draws once, then applies the same operations to every map in turn, so each image
+    # is computed exactly as it would be alone
+    k = np.float32(rng.uniform(0.75, 1.3))
+    imgs = [1.0 - np.exp(-a * k) for a in attens]
     fog = np.float32(rng.uniform(0.0, 0.12))
-    img = fog + (1.0 - fog) * img
+    imgs = [fog + (1.0 - fog) * img for img in imgs]
     # heel effect / uneven exposure: a gentle ramp plus low-frequency mottle
     ang = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ramp = (math.cos(ang) * (xx / w - 0.5) + math.sin(ang) * (yy / h - 0.5)).astype(np.float32)
-    img = img * (1.0 + np.float32(rng.uniform(-0.15, 0.15)) * ramp)
-    img = img * (1.0 + np.float32(rng.uniform(0.0, 0.05)) * smooth_noise(rng, h, w, max(h, w) / 5))
-    img = gaussian_blur(img.astype(np.float32), float(rng.uniform(0.35, 1.0)) * long_side / 240.0)
+    heel = 1.0 + np.float32(rng.uniform(-0.15, 0.15)) * ramp
+    imgs = [img * heel for img in imgs]
+    mottle = 1.0 + np.float32(rng.uniform(0.0, 0.05)) * smooth_noise(rng, h, w, max(h, w) / 5)
+    imgs = [img * mottle for img in imgs]
+    blur = float(rng.uniform(0.35, 1.0)) * long_side / 240.0
+    imgs = [gaussian_blur(img.astype(np.float32), blur) for img in imgs]
     sig = np.float32(rng.uniform(0.006, 0.03))
-    img = img + sig * (0.35 + 0.65 * np.sqrt(np.clip(img, 0, 1))) * rng.standard_normal((h, w)).astype(np.float32)
+    quantum = rng.standard_normal((h, w)).astype(np.float32)
+    imgs = [img + sig * (0.35 + 0.65 * np.sqrt(np.clip(img, 0, 1))) * quantum for img in imgs]
     grain = gaussian_blur(rng.standard_normal((h, w)).astype(np.float32), 0.8)
-    img = img + np.float32(rng.uniform(0.0, 0.02)) * grain
-    img = np.clip(img, 0.0, 1.0) ** np.float32(math.exp(rng.uniform(-0.4, 0.4)))
-    img = (img - 0.5) * np.float32(rng.uniform(0.8, 1.2)) + 0.5 + np.float32(rng.uniform(-0.1, 0.1))
+    grain = np.float32(rng.uniform(0.0, 0.02)) * grain
+    imgs = [img + grain for img in imgs]
+    gamma = np.float32(math.exp(rng.uniform(-0.4, 0.4)))
+    imgs = [np.clip(img, 0.0, 1.0) ** gamma for img in imgs]
+    contrast = np.float32(rng.uniform(0.8, 1.2))
+    brightness = np.float32(rng.uniform(-0.1, 0.1))
+    imgs = [(img - 0.5) * contrast + 0.5 + brightness for img in imgs]
     visible = np.ones((h, w), bool)
     if rng.random() < 0.35:  # collimator edges: uniform borders, dark or light
         level = np.float32(rng.uniform(0.0, 0.08) if rng.random() < 0.5 else rng.uniform(0.55, 0.9))
@@ -99,7 +123,7 @@ def _film(rng: np.random.Generator, atten: np.ndarray, long_side: int) -> tuple[
         visible[:m[1], :] = False
         visible[:, w - m[2]:] = False
         visible[h - m[3]:, :] = False
-        img = np.where(visible, img, level)
+        imgs = [np.where(visible, img, level) for img in imgs]
     if rng.random() < 0.5:  # lead side marker in a corner
         g = glyph("L" if rng.random() < 0.5 else "R")
         k = max(1, int(round(long_side / 90)))
@@ -108,9 +132,10 @@ def _film(rng: np.random.Generator, atten: np.ndarray, long_side: int) -> tuple[
         m = int(0.04 * min(h, w)) + 1
         y0 = m if rng.random() < 0.5 else h - m - gh
         x0 = m if rng.random() < 0.5 else w - m - gw
-        patch = img[y0:y0 + gh, x0:x0 + gw]
-        img[y0:y0 + gh, x0:x0 + gw] = np.where(g, np.float32(rng.uniform(0.85, 1.0)), patch)
-    return np.clip(img, 0.0, 1.0), visible
+        lead = np.float32(rng.uniform(0.85, 1.0))
+        for img in imgs:
+            img[y0:y0 + gh, x0:x0 + gw] = np.where(g, lead, img[y0:y0 + gh, x0:x0 + gw])
+    return [np.clip(img, 0.0, 1.0) for img in imgs], visible
 
 
 def _canvas(rng, anatomy, size_range, flip) -> Canvas:
@@ -134,10 +159,16 @@ def _canvas(rng, anatomy, size_range, flip) -> Canvas:
 
 
 def render_view(rng: np.random.Generator, anatomy: anat.Anatomy, abnormalities: list,
-                size_range=DEFAULT_SIZE_RANGE, flip: bool = False):
+                size_range=DEFAULT_SIZE_RANGE, flip: bool = False, counterfactual: bool = False):
     """Draw one radiograph of `anatomy` with its abnormalities.
 
-    Returns (image uint8 (H, W), masks: list of bool (H, W) per abnormality, canvas).
+    Returns (image uint8 (H, W), masks: list of bool (H, W) per abnormality, canvas); with
+    counterfactual=True a fourth item, uint8 (H, W): the same view rendered without its
+    abnormalities (same canvas, texture, soft tissue, exposure, blur, noise, collimation and side
+    marker; only the abnormalities' bone effects and metal are left out). It is exactly
+    `render_view(rng_copy, anatomy, [], size_range, flip)[0]` for a copy of `rng` taken before this
+    call, and it takes no draws of its own (it reuses the image's): the first three items and the
+    state `rng` is left in are the same with and without it.
     """
     cv = _canvas(rng, anatomy, size_range, flip)
     h, w, px = cv.height, cv.width, cv.mm_per_px
@@ -154,6 +185,8 @@ def render_view(rng: np.random.Generator, anatomy: anat.Anatomy, abnormalities: 
 
     masks = [np.zeros((h, w), bool) for _ in abnormalities]
     bone = np.zeros((h, w), np.float32)
+    # the intact bones, summed exactly as a render without abnormalities sums them
+    bone_cf = np.zeros((h, w), np.float32) if counterfactual else None
     for name, b in anatomy.bones.items():
         effects = [(i, ab) for i, ab in enumerate(abnormalities)
                    if not isinstance(ab, les.Hardware) and ab.bone == name]
@@ -163,6 +196,13 @@ def render_view(rng: np.random.Generator, anatomy: anat.Anatomy, abnormalities: 
             continue
         x, y, t = xw[win], yw[win], tex[win]
         dens, inside = bone_density(x, y, b, t)
+        if counterfactual:
+            if pad:  # a displaced fragment widened the window: redraw in the unpadded one
+                win0 = cv.window(b.world_bbox(0.0))
+                if win0 is not None:
+                    bone_cf[win0] += bone_density(xw[win0], yw[win0], b, tex[win0])[0]
+            else:  # effects return new arrays, so dens is still the intact bone
+                bone_cf[win] += dens
         for i, ab in effects:
             dens, m = les.apply_bone_effect(ab, b, x, y, dens, inside, px,
                                             lambda xx, yy, b=b, t=t: bone_density(xx, yy, b, t))
@@ -173,7 +213,10 @@ def render_view(rng: np.random.Generator, anatomy: anat.Anatomy, abnormalities: 
         vb = np.asarray(verts)
         win = cv.window((vb[:, 0].min(), vb[:, 1].min(), vb[:, 0].max(), vb[:, 1].max()))
         if win is not None:
-            bone[win] += polygon_plate_density(xw[win], yw[win], verts, thick, 0.016, 0.05, 2.5, px, tex[win])
+            plate = polygon_plate_density(xw[win], yw[win], verts, thick, 0.016, 0.05, 2.5, px, tex[win])
+            bone[win] += plate
+            if counterfactual:
+                bone_cf[win] += plate
 
     metal = np.zeros((h, w), np.float32)
     for i, ab in enumerate(abnormalities):
@@ -187,9 +230,14 @@ def render_view(rng: np.random.Generator, anatomy: anat.Anatomy, abnormalities: 
             metal[win] += dens
             masks[i][win] |= inside
 
-    img, visible = _film(rng, soft + bone + metal, max(h, w))
+    attens = [soft + bone + metal]
+    if counterfactual:  # (+ an empty metal layer: the sum rounds as in a render without abnormalities)
+        attens.append(soft + bone_cf + np.zeros((h, w), np.float32))
+    # one film for both: the same exposure, blur, noise, collimation and marker draws, taken once
+    imgs, visible = _film(rng, attens, max(h, w))
     masks = [m & visible for m in masks]
-    return np.round(img * 255.0).astype(np.uint8), masks, cv
+    imgs = [np.round(img * 255.0).astype(np.uint8) for img in imgs]
+    return (imgs[0], masks, cv, imgs[1]) if counterfactual else (imgs[0], masks, cv)
 
 
 def _visible_enough(ab, anatomy, cv, mask, visible_min=6) -> bool:
@@ -213,6 +261,39 @@ def mask_box(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def evidence_mask(image: np.ndarray, counterfactual: np.ndarray) -> np.ndarray:
+    """Evidence of an abnormal image: bool (H, W), True where its written 8-bit value differs from
+    that of the same view rendered without its abnormalities (|difference| >= 1 grey level).
+
+    Both renders share every random draw (noise included), so nothing but the abnormalities'
+    effect, after blur and 8-bit rounding, is marked: a displaced fragment's old and new place, a
+    lesion's or a gap's blurred edge, metal. image, counterfactual: uint8 (H, W), same frame."""
+    if image.shape != counterfactual.shape:
+        raise ValueError(f"image {image.shape} and counterfactual {counterfactual.shape} differ in shape")
+    return image != counterfactual
+
+
+def dilate_disc(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Bool (H, W) mask grown by a disc: pixels whose centre lies within `radius` px (Euclidean) of
+    a pixel of `mask`."""
+    m = np.asarray(mask, bool)
+    h, w = m.shape
+    r = int(radius)
+    out = m.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if (dy or dx) and dy * dy + dx * dx <= r * r:
+                out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+                    m[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def evidence_outside(evidence: np.ndarray, mask: np.ndarray, radius: int = EVIDENCE_DILATION_PX) -> tuple[int, int]:
+    """(evidence pixels, those outside the abnormality mask dilated by a disc of `radius` px)."""
+    ev = np.asarray(evidence, bool)
+    return int(ev.sum()), int((ev & ~dilate_disc(mask, radius)).sum())
+
+
 def study_rng(seed: int, index: int) -> np.random.Generator:
     """The Generator of study `index` (independent of worker count and of other studies)."""
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(1, int(index))))
@@ -226,7 +307,7 @@ def unit_mm(anatomy: anat.Anatomy) -> float:
 
 def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
                  size_range=DEFAULT_SIZE_RANGE, abnormality_scale: float = 1.0,
-                 conspicuity: str = "realistic") -> dict:
+                 conspicuity: str = "realistic", evidence: bool = True) -> dict:
     """All views of one study.
 
     abnormality_scale multiplies every abnormality's dimensions (fracture gaps and displacement
@@ -235,8 +316,14 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
     (the default mix) or "high" (displaced fractures, deep lesions through the cortex: see
     lesions.CONSPICUITY).
 
+    evidence: also render every abnormal view without its abnormalities (see render_view's
+    counterfactual) and return where the two differ (`evidence_mask`). Images, masks and boxes do
+    not depend on it: the second render takes no draws of its own.
+
     Returns {"images": [uint8 (H, W)], "masks": [uint8 (H, W) 0/255 or None],
-    "boxes": [[{"box", "type"}] per image], "abnormalities": [descriptions]}.
+    "evidence": [uint8 (H, W) 0/255 or None] (only with evidence=True), "boxes": [[{"box", "type"}]
+    per image], "abnormalities": [descriptions]}. Masks and evidence are None for normal images;
+    an abnormal image's evidence is the union over its abnormalities (one map per image).
     """
     if part not in PARTS:
         raise ValueError(f"unknown body part {part!r}; expected one of {PARTS}")
@@ -254,10 +341,13 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
         else:
             raise RuntimeError(f"study {index} ({part}): no {abnormal_type} fits inside the field of view")
     out = {"images": [], "masks": [], "boxes": [], "abnormalities": [_describe(a) for a in abns]}
+    if evidence:
+        out["evidence"] = []
+    twin = evidence and bool(abns)
     for view in range(n_views):
         for _ in range(_MAX_VIEW_TRIES):
             anatomy = anat.build(part, subject, anat.draw_pose(part, rng, view))
-            img, masks, cv = render_view(rng, anatomy, abns, size_range, flip)
+            img, masks, cv, *cf = render_view(rng, anatomy, abns, size_range, flip, counterfactual=twin)
             if all(_visible_enough(a, anatomy, cv, m) for a, m in zip(abns, masks)):
                 break
         else:
@@ -272,6 +362,8 @@ def render_study(seed: int, index: int, part: str, abnormal_type: str | None,
         else:
             out["masks"].append(None)
             out["boxes"].append([])
+        if evidence:
+            out["evidence"].append((evidence_mask(img, cf[0]) * 255).astype(np.uint8) if twin else None)
     return out
 
 
@@ -369,16 +461,20 @@ def _work(job) -> dict:
     sdir = study_dir(name, st)
     rel = sdir[len(name) + 1:]
     (Path(root) / rel).mkdir(parents=True, exist_ok=True)
-    paths, boxes = [], {}
-    for j, (img, mask, bx) in enumerate(zip(res["images"], res["masks"], res["boxes"]), start=1):
+    paths, boxes, ev_counts = [], {}, []
+    for j, (img, mask, ev, bx) in enumerate(zip(res["images"], res["masks"], res["evidence"], res["boxes"]),
+                                            start=1):
         (Path(root) / rel / f"image{j}.png").write_bytes(_png_bytes(img))
         paths.append(f"{sdir}image{j}.png")
         if mask is not None:
-            mdir = Path(root) / "masks" / rel
-            mdir.mkdir(parents=True, exist_ok=True)
-            (mdir / f"image{j}.png").write_bytes(_png_bytes(mask))
+            for sub, arr in (("masks", mask), ("evidence", ev)):
+                d = Path(root) / sub / rel
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"image{j}.png").write_bytes(_png_bytes(arr))
             boxes[paths[-1]] = bx
-    return {"study": sdir, "paths": paths, "boxes": boxes, "abnormalities": res["abnormalities"]}
+            ev_counts.append(evidence_outside(ev > 0, mask > 0))
+    return {"study": sdir, "paths": paths, "boxes": boxes, "abnormalities": res["abnormalities"],
+            "evidence": ev_counts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,10 +512,40 @@ def _clear(root: Path, split_names) -> None:
                 shutil.rmtree(p)
         for f in (f"{s}_image_paths.csv", f"{s}_labeled_studies.csv"):
             (root / f).unlink(missing_ok=True)
-    if (root / "masks").is_dir():
-        shutil.rmtree(root / "masks")
+    for sub in ("masks", "evidence"):
+        if (root / sub).is_dir():
+            shutil.rmtree(root / sub)
     for f in ("boxes.json", "synthetic.json"):
         (root / f).unlink(missing_ok=True)
+
+
+def _evidence_summary(plan, results) -> dict:
+    """synthetic.json's "evidence": per type and per subtype (an image's abnormalities' subtypes
+    joined by "+", e.g. "fracture/complete+displaced"), over all splits, the abnormal images, those
+    whose evidence is empty, and the fraction of evidence pixels outside the image's mask dilated
+    by EVIDENCE_DILATION_PX: the mean of the per-image fractions (images with evidence) and the
+    pooled fraction (all pixels together)."""
+    groups: dict = {}
+    for st, r in zip(plan, results):
+        if not st["label"]:
+            continue
+        sub = "+".join(sorted({a["subtype"] for a in r["abnormalities"]}))
+        for key in (st["type"], f"{st['type']}/{sub}"):
+            groups.setdefault(key, []).extend(r["evidence"])
+    out = {}
+    for key, counts in groups.items():
+        n = np.array([c[0] for c in counts], np.int64)
+        k = np.array([c[1] for c in counts], np.int64)
+        has = n > 0
+        out[key] = {"images": len(counts), "empty": int((~has).sum()),
+                    "mean": round(float(np.mean(k[has] / n[has])), 4) if has.any() else None,
+                    "pooled": round(float(k.sum() / n.sum()), 4) if has.any() else None}
+    return {"rule": "evidence/.../imageJ.png (abnormal images): 255 where the image's 8-bit value differs "
+                    "from the same view rendered without its abnormalities",
+            "dilation_px": EVIDENCE_DILATION_PX,
+            "outside_dilated_mask": {
+                "types": {t: out.get(t, {"images": 0, "empty": 0, "mean": None, "pooled": None}) for t in TYPES},
+                "subtypes": {k: v for k, v in out.items() if "/" in k}}}
 
 
 def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_range=DEFAULT_SIZE_RANGE,
@@ -456,7 +582,8 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
             if not overwrite:
                 raise SyntheticDatasetError(
                     f"{root} holds a synthetic dataset made with other arguments or version "
-                    f"({old.get('config')}, version {old.get('version')}); pass overwrite=True to replace it")
+                    f"({old.get('config')}, version {old.get('version')}; asked for {config}, version "
+                    f"{VERSION}); pass overwrite=True to replace it")
             _clear(root, [s for s, _ in old.get("config", {}).get("splits", [])] + split_names)
         elif (root / _INCOMPLETE_MARKER).exists():
             _clear(root, split_names)
@@ -509,7 +636,7 @@ def generate(out_dir, n_studies: int, seed: int, splits=DEFAULT_SPLITS, size_ran
     (root / "boxes.json").write_text(json.dumps(dict(sorted(boxes.items())), indent=1) + "\n")
     summary = {
         "generator": "mskjax.data.synthetic", "version": VERSION, "name": name, "config": config,
-        "splits": summary_splits,
+        "splits": summary_splits, "evidence": _evidence_summary(plan, results),
         "totals": {k: sum(v[k] for v in summary_splits.values())
                    for k in ("patients", "studies", "images", "abnormal_studies", "abnormal_images")},
     }
