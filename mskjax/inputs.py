@@ -70,6 +70,6 @@ def items_from_dataset(spec: str):
     else:
         records, report = read_fracatlas(root, splits=[split])
     items = [Item(path=r.path, study=r.study, label=r.label, body_part=r.body_part, mask_path=r.mask_path,
-                  gt_boxes=tuple(r.boxes)) for r in records]
+                  gt_boxes=tuple(r.boxes), evidence_path=r.evidence_path) for r in records]
     skips = [(s.where, f"[{s.kind}] {s.reason}") for s in report]
     return items, skips, f"{kind} at {root}, split {split!r}"

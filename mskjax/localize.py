@@ -35,9 +35,12 @@ by CAM mass), then moved to the original frame (`geometry.boxes_to_original`, cl
 there. Deletion/insertion runs in the input frame (the model's own input).
 
 Metrics, per method and split (n = images counted, stated per metric):
-* pointing game: hit when the normalised map's maximum (first in row-major order) lies within
-  `tolerance` original-image pixels (centre to nearest mask-pixel centre) of the mask; reported
-  for each tolerance (default 0 and 15 px);
+* pointing game: hit when the map's peak (`boxes.peak_point` on the input-frame map: the pixel of
+  the first maximum's plateau nearest its centroid, so an upsampled edge cell is not pinned to the
+  border; carried to the original frame) lies within `tolerance` original-image pixels (peak pixel centre to
+  nearest mask-pixel centre) of the mask; reported for each tolerance (default 0 and 15 px) with
+  its chance level (`metrics.pointing_chance`: the share of the image within the tolerance of the
+  mask, averaged over images);
 * PxAP: wsolevaluation's binned pixel AP over all pixels of all images, thresholds
   `PXAP_THRESHOLDS` (0, 0.001, ..., 0.999, 1), score >= t (equals `metrics.pxap(...,
   thresholds=PXAP_THRESHOLDS)` on the pooled maps; accumulated per image so memory stays flat);
@@ -87,7 +90,7 @@ from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_meta
 from mskjax.data.images import decode_image
 from mskjax.data.preprocess import preprocess
 from mskjax.inputs import InputError, items_from_dataset, parse_dataset
-from mskjax.pipeline import content_mask, read_mask
+from mskjax.pipeline import content_bounds, content_mask, read_mask
 from mskjax.weights.mapping import CheckpointMismatch
 
 
@@ -99,6 +102,7 @@ IOU_DELTAS = (0.3, 0.5, 0.7)
 DEFAULT_TOLERANCES = (0.0, 15.0)
 DEFAULT_BOX_FRACTION = 0.5
 FAITHFULNESS_STEPS = 20
+TRUTHS = ("lesion", "evidence")
 
 
 class LocalizeError(ValueError):
@@ -109,7 +113,8 @@ class LocalizeError(ValueError):
 class ImageMeasures:
     """What one map says about one image, in the frame of its mask (original image).
 
-    hits: (len(tolerances),) bool pointing-game hits. tp_ge / n_ge: (len(PXAP_THRESHOLDS),) int64
+    hits: (len(tolerances),) bool pointing-game hits; chance: (len(tolerances),) float64, the hit
+    rate of a peak drawn uniformly over this image (`metrics.pointing_chance`). tp_ge / n_ge: (len(PXAP_THRESHOLDS),) int64
     counts of mask pixels / all pixels whose normalised score >= each threshold; mask_pixels: mask
     size. box_curve: (len(BOX_THRESHOLDS),) best component-box IoU per CAM threshold, or None when
     the image has no ground-truth box. peak_iou / threshold_iou: best IoU of the peak box / top
@@ -118,6 +123,7 @@ class ImageMeasures:
     """
 
     hits: np.ndarray
+    chance: np.ndarray
     tp_ge: np.ndarray
     n_ge: np.ndarray
     mask_pixels: int
@@ -135,19 +141,6 @@ def _ge_counts(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.cumsum(hist[::-1])[::-1].astype(np.int64)
 
 
-def pointing_hits(score_map: np.ndarray, mask: np.ndarray, tolerances: Sequence[float]) -> np.ndarray:
-    """(len(tolerances),) bool: is the map's maximum (first in row-major order) within each tolerance
-    (pixels, centre to nearest mask-pixel centre) of the mask? As `metrics.pointing_game`."""
-    m = np.asarray(score_map)
-    flat = int(np.argmax(m))
-    r, c = divmod(flat, m.shape[1])
-    rr, cc = np.nonzero(mask)
-    if not len(rr):
-        return np.zeros(len(tolerances), bool)
-    d2 = float(np.min((rr - r) ** 2 + (cc - c) ** 2))
-    return np.array([d2 <= float(t) ** 2 for t in tolerances], bool)
-
-
 def _best_iou(box, gt_boxes) -> float | None:
     gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
     if not len(gt):
@@ -158,7 +151,8 @@ def _best_iou(box, gt_boxes) -> float | None:
 
 
 def measure_image(score_map: np.ndarray, mask: np.ndarray, gt_boxes=(), *, peak_box=None, threshold_box=None,
-                  tolerances: Sequence[float] = DEFAULT_TOLERANCES, normalize: bool = True) -> ImageMeasures:
+                  peak_xy=None, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+                  normalize: bool = True) -> ImageMeasures:
     """Everything threshold-free about one map, plus the curves thresholds are chosen from.
 
     Args:
@@ -166,6 +160,8 @@ def measure_image(score_map: np.ndarray, mask: np.ndarray, gt_boxes=(), *, peak_
       mask: (H, W) bool ground truth (must have a positive pixel).
       gt_boxes: (G, 4) ground-truth boxes (x0, y0, x1, y1), same frame; may be empty.
       peak_box, threshold_box: (4,) predicted boxes in that frame (None: no box was found).
+      peak_xy: (2,) the map's peak (x, y) in that frame, found where the map was made (input frame)
+        and carried here; None: `boxes.peak_point` of score_map itself.
       tolerances: pointing-game tolerances in pixels.
       normalize: min-max normalise the map first (`metrics.normalize_maps`).
     """
@@ -178,8 +174,11 @@ def measure_image(score_map: np.ndarray, mask: np.ndarray, gt_boxes=(), *, peak_
     if normalize:
         m = np.asarray(metrics.normalize_maps(m[None]))[0]
     gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    if peak_xy is None:
+        peak_xy = np.asarray(boxlib.peak_point(np.asarray(score_map, np.float32)))
     return ImageMeasures(
-        hits=pointing_hits(m, g, tolerances),
+        hits=metrics.pointing_hits_at(peak_xy, g, tolerances),
+        chance=np.array([metrics.pointing_chance(g, t) for t in tolerances], np.float64),
         tp_ge=_ge_counts(m[g], PXAP_THRESHOLDS), n_ge=_ge_counts(m, PXAP_THRESHOLDS), mask_pixels=int(g.sum()),
         box_curve=metrics.host_best_box_iou_curve(m, gt) if len(gt) else None,
         peak_iou=_best_iou(peak_box, gt), threshold_iou=_best_iou(threshold_box, gt))
@@ -274,9 +273,11 @@ def score_split(measures: Sequence[ImageMeasures], thresholds: Thresholds,
     n = len(measures)
     out: dict[str, Any] = {"n_images": n}
     hits = np.stack([m.hits for m in measures]) if n else np.zeros((0, len(tolerances)), bool)
+    chance = np.stack([m.chance for m in measures]) if n else np.zeros((0, len(tolerances)))
     out["pointing_game"] = {
         f"{float(t):g}px": {"hit_rate": float(hits[:, i].mean()) if n else float("nan"),
-                            "hits": int(hits[:, i].sum()), "n": n, "tolerance_px": float(t)}
+                            "hits": int(hits[:, i].sum()), "n": n, "tolerance_px": float(t),
+                            "chance": float(chance[:, i].mean()) if n else float("nan")}
         for i, t in enumerate(tolerances)}
     tp = np.sum([m.tp_ge for m in measures], axis=0) if n else np.zeros(len(PXAP_THRESHOLDS))
     ng = np.sum([m.n_ge for m in measures], axis=0) if n else np.zeros(len(PXAP_THRESHOLDS))
@@ -327,14 +328,15 @@ def markdown_table(results: dict, split: str, role: str) -> str:
         return f"### {role} split `{split}`\n\n(no method scored)\n"
     first = next(iter(results.values()))
     tols = list(first["pointing_game"])
-    head = ["method", "n"] + [f"pointing ({t})" for t in tols] + [
+    head = ["method", "n"] + [f"pointing ({t}; chance)" for t in tols] + [
         "PxAP", "Dice (t)", "MaxBoxAccV2 (0.3/0.5/0.7)", "peak box IoU", "thr box IoU", "deletion AUC (n)",
         "insertion AUC (n)"]
     lines = [f"### {role} split `{split}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in results.items():
         mb = r["max_box_acc_v2"]
         per = "/".join(_f(v["accuracy"], 2) for v in mb["per_iou"].values())
-        row = [method, str(r["n_images"])] + [_f(r["pointing_game"][t]["hit_rate"]) for t in tols] + [
+        row = [method, str(r["n_images"])] + [
+        f"{_f(r['pointing_game'][t]['hit_rate'])} ({_f(r['pointing_game'][t].get('chance'))})" for t in tols] + [
             _f(r["pxap"]["value"]), f"{_f(r['dice']['mean'])} ({_f(r['dice']['threshold'], 2)})",
             f"{_f(mb['value'])} ({per})", _f(r["peak_box_iou"]["mean"]), _f(r["threshold_box_iou"]["mean"]),
             f"{_f(r['deletion_auc']['mean'])} ({r['deletion_auc']['n']})",
@@ -350,7 +352,7 @@ def markdown_report(report: dict) -> str:
         "# Localization against ground truth", "",
         f"- classifier: `{report['classifier'].get('directory')}` ({report['classifier'].get('arch')}, input "
         f"{report['classifier'].get('input_size')} px, {report['classifier'].get('mode')})",
-        f"- dataset: {report['dataset']}",
+        f"- dataset: {report['dataset']}; scored against the {report.get('truth', 'lesion')} masks",
         f"- thresholds chosen on split `{report['tune_split']}`; reported split `{report['report_split']}` uses them "
         "unchanged (the tune split's own numbers are in-sample)",
         f"- images: abnormal with a ground-truth mask; tune n={c['tune']['scored']}, "
@@ -432,24 +434,27 @@ class CamRunner:
             x = prepare_images(raw, normalization, channels)
             return x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
 
-        def with_boxes(maps):
-            pk = boxlib.peak_boxes(maps, input_side=side)
+        def with_boxes(maps, geom):
+            # One peak rule (`boxes.plateau_peak`) for the box and the pointing game, on the
+            # input-frame map; boxes slide inside the image content, never into letterbox padding.
+            pk = boxlib.peak_boxes(maps, input_side=side, bounds=content_bounds(geom))
             tb = boxlib.threshold_boxes(maps, fraction=box_fraction, k=1)
-            return {"maps": maps, "peak": pk.boxes, "threshold": tb.boxes[:, 0], "threshold_valid": tb.valid[:, 0]}
+            return {"maps": maps, "peak": pk.boxes, "peak_xy": boxlib.peak_point(maps), "threshold": tb.boxes[:, 0],
+                    "threshold_valid": tb.valid[:, 0]}
 
         def gradient_step(variables, raw, geom):
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
             maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods)
             keep = content_mask(geom)
-            return {m: with_boxes(v * keep) for m, v in maps.items()}
+            return {m: with_boxes(v * keep, geom) for m, v in maps.items()}
 
         def score_step(variables, raw, geom):
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
             maps = camlib.score_cam(cam_model, variables, x3, targets, layer, chunk_size=chunk,
                                     max_channels=score_cam_channels)
-            return with_boxes(maps * content_mask(geom))
+            return with_boxes(maps * content_mask(geom), geom)
 
         def predict(variables, raw):
             logits = model.apply(variables, prepare_images(raw, normalization, channels), train=False)
@@ -525,7 +530,8 @@ def measure_split(runner: CamRunner, items, *, score_cam_limit: int, faithfulnes
         thr = None
         if r["threshold_valid"][i]:
             thr = geo.clip_boxes(geo.boxes_to_original(r["threshold"][i].astype(np.float64), geom_i), (h0, w0))
-        return measure_image(orig, mask, gt, peak_box=peak, threshold_box=thr, tolerances=tolerances)
+        peak_xy = geo.points_to_original(r["peak_xy"][i].astype(np.float64), geom_i)
+        return measure_image(orig, mask, gt, peak_box=peak, threshold_box=thr, peak_xy=peak_xy, tolerances=tolerances)
 
     def flush():
         raw, geom, geoms = runner.prepare([p[1] for p in pending])
@@ -601,8 +607,13 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         methods: str = "all", layer: str | None = None, score_cam_limit: int = 32, faithfulness_limit: int = 32,
         limit: int | None = None, batch_size: int = 16, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
         box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_channels: int | None = None,
-        faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True) -> dict:
-    """The whole run; writes OUT/localization.json and OUT/localization.md and returns the JSON dict."""
+        faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True, truth: str = "lesion") -> dict:
+    """The whole run; writes OUT/localization.json and OUT/localization.md and returns the JSON dict.
+
+    truth: "lesion" scores against each abnormality's own mask; "evidence" against its evidence
+    mask (the pixels that change when the abnormality is removed; synthetic data only)."""
+    if truth not in TRUTHS:
+        raise LocalizeError(f"unknown truth {truth!r}: expected one of {list(TRUTHS)}")
     if tune_split == report_split:
         raise LocalizeError(f"--tune and --report must differ (thresholds are never chosen on the split reported); "
                             f"both are {tune_split!r}")
@@ -622,6 +633,11 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
     counts, per_split, descriptions = {}, {}, {}
     for role, split in (("tune", tune_split), ("report", report_split)):
         items, reader_skips, desc = items_from_dataset(f"{kind}:{root}:{split}")
+        if truth == "evidence":
+            if not any(it.evidence_path for it in items):
+                raise LocalizeError(f"--truth evidence: split {split!r} of {kind} at {root} has no evidence masks "
+                                    "(only the synthetic world writes them: evidence/ beside masks/)")
+            items = [dataclasses.replace(it, mask_path=it.evidence_path) for it in items]
         descriptions[role] = desc
         unreadable += [{"path": w, "split": split, "reason": r} for w, r in reader_skips]
         if not items:
@@ -647,7 +663,7 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         "classifier": {"directory": str(classifier_dir), "arch": meta.get("arch"), "input_size": runner.size,
                        "mode": runner.mode, "in_channels": runner.channels, "num_classes": meta.get("num_classes"),
                        "target": "abnormal logit"},
-        "methods": method_list, "layer": layer or "last stage",
+        "methods": method_list, "layer": layer or "last stage", "truth": truth,
         "settings": {
             "frame": "CAM at model-input size, carried to the original image frame (crop padding, bilinear) and "
                      "min-max normalised per image; map metrics vs ground truth there; boxes made on the "
@@ -656,7 +672,8 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
             "pxap_thresholds": len(PXAP_THRESHOLDS), "dice_thresholds": DICE_THRESHOLDS,
             "box_thresholds": BOX_THRESHOLDS, "iou_deltas": list(IOU_DELTAS),
             "peak_box": f"{50 * runner.size / 224:g} px square at the input's {runner.size} px (50 px at 224), "
-                        "centred on the CAM maximum, clipped",
+                        "centred on the CAM peak (boxes.plateau_peak), slid inside the image content",
+            "pointing_peak": "boxes.peak_point of the input-frame map, carried to the original frame",
             "threshold_box": f"top component of CAM >= {box_fraction} x max by CAM mass",
             "score_cam_limit": score_cam_limit, "score_cam_channels": score_cam_channels or "all",
             "faithfulness_limit": faithfulness_limit, "faithfulness_steps": faithfulness_steps, "limit": limit, "batch_size": batch_size},
@@ -697,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pointing-tolerance", default="0,15", help="comma list of tolerances in original pixels")
     ap.add_argument("--box-fraction", type=float, default=DEFAULT_BOX_FRACTION,
                     help="threshold box: components of CAM >= fraction x max")
+    ap.add_argument("--truth", default="lesion", choices=TRUTHS,
+                    help="lesion (default): each abnormality's own mask; evidence: the pixels that change when it is "
+                         "removed (synthetic data only)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -722,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      score_cam_limit=a.score_cam_limit, faithfulness_limit=a.faithfulness_limit, limit=a.limit,
                      batch_size=a.batch, tolerances=tolerances, box_fraction=a.box_fraction,
                      score_cam_channels=a.score_cam_channels, faithfulness_steps=a.faithfulness_steps,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, truth=a.truth)
     except (LocalizeError, InputError, CamError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

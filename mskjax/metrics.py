@@ -19,8 +19,9 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
-from mskjax.boxes import argmax_2d, component_boxes, connected_components
+from mskjax.boxes import component_boxes, connected_components, plateau_peak_pixel
 
 # --------------------------------------------------------------------------------------------
 # Classification
@@ -456,9 +457,10 @@ class PointingGame(NamedTuple):
 def pointing_game(maps, gt_masks, tolerance_px: float = 0.0) -> PointingGame:
     """Pointing game: is the map's maximum on the target?
 
-    The maximum is the first in row-major order on ties (`mskjax.boxes.argmax_2d`). A hit when
-    the Euclidean distance from the maximum's pixel centre to the nearest mask pixel's centre is
-    <= tolerance_px; with 0 the maximum must be a mask pixel. (Zhang et al.'s pointing game uses
+    The peak is `mskjax.boxes.plateau_peak_pixel`: the pixel nearest the centroid of the plateau of
+    the first maximum (so an upsampled CAM's plateau that reaches the border is not pinned to the
+    border). A hit when the Euclidean distance from the peak pixel's centre to the nearest mask
+    pixel's centre is <= tolerance_px; with 0 the peak must be a mask pixel. (Zhang et al.'s pointing game uses
     15 px, i.e. the mask dilated by a disc of that radius.)
 
     Args:
@@ -469,13 +471,47 @@ def pointing_game(maps, gt_masks, tolerance_px: float = 0.0) -> PointingGame:
     if maps.shape != masks.shape or maps.ndim != 3:
         raise ValueError(f"maps and gt_masks must both be (B, H, W); got {maps.shape} and {masks.shape}")
     b, h, w = maps.shape
-    row, col = argmax_2d(maps)
+    row, col = plateau_peak_pixel(maps)
     rr = jnp.arange(h, dtype=jnp.float32)[:, None]
     cc = jnp.arange(w, dtype=jnp.float32)[None, :]
     d2 = (rr[None] - row[:, None, None]) ** 2 + (cc[None] - col[:, None, None]) ** 2
     d2 = jnp.where(masks, d2, jnp.inf)
     hits = jnp.min(d2, axis=(1, 2)) <= jnp.float32(tolerance_px) ** 2
     return PointingGame(hits, jnp.any(masks, axis=(1, 2)))
+
+
+def pointing_hits_at(peak_xy, mask: np.ndarray, tolerances: Sequence[float]) -> np.ndarray:
+    """(len(tolerances),) bool: is the peak within each tolerance of the mask? The peak (x, y) is a
+    continuous point in the mask's frame (from `boxes.peak_point`, carried there by the
+    geometry); its pixel (floor) is tested as `pointing_game` tests the peak pixel: centre
+    to nearest mask-pixel centre <= tolerance (0: the peak pixel is a mask pixel)."""
+    mask = np.asarray(mask).astype(bool)
+    h, w = mask.shape
+    x, y = (float(v) for v in np.asarray(peak_xy, np.float64).reshape(2))
+    rr, cc = np.nonzero(mask)
+    if not len(rr) or not (np.isfinite(x) and np.isfinite(y)):
+        return np.zeros(len(tolerances), bool)
+    r = min(max(int(np.floor(y)), 0), h - 1)
+    c = min(max(int(np.floor(x)), 0), w - 1)
+    d2 = float(np.min((rr - r) ** 2 + (cc - c) ** 2))
+    return np.array([d2 <= float(t) ** 2 for t in tolerances], bool)
+
+
+def pointing_chance(gt_masks, tolerance_px: float = 0.0) -> np.ndarray:
+    """(B,) float64: the pointing game's chance level per image: the hit rate of a peak drawn
+    uniformly over the image, i.e. the fraction of pixels whose centre lies within tolerance_px of
+    a mask pixel's centre (the mask dilated by a disc). Host-side (numpy/scipy); gt_masks (B, H, W)
+    or (H, W) bool."""
+    masks = np.asarray(gt_masks).astype(bool)
+    single = masks.ndim == 2
+    masks = masks[None] if single else masks
+    out = np.zeros(len(masks), np.float64)
+    for i, m in enumerate(masks):
+        if not m.any():
+            continue
+        near = m if tolerance_px <= 0 else ndimage.distance_transform_edt(~m) <= tolerance_px
+        out[i] = float(near.mean())
+    return out[0] if single else out
 
 
 def normalize_maps(maps):

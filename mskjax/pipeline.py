@@ -101,6 +101,15 @@ def content_mask(geom: geo.Geometry) -> jax.Array:
             & (cols >= left) & (cols < left + jnp.asarray(cw)[:, None, None]))
 
 
+def content_bounds(geom: geo.Geometry) -> jax.Array:
+    """(B, 4) float32 (x0, y0, x1, y1): the image content's box in the classifier input (the whole
+    input for "resize", the unpadded part for "letterbox"). Traceable."""
+    ch, cw = geom.content_hw
+    top = jnp.asarray(geom.top, jnp.float32)
+    left = jnp.asarray(geom.left, jnp.float32)
+    return jnp.stack([left, top, left + jnp.asarray(cw, jnp.float32), top + jnp.asarray(ch, jnp.float32)], axis=-1)
+
+
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
               box_mask: bool = False):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
@@ -146,8 +155,10 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         geom = batch["geometry"]
         maps = cam_maps(cvars, x3, targets) * content_mask(geom)
         side = float(max(maps.shape[1:]))
+        peak = boxlib.peak_point(maps)  # the one peak rule (plateau of the first maximum), for the pointing game
         if config.boxes == "peak":
-            pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side)
+            # The peak's plateau centroid (boxes.plateau_peak), the box slid inside the content.
+            pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side, bounds=content_bounds(geom))
             boxes_in = pk.boxes[:, None]
             scores = pk.scores[:, None]
             bvalid = jnp.ones((b, 1), bool)
@@ -175,7 +186,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         low = dec["low_res_logits"][:, :, 0]
         iou = dec["iou_predictions"][:, :, 0]
         k = boxes_in.shape[1]
-        out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps,
+        out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
                "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
                "box_valid": bvalid, "mask_logits": low[:, :k], "mask_iou": iou[:, :k]}
         if g:
@@ -195,7 +206,9 @@ class Item:
 
     path: the image file. study: id of its study (study-level decisions average over it).
     label: 0/1 or None (unknown). body_part: optional group name. mask_path: optional 0/255 PNG in
-    the original frame. gt_boxes: tuple of (x0, y0, x1, y1) original-frame boxes.
+    the original frame (the abnormality's own mask). gt_boxes: tuple of (x0, y0, x1, y1)
+    original-frame boxes. evidence_path: optional 0/255 PNG of the pixels that change when the
+    abnormality is removed (synthetic data only; `mskjax.data.synthetic`).
     """
 
     path: str
@@ -204,6 +217,7 @@ class Item:
     body_part: str | None = None
     mask_path: str | None = None
     gt_boxes: tuple = ()
+    evidence_path: str | None = None
 
 
 @dataclasses.dataclass
@@ -227,6 +241,7 @@ class ImageResult:
     mask_iou: np.ndarray
     gt_mask: np.ndarray | None = None
     gt_box_mask: np.ndarray | None = None
+    peak: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -345,7 +360,8 @@ class Pipeline:
             item=item, image=image, probability=float(out["probability"][index]),
             predicted=bool(out["abnormal"][index]), cam=cam_orig.astype(np.float32),
             boxes=out["boxes"][index][keep].astype(np.float64), box_scores=out["box_scores"][index][keep],
-            mask=mask, mask_iou=out["mask_iou"][index][keep], gt_mask=gt_mask, gt_box_mask=gt_box_mask)
+            mask=mask, mask_iou=out["mask_iou"][index][keep], gt_mask=gt_mask, gt_box_mask=gt_box_mask,
+            peak=np.asarray(geo.points_to_original(out["peak_input"][index].astype(np.float64), geom), np.float64))
 
     # -- whole runs ----------------------------------------------------------------------------
     def run(self, items: Iterable[Item], batch_size: int = 8, unreadable: list | None = None,
@@ -405,4 +421,4 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "content_mask", "describe", "make_step", "read_mask"]
+           "content_bounds", "content_mask", "describe", "make_step", "read_mask"]

@@ -25,6 +25,7 @@ fatal. Exit status: 0 done, 2 bad arguments or checkpoints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import math
@@ -43,6 +44,9 @@ from mskjax.inputs import InputError, items_from_dataset, items_from_paths
 from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
+TRUTHS = ("lesion", "evidence")
+POINTING_TOLERANCES = (0.0, 15.0)  # original pixels (Zhang et al.'s 15 px and the exact hit)
+
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
@@ -56,7 +60,10 @@ def image_measures(r) -> dict:
     out: dict = {"mask_area": int(r.mask.sum()), "has_gt_mask": r.gt_mask is not None}
     gt = r.gt_mask
     if gt is not None and gt.any():
-        out["pointing_hit"] = bool(np.asarray(metrics.pointing_game(r.cam[None], gt[None]).hits)[0])
+        hits = metrics.pointing_hits_at(r.peak, gt, POINTING_TOLERANCES)
+        out["pointing_hit"], out["pointing_hit_15px"] = bool(hits[0]), bool(hits[1])
+        out["pointing_chance"] = float(metrics.pointing_chance(gt, POINTING_TOLERANCES[0]))
+        out["pointing_chance_15px"] = float(metrics.pointing_chance(gt, POINTING_TOLERANCES[1]))
         out["dice"] = float(metrics.dice(r.mask, gt))
         out["iou"] = float(metrics.iou(r.mask, gt))
         if r.gt_box_mask is not None:
@@ -80,11 +87,19 @@ def summarise(results, measures: list[dict], threshold: float, bootstrap: int) -
     else:
         out["classification"] = None
         out["classification_note"] = "no labels for these inputs" if results else "no readable images"
-    hits = [m["pointing_hit"] for m in measures if "pointing_hit" in m]
     box_ious = [m["box_iou"] for m in measures if "box_iou" in m]
+
+    def pointing(suffix: str, note: str) -> dict:
+        hits = [m["pointing_hit" + suffix] for m in measures if "pointing_hit" + suffix in m]
+        chance = [m["pointing_chance" + suffix] for m in measures if "pointing_chance" + suffix in m]
+        return {"accuracy": float(np.mean(hits)) if hits else float("nan"), "hits": int(np.sum(hits)),
+                "n": len(hits), "chance": float(np.mean(chance)) if chance else float("nan"), "note": note}
+
     out["localization"] = {
-        "pointing_game": {"accuracy": float(np.mean(hits)) if hits else float("nan"), "hits": int(np.sum(hits)),
-                          "n": len(hits), "note": "CAM maximum inside the ground-truth mask (tolerance 0 px)"},
+        "pointing_game": pointing("", "CAM peak (boxes.peak_point) inside the ground-truth mask (0 px); chance = "
+                                      "mean mask area fraction"),
+        "pointing_game_15px": pointing("_15px", "CAM peak within 15 px of the ground-truth mask; chance = mean "
+                                                "fraction of the image within 15 px of the mask"),
         "box_iou": {**_mean_entry(box_ious),
                     "hit_rate_iou_0.5": float(np.mean(np.asarray(box_ious) >= 0.5)) if box_ious else float("nan"),
                     "note": "best IoU of the predicted boxes with the ground-truth boxes; 0 when none predicted"},
@@ -239,7 +254,11 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
         sections.append(("Classification", f"<p class='note'>{report.get('classification_note', '')}</p>"))
     loc, seg = report["localization"], report["segmentation"]
     sections.append(("Localisation", viz.html_table(["metric", "value", "n", "note"], [
-        ("pointing game", loc["pointing_game"]["accuracy"], loc["pointing_game"]["n"], loc["pointing_game"]["note"]),
+        ("pointing game (0 px)", loc["pointing_game"]["accuracy"], loc["pointing_game"]["n"], loc["pointing_game"]["note"]),
+        ("pointing game chance (0 px)", loc["pointing_game"]["chance"], loc["pointing_game"]["n"], ""),
+        ("pointing game (15 px)", loc["pointing_game_15px"]["accuracy"], loc["pointing_game_15px"]["n"],
+         loc["pointing_game_15px"]["note"]),
+        ("pointing game chance (15 px)", loc["pointing_game_15px"]["chance"], loc["pointing_game_15px"]["n"], ""),
         ("box IoU (mean best)", loc["box_iou"]["mean"], loc["box_iou"]["n"], loc["box_iou"]["note"]),
         ("box hit rate (IoU >= 0.5)", loc["box_iou"]["hit_rate_iou_0.5"], loc["box_iou"]["n"], "")])))
     sections.append(("Segmentation", viz.html_table(["metric", "mean", "n", "note"], [
@@ -292,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="only the first N inputs")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs (0: none)")
+    ap.add_argument("--truth", default="lesion", choices=TRUTHS,
+                    help="ground truth to score against: lesion (default) masks, or evidence masks (the pixels that "
+                         "change when the abnormality is removed; synthetic data only)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -308,6 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             items, skips, desc = items_from_paths(args.images), [], ""
         else:
             items, skips, desc = items_from_dataset(args.dataset)
+            if args.truth == "evidence":
+                if not any(it.evidence_path for it in items):
+                    raise InputError(f"--truth evidence: {args.dataset} has no evidence masks (only the synthetic "
+                                     "world writes them)")
+                items = [dataclasses.replace(it, mask_path=it.evidence_path) for it in items]
+                desc += ", scored against evidence masks"
         if args.limit is not None:
             items = items[:args.limit]
         if not items:
@@ -328,7 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = cls["overall"]["study"]
         print(f"study AUROC {s['auroc']['value']:.4f}  kappa {s['kappa']['value']:.4f}")
     seg, loc = report["segmentation"], report["localization"]
-    print(f"pointing game {loc['pointing_game']['accuracy']:.4f} (n={loc['pointing_game']['n']})  "
+    pg, pg15 = loc["pointing_game"], loc["pointing_game_15px"]
+    print(f"pointing game {pg['accuracy']:.4f} (chance {pg['chance']:.4f}) / 15 px {pg15['accuracy']:.4f} "
+          f"(chance {pg15['chance']:.4f}) (n={pg['n']})  "
           f"Dice GT boxes {seg['dice_gt_boxes']['mean']:.4f} (n={seg['dice_gt_boxes']['n']})  "
           f"Dice CAM boxes {seg['dice_cam_boxes']['mean']:.4f} (n={seg['dice_cam_boxes']['n']})")
     return 0

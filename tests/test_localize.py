@@ -41,7 +41,14 @@ def test_peak_inside_mask_is_a_hit_and_outside_needs_the_tolerance():
     pg = metrics.pointing_game(np.stack([inside, outside]), np.stack([mask, mask]), tolerance_px=4.0)
     assert np.asarray(pg.hits).tolist() == [True, True]
     s = localize.score_split([hit, miss], localize.choose_thresholds([hit, miss]), tolerances=(0.0, 4.0, 3.9))
-    assert s["pointing_game"]["0px"] == {"hit_rate": 0.5, "hits": 1, "n": 2, "tolerance_px": 0.0}
+    assert {k: v for k, v in s["pointing_game"]["0px"].items() if k != "chance"} == {
+        "hit_rate": 0.5, "hits": 1, "n": 2, "tolerance_px": 0.0}
+    # Chance: a uniformly drawn peak hits the 4 x 4 mask on 16 of 600 pixels.
+    assert s["pointing_game"]["0px"]["chance"] == pytest.approx(16 / 600)
+    # Within 4 px of the mask: the mask dilated by a disc of radius 4.
+    from scipy import ndimage
+    near = ndimage.distance_transform_edt(~mask) <= 4.0
+    assert s["pointing_game"]["4px"]["chance"] == pytest.approx(near.mean())
     assert s["pointing_game"]["4px"]["hit_rate"] == 1.0
 
 
@@ -285,7 +292,8 @@ def test_frames_line_up_when_the_map_is_the_mask(synthetic):
                 m[i] = preprocess(mask, self.size, self.mode)[0][..., 0]
             pk = boxlib.peak_boxes(m, input_side=96.0)
             tb = boxlib.threshold_boxes(m, fraction=0.5, k=1)
-            return {"grad_cam": {"maps": m, "peak": np.asarray(pk.boxes), "threshold": np.asarray(tb.boxes[:, 0]),
+            return {"grad_cam": {"maps": m, "peak": np.asarray(pk.boxes), "peak_xy": np.asarray(boxlib.peak_point(m)),
+                                 "threshold": np.asarray(tb.boxes[:, 0]),
                                  "threshold_valid": np.asarray(tb.valid[:, 0])}}
 
     readable = chosen  # every chosen item decodes, so prepare's k-th image is readable[k]

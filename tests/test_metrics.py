@@ -312,3 +312,25 @@ def test_auroc_by_type_matches_sklearn_on_each_type_against_normals():
     assert np.isnan(only["lesion"]["image_auroc"]) and only["lesion"]["n_images"] == 2
     with pytest.raises(ValueError, match="types"):
         M.auroc_by_type([0.2, 0.9], [0, 1], ["a", "b"], [()])
+
+
+def test_pointing_hits_at_a_point_uses_its_pixel_and_the_pointing_game_rule():
+    mask = np.zeros((20, 30), bool)
+    mask[5:9, 5:9] = True  # rows/cols 5..8
+    # (x, y) = (6.9, 7.2) lies in pixel (row 7, col 6): inside.
+    assert M.pointing_hits_at((6.9, 7.2), mask, (0.0, 3.0)).tolist() == [True, True]
+    # Pixel (7, 12): 4 px from the nearest mask pixel (7, 8).
+    assert M.pointing_hits_at((12.5, 7.5), mask, (0.0, 3.9, 4.0)).tolist() == [False, False, True]
+    # Points past the border are clamped to the border pixel; NaN never hits.
+    assert M.pointing_hits_at((-3.0, 6.0), mask, (5.0,)).tolist() == [True]
+    assert M.pointing_hits_at((np.nan, 6.0), mask, (50.0,)).tolist() == [False]
+
+
+def test_pointing_chance_is_the_dilated_mask_fraction():
+    mask = np.zeros((10, 10), bool)
+    mask[4, 4] = True
+    assert M.pointing_chance(mask, 0.0) == pytest.approx(0.01)
+    # Within 1 px of one pixel: itself and its 4 neighbours.
+    assert M.pointing_chance(mask, 1.0) == pytest.approx(0.05)
+    both = M.pointing_chance(np.stack([mask, np.zeros_like(mask)]), 1.0)
+    np.testing.assert_allclose(both, [0.05, 0.0])

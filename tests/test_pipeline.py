@@ -20,7 +20,7 @@ from mskjax.data.mura import read_mura
 from mskjax.models import create
 from mskjax.models.sam import build_sam, sam_variable_shapes
 from mskjax.checkpoint import load_classifier, load_sam
-from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, content_mask
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, content_bounds, content_mask
 from mskjax.weights.mapping import CheckpointMismatch
 from mskjax.weights.sam import sam_metadata
 
@@ -111,7 +111,7 @@ def test_step_outputs_equal_their_parts(setup):
     np.testing.assert_allclose(out["cam"], np.asarray(cam), atol=1e-5)
 
     # Peak boxes (the report's 50 px at 224, scaled) in the classifier frame, then original, then SAM.
-    pk = boxlib.peak_boxes(jnp.asarray(out["cam"]))
+    pk = boxlib.peak_boxes(jnp.asarray(out["cam"]), bounds=content_bounds(batch["geometry"]))
     np.testing.assert_allclose(out["boxes_input"][:, 0], np.asarray(pk.boxes), atol=1e-5)
     b = np.asarray(pk.boxes)
     inside = (b[:, 0] > 0) & (b[:, 2] < CLS_SIZE)  # not clipped at the border
