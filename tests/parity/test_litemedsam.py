@@ -154,8 +154,9 @@ def test_preprocess_matches_official_recipe(pair, shared_data):
 
 def test_metadata(pair):
     m = pair["metadata"]
-    assert m["img_size"] == 256 and m["embedding_size"] == 64 and m["kind"] == "lite_medsam"
-    assert "min-max" in m["preprocessing"]["normalization"]
+    assert m["img_size"] == 256 and m["embedding_size"] == 64
+    assert m["kind"] == "sam" and m["arch"] == "lite_medsam"  # a SAM checkpoint that builds LiteMedSam
+    assert m["preprocessing"]["recipe"] == "lite_medsam" and "min-max" in m["preprocessing"]["normalization"]
 
 
 def test_key_table_is_one_to_one_with_torch(reference):
