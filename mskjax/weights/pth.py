@@ -41,11 +41,17 @@ from typing import Any, Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 
-__all__ = ["PthFormatError", "UnsafeCheckpointError", "read_pth", "read_state_dict", "STORAGE_DTYPES"]
+__all__ = ["LegacyFormatError", "PthFormatError", "UnsafeCheckpointError", "read_pth", "read_state_dict",
+           "STORAGE_DTYPES"]
 
 
 class PthFormatError(ValueError):
     """The file is not a readable torch.save archive (legacy format, missing records, bad views)."""
+
+
+class LegacyFormatError(PthFormatError):
+    """The file is in torch's legacy (pre-1.6, non-zip) serialization, which this reader does not
+    parse (callers may fall back to torch.load where torch is installed)."""
 
 
 class UnsafeCheckpointError(PthFormatError):
@@ -237,8 +243,9 @@ def read_pth(path: str | os.PathLike) -> Any:
     list, tuple) and every tensor / nn.Parameter as a C-contiguous NumPy array of its dtype.
 
     Raises FileNotFoundError (no such file), UnsafeCheckpointError (a global outside the
-    allow-list: the file could run code), PthFormatError (not a zip archive, the legacy pre-1.6
-    format, a missing storage record, an out-of-bounds view, a corrupt pickle).
+    allow-list: the file could run code), LegacyFormatError (the legacy pre-1.6 format),
+    PthFormatError (not a zip archive, a missing storage record, an out-of-bounds view, a corrupt
+    pickle); the last three are all PthFormatError.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -249,7 +256,7 @@ def read_pth(path: str | os.PathLike) -> Any:
         with open(path, "rb") as f:
             head = f.read(2)
         if head[:1] == b"\x80":  # a pickle protocol opcode: torch's legacy (pre-1.6) stream format
-            raise PthFormatError(
+            raise LegacyFormatError(
                 f"{path} uses torch's legacy (pre-1.6, non-zip) serialization, which is not "
                 "supported: re-save it with torch>=1.6, e.g. torch.save(torch.load(p, "
                 "weights_only=True), p_new)")

@@ -18,6 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, build_sam, sam_config, sam_variable_shapes
+from mskjax.weights.mapping import CheckpointMismatch, read_torch_checkpoint
 
 
 class SamCheckpointError(ValueError):
@@ -116,15 +117,14 @@ def sam_variables_from_state_dict(state_dict: Mapping[str, Any], arch: str,
 
 
 def load_sam_checkpoint(path: str | os.PathLike, arch: str, img_size: int = 1024) -> dict:
-    """Reads an official .pth (torch.load with weights_only=True) and converts it (see
-    `sam_variables_from_state_dict`)."""
-    import torch  # only needed for importing checkpoints
-
+    """Reads an official .pth and converts it (see `sam_variables_from_state_dict`). The file is
+    read without torch (`mskjax.weights.mapping.read_torch_checkpoint`: a restricted unpickler, no
+    code from the file runs); only a legacy pre-1.6 file would need torch."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
+        state_dict = read_torch_checkpoint(path)
+    except CheckpointMismatch as e:
         raise SamCheckpointError(f"cannot read SAM checkpoint {path}: {e}") from e
     if not isinstance(state_dict, Mapping):
         raise SamCheckpointError(f"{path} holds a {type(state_dict).__name__}, not a state dict")

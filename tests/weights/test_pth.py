@@ -299,3 +299,55 @@ def test_allow_listed_globals_cannot_be_modified(tmp_path, target):
         read_pth(path)
     assert pth._ALLOWED_GLOBALS[("torch", "FloatStorage")].dtype == np.float32
     assert pth._rebuild_tensor.__defaults__ == (False, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The converters read .pth files through this reader (mskjax.weights.mapping.read_torch_checkpoint)
+
+def test_converters_read_without_torch_and_refuse_unsafe_files(tmp_path):
+    """read_torch_state_dict (torchvision / timm .pth) and load_sam_checkpoint (official SAM) use
+    the restricted reader: the same arrays as torch.load (bfloat16 upcast to float32), a file that
+    could run code is refused without running it, and only a legacy pre-1.6 file goes to torch."""
+    from mskjax.weights.mapping import CheckpointMismatch, read_torch_state_dict
+    from mskjax.weights.sam import SamCheckpointError, load_sam_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).to(torch.bfloat16),
+          "n": torch.tensor(7)}
+    path = tmp_path / "sd.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    ours = read_torch_state_dict(path)
+    assert list(ours) == list(sd) and ours["h"].dtype == np.float32 and ours["n"].dtype == np.int64
+    for k, v in sd.items():
+        np.testing.assert_array_equal(ours[k], v.float().numpy() if v.is_floating_point() else v.numpy())
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    write_archive(evil, pickle.dumps(ExecPayload(f"open({str(marker)!r}, 'w').close()"), protocol=2))
+    with pytest.raises(CheckpointMismatch, match="evil.pth.*UnsafeCheckpointError"):
+        read_torch_state_dict(evil)
+    with pytest.raises(SamCheckpointError, match="evil.pth.*can run code"):
+        load_sam_checkpoint(evil, "vit_tiny", 256)
+    assert not marker.exists()
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    back = read_torch_state_dict(legacy)  # torch is installed here: it reads the legacy format
+    np.testing.assert_array_equal(back["w"], sd["w"].numpy())
+
+
+def test_converters_do_not_import_torch(tmp_path):
+    """Reading a torchvision-style .pth for conversion imports neither torch nor anything of it."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "sd.pth"
+    torch.save({"conv1.weight": torch.ones(2, 3, 1, 1)}, path)
+    code = ("import sys; from mskjax.weights import read_torch_state_dict; "
+            f"sd = read_torch_state_dict({str(path)!r}); assert 'torch' not in sys.modules; "
+            "print(sd['conv1.weight'].shape)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "(2, 3, 1, 1)" in run.stdout
