@@ -17,6 +17,10 @@ Writes to OUT:
                       boxes and with ground-truth boxes), unreadable inputs, settings
   index.html          the same tables and every thumbnail (plain HTML)
 
+--sam takes any SAM checkpoint (kind "sam"): a trained or converted SAM, or LiteMedSAM
+(`python -m mskjax.convert --source litemedsam --out ckpt/lite_medsam`), which brings its own input
+recipe (256 px, INTER_AREA, min-max).
+
 Dataset splits default to the held-out one: synthetic "test", MURA "valid", FracAtlas "valid".
 For --images, a file's study is its folder (MURA keeps a study's views in one folder) and there
 are no labels, so only the decisions are reported. Unreadable files are listed and counted, never
@@ -298,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--classifier", required=True, help="classifier checkpoint directory (e.g. WORKDIR/best)")
-    ap.add_argument("--sam", required=True, help="SAM checkpoint directory (kind 'sam')")
+    ap.add_argument("--sam", required=True, help="SAM checkpoint directory (kind 'sam': SAM or LiteMedSAM)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders")
     src.add_argument("--dataset", metavar="KIND:DIR[:SPLIT]", help="mura:DIR | fracatlas:DIR | synthetic:DIR")
