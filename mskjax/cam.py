@@ -338,11 +338,18 @@ def _aug_smooth(fn: Callable, images, targets):
 
 def cam_maps(model, variables, images: Array, targets: Array | None = None, layer: str | None = None,
              *, methods: Sequence[str] = ("grad_cam",), aug_smooth: bool = False,
-             eigen_smooth: bool = False, score_fn: Callable | None = None) -> dict[str, jax.Array]:
+             eigen_smooth: bool = False, score_fn: Callable | None = None, baseline=None,
+             raw: bool = False) -> dict[str, jax.Array]:
     """Several CAM methods from one forward and one backward pass.
 
     Args: as `grad_cam`; `methods` a subset of METHODS without "score_cam".
-    Returns: {method: (B, H, W) float32 in [0, 1]} at the input size (H, W).
+      baseline: optional raw map to subtract before post-processing, (h, w) or (B, h, w) at the
+        stage's resolution, or {method: map}: e.g. the mean raw map of normal images
+        (`mskjax.cam` extension, not in pytorch-grad-cam; None keeps its semantics exactly). A
+        network that knows where the frame is gives every image the same positional pattern;
+        subtracting it leaves what the image itself adds.
+      raw: return the raw (B, h, w) maps (baseline subtracted) instead of post-processed ones.
+    Returns: {method: (B, H, W) float32 in [0, 1]} at the input size (H, W), or raw maps.
     """
     methods = tuple(methods)
     _check_images(images)
@@ -358,12 +365,93 @@ def cam_maps(model, variables, images: Array, targets: Array | None = None, laye
         if "cam" in methods:
             kernel = head_dense_kernel(model, variables, acts.shape[-1])
             cw = jnp.take(kernel, used, axis=1).T  # (B, C)
-        return {m: postprocess(raw_map(m, acts, grads, eigen_smooth=eigen_smooth, cam_weights=cw), out_hw)
-                for m in methods}
+        out = {}
+        for m in methods:
+            r = raw_map(m, acts, grads, eigen_smooth=eigen_smooth, cam_weights=cw)
+            base = baseline.get(m) if isinstance(baseline, dict) else baseline
+            if base is not None:
+                r = r - jnp.asarray(base, jnp.float32)
+            out[m] = r if raw else postprocess(r, out_hw)
+        return out
 
     if aug_smooth:
+        if raw:
+            raise CamError("raw maps are per augmentation variant: aug_smooth and raw do not combine")
         return _aug_smooth(run, images, targets)
     return run(images, targets)
+
+
+def occlusion(model, variables, images: Array, targets: Array | None = None, *, patch: int = 16,
+              stride: int = 8, blur_sigma: float = 6.0, chunk_size: int = 32,
+              score_fn: Callable | None = None) -> jax.Array:
+    """Occlusion sensitivity (Zeiler & Fergus 2014): how much the target score drops when a square
+    patch of the image is replaced by a blurred copy of itself.
+
+    Patches of `patch` px on a grid of `stride` px (the last row/column aligned to the border) are
+    filled with the image blurred by a Gaussian of `blur_sigma` px (a local fill: unlike a constant,
+    it adds no edge of its own, so what is measured is the loss of fine structure - a fracture
+    line, a lesion's margin, a fragment's edge). The map at a pixel is the mean score drop over the
+    patches that cover it, then ReLU and min-max scaled to [0, 1]. Batched and jitted: the P patch
+    positions run `chunk_size` at a time under `lax.map` (B x chunk_size forwards per step), so one
+    compiled function serves every batch. Cost: P = ceil((H - patch) / stride + 1)^2 forwards per
+    image (225 at 128 px with 16/8).
+
+    Args: images (B, H, W, C) model inputs; targets as `grad_cam` (None: each image's argmax).
+    Returns: (B, H, W) float32 in [0, 1] in the model-input frame.
+    """
+    x = jnp.asarray(images, jnp.float32)
+    b, h, w, c = x.shape
+    if not (0 < patch <= min(h, w)) or stride < 1:
+        raise CamError(f"occlusion needs 0 < patch <= {min(h, w)} and stride >= 1; got patch={patch}, stride={stride}")
+    _check_targets(targets, b, getattr(model, "num_classes", None))
+    logits = model.apply(variables, x, train=False).astype(jnp.float32)
+    base, used = _target_scores(logits, targets, score_fn)
+
+    def starts(n):
+        s = list(range(0, n - patch + 1, stride))
+        if s[-1] != n - patch:
+            s.append(n - patch)
+        return np.asarray(s, np.int32)
+
+    ys, xs = starts(h), starts(w)
+    pos = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)  # (P, 2) (y0, x0)
+    n_pos = len(pos)
+    k = min(chunk_size, n_pos)
+    n_chunks = -(-n_pos // k)
+    pos_padded = np.concatenate([pos, np.repeat(pos[-1:], n_chunks * k - n_pos, 0)]).reshape(n_chunks, k, 2)
+    real = (np.arange(n_chunks * k) < n_pos).reshape(n_chunks, k)  # the last chunk's padding counts for nothing
+    # Separable Gaussian blur with edge clamping, as exact matrices (no FFT, no padding artefacts).
+    radius = max(1, int(3 * blur_sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / blur_sigma) ** 2)
+    taps /= taps.sum()
+
+    def blur_matrix(n):
+        m = np.zeros((n, n), np.float32)
+        for i in range(n):
+            for t, wt in zip(range(-radius, radius + 1), taps):
+                m[i, min(max(i + t, 0), n - 1)] += wt
+        return jnp.asarray(m)
+
+    blurred = jnp.einsum("Yy,byxc,Xx->bYXc", blur_matrix(h), x, blur_matrix(w), precision=_HI)
+    rows = jnp.arange(h)[None, :, None]
+    cols = jnp.arange(w)[None, None, :]
+
+    def chunk(args):  # p (k, 2) patch origins, ok (k,) real positions
+        p, ok = args
+        inside = ((rows >= p[:, 0, None, None]) & (rows < p[:, 0, None, None] + patch)
+                  & (cols >= p[:, 1, None, None]) & (cols < p[:, 1, None, None] + patch))  # (k, H, W)
+        occluded = jnp.where(inside[None, :, :, :, None], blurred[:, None], x[:, None])  # (B, k, H, W, C)
+        out = model.apply(variables, occluded.reshape((b * k, h, w, c)), train=False).astype(jnp.float32)
+        s = _target_scores(out, jnp.repeat(used, k), score_fn)[0].reshape(b, k)
+        drop = base[:, None] - s  # (B, k)
+        cover = inside.astype(jnp.float32) * ok[:, None, None]
+        return jnp.einsum("bk,khw->bhw", drop, cover), cover.sum(0)
+
+    sums, counts = jax.lax.map(chunk, (jnp.asarray(pos_padded), jnp.asarray(real, jnp.float32)))
+    total = sums.sum(0)
+    cover = counts.sum(0)
+    m = total / jnp.maximum(cover, 1.0)[None]
+    return minmax_scale(jnp.maximum(m, 0.0))
 
 
 def _single(method: str):
@@ -496,7 +584,7 @@ def make_cam_fn(method: str, model, layer: str | None = None, **options) -> Call
 __all__ = [
     "METHODS", "GRADIENT_METHODS", "CamError", "activations_and_gradients", "cam", "cam_maps",
     "eigen_cam", "first_component_projection", "grad_cam", "grad_cam_plus_plus", "head_dense_kernel",
-    "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn",
+    "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn", "occlusion",
     "minmax_scale", "postprocess", "raw_map", "resize_maps", "score_cam", "weighted_activations",
     "xgrad_cam",
 ]

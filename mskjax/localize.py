@@ -103,6 +103,9 @@ DEFAULT_TOLERANCES = (0.0, 15.0)
 DEFAULT_BOX_FRACTION = 0.5
 FAITHFULNESS_STEPS = 20
 TRUTHS = ("lesion", "evidence")
+# mskjax.cam's methods, and occlusion sensitivity (`mskjax.cam.occlusion`: 16 px blurred patches, stride 8).
+LOCALIZE_METHODS = METHODS + ("occlusion",)
+BASELINE_IMAGES = 64  # normal tuning images averaged for --subtract-normal-mean
 
 
 class LocalizeError(ValueError):
@@ -427,7 +430,9 @@ class CamRunner:
         cam_model = model if channels == 3 else GrayAsRGB(model, channels)
         target = abnormal_class(model.num_classes)
         side = float(self.size)
-        gradient_methods = tuple(m for m in self.methods if m != "score_cam")
+        gradient_methods = tuple(m for m in self.methods if m not in ("score_cam", "occlusion"))
+        self.gradient_methods = gradient_methods
+        self.baseline = None  # {method: (h, w) raw map} subtracted before post-processing (set_baseline)
         chunk = score_cam_chunk or max(1, 128 // self.batch_size)
 
         def inputs(raw):
@@ -442,12 +447,24 @@ class CamRunner:
             return {"maps": maps, "peak": pk.boxes, "peak_xy": boxlib.peak_point(maps), "threshold": tb.boxes[:, 0],
                     "threshold_valid": tb.valid[:, 0]}
 
-        def gradient_step(variables, raw, geom):
+        def gradient_step(variables, raw, geom, baseline):
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
-            maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods)
+            maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods,
+                                   baseline=baseline)
             keep = content_mask(geom)
             return {m: with_boxes(v * keep, geom) for m, v in maps.items()}
+
+        def raw_step(variables, raw):
+            x3 = inputs(raw)
+            targets = jnp.full((raw.shape[0],), target, jnp.int32)
+            return camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods, raw=True)
+
+        def occlusion_step(variables, raw, geom):
+            x = prepare_images(raw, normalization, channels)
+            targets = jnp.full((raw.shape[0],), target, jnp.int32)
+            maps = camlib.occlusion(model, variables, x, targets)
+            return with_boxes(maps * content_mask(geom), geom)
 
         def score_step(variables, raw, geom):
             x3 = inputs(raw)
@@ -461,6 +478,8 @@ class CamRunner:
             return probabilities(logits.astype(jnp.float32))
 
         self._gradient = jax.jit(gradient_step) if gradient_methods else None
+        self._raw = jax.jit(raw_step) if gradient_methods else None
+        self._occlusion = jax.jit(occlusion_step) if "occlusion" in self.methods else None
         self._score = jax.jit(score_step)
         self._predict = jax.jit(predict)
 
@@ -481,10 +500,28 @@ class CamRunner:
         input frame. Score-CAM only when asked."""
         out = {}
         if self._gradient is not None:
-            out.update(jax.tree.map(np.asarray, self._gradient(self.variables, raw, geom)))
+            out.update(jax.tree.map(np.asarray, self._gradient(self.variables, raw, geom, self.baseline)))
+        if self._occlusion is not None:
+            out["occlusion"] = jax.tree.map(np.asarray, self._occlusion(self.variables, raw, geom))
         if score_cam and "score_cam" in self.methods:
             out["score_cam"] = jax.tree.map(np.asarray, self._score(self.variables, raw, geom))
         return out
+
+    def set_baseline(self, images: Sequence[np.ndarray]) -> int:
+        """Sets the baseline every gradient method's raw map is reduced by: the mean raw map (at the
+        CAM stage's resolution) over `images` (decoded (H0, W0) normal images of the tuning split),
+        i.e. the pattern the network puts on every image (where the frame is). Returns the count."""
+        if self._raw is None or not len(images):
+            return 0
+        sums = None
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            raw, _, _ = self.prepare(chunk)
+            maps = jax.tree.map(np.asarray, self._raw(self.variables, raw))
+            part = {m: v[:len(chunk)].sum(0) for m, v in maps.items()}
+            sums = part if sums is None else {m: sums[m] + part[m] for m in sums}
+        self.baseline = {m: (v / len(images)).astype(np.float32) for m, v in sums.items()}
+        return len(images)
 
     def faithfulness(self, raw, maps) -> tuple[np.ndarray, np.ndarray]:
         """(deletion AUC (B,), insertion AUC (B,)) of input-frame maps, black baseline."""
@@ -591,15 +628,16 @@ def resolve_methods(spec: str, layer: str | None, model=None) -> tuple[list[str]
     """'all' or a comma list -> (methods, notes). 'all' drops 'cam' when --layer is not the last stage."""
     notes = []
     if spec.strip() == "all":
-        methods = list(METHODS)
+        methods = list(LOCALIZE_METHODS)
         if model is not None and layer not in (None, "features", list(model.segments)[-1]):
             methods.remove("cam")
             notes.append(f"'cam' left out: it needs the last stage, --layer is {layer}")
         return methods, notes
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in LOCALIZE_METHODS]
     if unknown or not methods:
-        raise LocalizeError(f"unknown method(s) {unknown or spec!r}: expected 'all' or a comma list of {list(METHODS)}")
+        raise LocalizeError(f"unknown method(s) {unknown or spec!r}: expected 'all' or a comma list of "
+                            f"{list(LOCALIZE_METHODS)}")
     return list(dict.fromkeys(methods)), notes
 
 
@@ -607,11 +645,14 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         methods: str = "all", layer: str | None = None, score_cam_limit: int = 32, faithfulness_limit: int = 32,
         limit: int | None = None, batch_size: int = 16, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
         box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_channels: int | None = None,
-        faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True, truth: str = "lesion") -> dict:
+        faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True, truth: str = "lesion",
+        subtract_normal_mean: bool = False) -> dict:
     """The whole run; writes OUT/localization.json and OUT/localization.md and returns the JSON dict.
 
     truth: "lesion" scores against each abnormality's own mask; "evidence" against its evidence
-    mask (the pixels that change when the abnormality is removed; synthetic data only)."""
+    mask (the pixels that change when the abnormality is removed; synthetic data only).
+    subtract_normal_mean: every gradient method's raw map minus its mean over up to BASELINE_IMAGES
+    normal images of the tune split (`CamRunner.set_baseline`)."""
     if truth not in TRUTHS:
         raise LocalizeError(f"unknown truth {truth!r}: expected one of {list(TRUTHS)}")
     if tune_split == report_split:
@@ -633,6 +674,16 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
     counts, per_split, descriptions = {}, {}, {}
     for role, split in (("tune", tune_split), ("report", report_split)):
         items, reader_skips, desc = items_from_dataset(f"{kind}:{root}:{split}")
+        if role == "tune" and subtract_normal_mean:
+            normals = []
+            for it in items:
+                if it.label == 0 and len(normals) < BASELINE_IMAGES:
+                    try:
+                        normals.append(decode_image(it.path).image)
+                    except (OSError, ValueError):
+                        continue  # an unreadable normal image is simply not averaged
+            used = runner.set_baseline(normals)
+            notes.append(f"gradient methods' raw maps minus their mean over {used} normal images of split {split!r}")
         if truth == "evidence":
             if not any(it.evidence_path for it in items):
                 raise LocalizeError(f"--truth evidence: split {split!r} of {kind} at {root} has no evidence masks "
@@ -664,6 +715,7 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
                        "mode": runner.mode, "in_channels": runner.channels, "num_classes": meta.get("num_classes"),
                        "target": "abnormal logit"},
         "methods": method_list, "layer": layer or "last stage", "truth": truth,
+        "subtract_normal_mean": subtract_normal_mean,
         "settings": {
             "frame": "CAM at model-input size, carried to the original image frame (crop padding, bilinear) and "
                      "min-max normalised per image; map metrics vs ground truth there; boxes made on the "
@@ -717,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--truth", default="lesion", choices=TRUTHS,
                     help="lesion (default): each abnormality's own mask; evidence: the pixels that change when it is "
                          "removed (synthetic data only)")
+    ap.add_argument("--subtract-normal-mean", action="store_true",
+                    help="subtract from each gradient method's raw map its mean over normal images of the tune split")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -742,7 +796,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      score_cam_limit=a.score_cam_limit, faithfulness_limit=a.faithfulness_limit, limit=a.limit,
                      batch_size=a.batch, tolerances=tolerances, box_fraction=a.box_fraction,
                      score_cam_channels=a.score_cam_channels, faithfulness_steps=a.faithfulness_steps,
-                     progress=not a.no_progress, truth=a.truth)
+                     progress=not a.no_progress, truth=a.truth,
+                     subtract_normal_mean=a.subtract_normal_mean)
     except (LocalizeError, InputError, CamError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

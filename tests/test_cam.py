@@ -201,3 +201,46 @@ def test_maps_to_original_undoes_letterbox():
     assert got.shape == (120, 60)
     # Rows run 0 -> 1 top to bottom: the padding was cropped, not stretched into the image.
     assert got[0].max() < 0.02 and got[-1].min() > 0.98
+
+
+def test_raw_maps_and_baseline_subtraction(net):
+    model, v, x = net
+    t = jnp.array([0, 2, 3])
+    raw = C.cam_maps(model, v, x, t, methods=("grad_cam",), raw=True)["grad_cam"]
+    assert raw.shape[0] == 3 and raw.shape[1:] != (H, W)  # the stage's resolution
+    # Subtracting nothing changes nothing; subtracting a map shifts the raw map by exactly it.
+    base = jnp.asarray(np.random.default_rng(0).normal(size=raw.shape[1:]), jnp.float32)
+    shifted = C.cam_maps(model, v, x, t, methods=("grad_cam",), raw=True, baseline={"grad_cam": base})["grad_cam"]
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(raw - base), atol=1e-5)
+    plain = C.cam_maps(model, v, x, t, methods=("grad_cam",))["grad_cam"]
+    np.testing.assert_allclose(np.asarray(C.postprocess(raw, (H, W))), np.asarray(plain), atol=1e-6)
+    post = C.cam_maps(model, v, x, t, methods=("grad_cam",), baseline=base)["grad_cam"]
+    np.testing.assert_allclose(np.asarray(post), np.asarray(C.postprocess(raw - base, (H, W))), atol=1e-6)
+
+
+class _PatchScore:
+    """A 'classifier' whose single logit is the sum of channel 0 inside rows 20..35, cols 8..23: an
+    occlusion map must light up that square and nothing else."""
+
+    num_classes = 1
+
+    def apply(self, variables, x, train=False):
+        return x[:, 20:36, 8:24, 0].sum(axis=(1, 2))[:, None]
+
+
+def test_occlusion_finds_the_region_the_score_depends_on():
+    x = jnp.asarray(np.random.default_rng(1).random((2, 48, 40, 3)), jnp.float32) * 4.0
+    m = np.asarray(jax.jit(lambda x: C.occlusion(_PatchScore(), None, x, jnp.zeros(2, jnp.int32),
+                                                 patch=8, stride=4, blur_sigma=3.0, chunk_size=7))(x))
+    assert m.shape == (2, 48, 40) and m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
+    inside = np.zeros((48, 40), bool)
+    inside[20:36, 8:24] = True
+    far = np.ones((48, 40), bool)
+    far[12:44, 0:32] = False  # farther than one patch from the square
+    for i in range(2):
+        assert m[i][far].max() == 0.0  # occluding where the score does not look changes nothing
+        assert m[i][inside].mean() > 0.05
+    # chunk_size does not change the map (the padded positions of the last chunk count for nothing).
+    m2 = np.asarray(C.occlusion(_PatchScore(), None, x, jnp.zeros(2, jnp.int32), patch=8, stride=4,
+                                blur_sigma=3.0, chunk_size=64))
+    np.testing.assert_allclose(m, m2, atol=1e-5)

@@ -158,10 +158,10 @@ def test_bad_inputs_are_errors_naming_the_problem():
         localize.measure_image(np.ones((4, 5)), np.ones((4, 4), bool))
     with pytest.raises(localize.LocalizeError, match="unknown method"):
         localize.resolve_methods("grad_cam,nope", None)
-    assert localize.resolve_methods("all", None)[0] == list(METHODS)
+    assert localize.resolve_methods("all", None)[0] == list(localize.LOCALIZE_METHODS)
     model = create("resnet18", num_classes=1)
     methods, notes = localize.resolve_methods("all", "layer3", model)
-    assert methods == [m for m in METHODS if m != "cam"] and "layer3" in notes[0]
+    assert methods == [m for m in localize.LOCALIZE_METHODS if m != "cam"] and "layer3" in notes[0]
     assert localize.resolve_methods("eigen_cam, grad_cam,eigen_cam", None)[0] == ["eigen_cam", "grad_cam"]
 
 
@@ -217,14 +217,14 @@ def test_cli_writes_both_files_for_every_method(classifier, synthetic, tmp_path,
     report = json.loads((out / "localization.json").read_text())
     md = (out / "localization.md").read_text()
     assert report["tune_split"] == "valid" and report["report_split"] == "test"
-    assert report["methods"] == list(METHODS)
+    assert report["methods"] == list(localize.LOCALIZE_METHODS)
     n_abnormal = {}
     for role, split in (("tune", "valid"), ("report", "test")):
         n_abnormal[role] = sum(1 for _ in (synthetic / "masks" / split).rglob("*.png"))
         c = report["counts"][role]
         assert c["eligible"] + c["reader_skips"] == n_abnormal[role] and c["normal"] > 0
         assert c["scored"] == n_abnormal[role] - 1 and c["unreadable"] == 1
-        assert set(report["results"][role]) == set(METHODS)
+        assert set(report["results"][role]) == set(localize.LOCALIZE_METHODS)
     assert len(report["unreadable"]) == 2
     [image_entry] = [u for u in report["unreadable"] if u["split"] == "test"]
     assert str(victim) in image_entry["path"] + image_entry["reason"] and "truncated" in image_entry["reason"]

@@ -3,7 +3,8 @@
 Checks every `--config.a.b` override against the config file before absl parses (a typo is an
 error listing the valid fields, never a silent new field), joins the mesh (several processes with
 config.distributed), and runs the config's `kind`: "classifier" (mskjax.train.classifier) or "sam"
-(mskjax.train.sam). Exit codes: 0 done, 2 bad config or input, 3 non-finite loss, 4 checkpoint write
+(mskjax.train.sam). Library logging (Orbax, absl) is at WARNING unless `--verbosity=0` (or -v)
+asks for INFO. Exit codes: 0 done, 2 bad config or input, 3 non-finite loss, 4 checkpoint write
 failed.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mskjax import distributed
@@ -83,7 +85,13 @@ def main(argv=None) -> int:
                                     lock_config=True)
     flags.mark_flags_as_required(["config", "workdir"])
 
+    # Library logging (Orbax, absl, JAX) at WARNING unless --verbosity / -v asks for more: the
+    # trainer's own lines are print()s and always show; warnings and errors always show too.
+    asked = any(a.startswith(("--verbosity", "-v=", "--v=")) or a in ("-v", "--v") for a in sys.argv[1:])
+
     def run(_):
+        if not asked:
+            absl_logging.set_verbosity(absl_logging.WARNING)
         FLAGS = flags.FLAGS
         config = FLAGS.config
         distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,

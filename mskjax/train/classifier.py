@@ -29,7 +29,9 @@ from mskjax.data.loader import Loader
 from mskjax.data.splits import load_splits
 from mskjax.models import create
 from mskjax.train import loop, optim
-from mskjax.train.config import ConfigError, validate
+from mskjax.train.config import ConfigError, augment_config, validate
+from mskjax.train.localization import localization_report, normal_mean_map
+from mskjax.train.localization import summary_lines as localization_lines
 from mskjax.train.loop import log
 from mskjax.train.run_checkpoints import release_free_heap
 from mskjax.weights import HEAD, STEM
@@ -287,7 +289,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     else:
         state = jax.jit(init_state, out_shardings=repl)()
 
-    augment_fn = partial(aug.augment, config=aug.AugmentConfig()) if config.data.augment else None
+    augment_fn = partial(aug.augment, config=augment_config(config.data)) if config.data.augment else None
     train_step = jax.jit(make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn),
                          in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, config, norm), in_shardings=(repl, data_sharding), out_shardings=data_sharding)
@@ -334,6 +336,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     if (workdir / "best").is_dir():
         _, bv, _ = checkpoint.load_model(workdir / "best")
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
+        baseline = None
+        if config.eval.localization and config.eval.subtract_normal_mean:
+            baseline = store_normal_mean_map(workdir / "best", model, bv, splits.records["valid"], config, norm)
         for split in ("valid", config.eval.test_split):
             if split and splits.records.get(split):
                 rep = evaluate(eval_step, bv, splits.records[split], config, data_sharding,
@@ -343,10 +348,44 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 if split == "valid":
                     log(f"valid's study-level Youden threshold: {rep['youden_threshold']:.4f} "
                         "(a decision threshold chosen on valid, e.g. for mskjax.segment --threshold)")
+                if config.eval.localization:
+                    for key, base in ((f"{split}_localization_raw", None), (f"{split}_localization", baseline)):
+                        if base is None and baseline is None and key.endswith("_raw"):
+                            continue  # without a baseline the raw map is the report itself
+                        loc = localization_report(model, bv, splits.records[split], norm=norm,
+                                                  channels=config.model.in_channels, size=config.data.image_size,
+                                                  mode=config.data.mode, method=config.eval.cam_method,
+                                                  layer=config.eval.cam_layer or None, baseline=base,
+                                                  batch_size=config.eval.batch_size)
+                        if loc is not None:
+                            result[key] = loc
+                            log("\n".join(localization_lines(loc)))
     close_valid_loader()
     loop.write_results(workdir, result)
     log(f"total time {loop.fmt_time(time.time() - t_start)}; results in {workdir / 'results.json'}")
     return result
+
+
+def store_normal_mean_map(directory: Path, model, variables, records, config, norm) -> np.ndarray | None:
+    """The CAM's mean raw map over `records`' normal images (valid's), written into the checkpoint's
+    metadata as "localization" {method, layer, baseline (h x w list), baseline_images}, which
+    `mskjax.pipeline` subtracts; returns it (None without normal images)."""
+    layer = config.eval.cam_layer or None
+    baseline, count = normal_mean_map(model, variables, records, norm=norm, channels=config.model.in_channels,
+                                      size=config.data.image_size, mode=config.data.mode,
+                                      method=config.eval.cam_method, layer=layer, batch_size=config.eval.batch_size)
+    if baseline is None:
+        log("eval.subtract_normal_mean: valid has no normal image; the map is left as it is")
+        return None
+    meta = checkpoint.read_metadata(directory)
+    meta["localization"] = {"method": config.eval.cam_method, "layer": layer or list(model.segments)[-1],
+                            "baseline": baseline.tolist(), "baseline_images": count,
+                            "baseline_split": "valid (normal images)"}
+    _, host_variables, _ = checkpoint.load_model(directory)
+    checkpoint.save(directory, host_variables, meta, overwrite=True)
+    log(f"localization baseline: {config.eval.cam_method} raw map averaged over {count} normal valid images, "
+        f"stored in {directory / checkpoint.METADATA_FILE}")
+    return baseline
 
 
 def export_best(directory: Path, variables, config, norm, step: int, report: dict) -> None:

@@ -7,12 +7,16 @@ names instead of a silent new field (see `mskjax.train.__main__.check_overrides`
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from mskjax.cam import METHODS as CAM_METHODS
+from mskjax.data.augment import AugmentConfig
 from mskjax.data.splits import DEFAULT_VALID_FRACTION
 from mskjax.data.synthetic.anatomy import PARTS
 from mskjax.data.synthetic.lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
-from mskjax.models import ARCHITECTURES
+from mskjax.models import ARCHITECTURES, create
 from mskjax.models.sam import ARCHS
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
@@ -51,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.workers = 2
     c.data.cache = True
     c.data.augment = True
+    # What augmentation does when on: the fields of mskjax.data.augment.AugmentConfig (defaults
+    # there); e.g. --config.data.augmentation.translate_prob=1 --config.data.augmentation.max_translate=0.1
+    c.data.augmentation = ml_collections.ConfigDict(
+        {f.name: f.default for f in dataclasses.fields(AugmentConfig)})
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global, over all devices and processes
@@ -72,6 +80,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.threshold = 0.5
     c.eval.bootstrap = 200
     c.eval.test_split = "test"  # evaluated once with the best checkpoint; "" to skip
+    # Localization of the best checkpoint on valid and test images with masks (mskjax.train.localization):
+    # pointing game (0 / 15 px, with chance) against lesion and evidence masks, peak-box IoU.
+    c.eval.localization = True
+    c.eval.cam_method = "grad_cam"  # a method of mskjax.cam.METHODS other than score_cam
+    c.eval.cam_layer = ""  # a stage of the model ("" = the last feature map)
+    # Subtract from the CAM's raw map its mean over valid's normal images (stored in WORKDIR/best's
+    # metadata as "localization", which mskjax.pipeline applies): removes the positional pattern a
+    # network puts on every image. The report shows the map with and without it.
+    c.eval.subtract_normal_mean = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 2
@@ -84,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = -1
     c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
     return c
+
+
+def augment_config(data) -> AugmentConfig:
+    """config.data.augmentation as the AugmentConfig the train step uses (ranges as tuples)."""
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in data.augmentation.items()}
+    return AugmentConfig(**fields)
 
 
 class ConfigError(ValueError):
@@ -116,6 +139,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
+    try:
+        augment_config(c.data)
+    except (TypeError, ValueError) as e:
+        need(False, "data.augmentation", str(e))
     need(c.data.normalization in ("none", "imagenet", "per_image"), "data.normalization", "none | imagenet | per_image")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     check_synthetic_data(c.data, need)
@@ -135,6 +162,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: every epoch)")
     need(c.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")
+    if c.model.arch in ARCHITECTURES and c.eval.cam_layer:
+        stages = list(create(c.model.arch, num_classes=1).segments)
+        need(c.eval.cam_layer in stages, "eval.cam_layer", f"{c.eval.cam_layer!r} is not a stage of {c.model.arch}: {stages}")
+    need(c.eval.cam_method in CAM_METHODS and c.eval.cam_method != "score_cam", "eval.cam_method",
+         f"{c.eval.cam_method!r} is not one of {[m for m in CAM_METHODS if m != 'score_cam']}")
 
 
 # ---------------------------------------------------------------------------------------------

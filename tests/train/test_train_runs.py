@@ -4,6 +4,7 @@ non-finite loss, a corrupted latest checkpoint. Tiny data (16 synthetic studies,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -60,10 +61,13 @@ SHORT_STEPS = 3
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
-    """One uninterrupted run on one device, with augmentation."""
+    """One uninterrupted run on one device, with augmentation (and the localization baseline)."""
     wd = tmp_path_factory.mktemp("ref") / "run"
-    out = run(wd, data, AUGMENT)
+    out = run(wd, data, AUGMENT, "--config.eval.subtract_normal_mean=True")
     assert "valid at step 6" in out.stdout
+    # Quiet by default: no absl/Orbax INFO line (I1205 12:00:00.000 ...) in either stream.
+    info = [l for l in (out.stdout + out.stderr).splitlines() if re.match(r"I\d{4} \d\d:\d\d", l)]
+    assert not info, info[:5]
     return wd
 
 
@@ -168,3 +172,37 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     import re
     bad = int(re.search(r"non-finite loss \(\S+\) at step (\d+)", out.stderr).group(1))
     assert all(s < bad for s in steps)
+
+
+def test_reference_run_reports_localization_with_chance(reference, data):
+    """results.json carries the best checkpoint's pointing game on valid (lesion and evidence masks),
+    each with its chance level, recomputed here from the masks themselves."""
+    import json
+
+    from mskjax import metrics
+    from mskjax.data.mura import read_mura
+    from mskjax.pipeline import read_mask
+    from PIL import Image
+
+    result = json.loads((reference / "results.json").read_text())
+    records, _ = read_mura(str(data), "valid")
+    abnormal = [r for r in records if r.label == 1 and r.mask_path]
+    if not abnormal:
+        pytest.skip("this tiny valid split has no abnormal image with a mask")
+    loc = result["valid_localization"]
+    assert loc["n_abnormal_with_mask"] == len(abnormal) and loc["method"] == "grad_cam"
+    assert loc["baseline_subtracted"] and not result["valid_localization_raw"]["baseline_subtracted"]
+    # The baseline the pipeline will subtract: valid's normal images' mean raw map, at layer4's
+    # resolution (1 x 1 for a 32 px input), in the checkpoint's metadata.
+    meta = json.loads((reference / "best" / "mskjax.json").read_text())["localization"]
+    assert meta["method"] == "grad_cam" and meta["layer"] == "layer4"
+    assert np.asarray(meta["baseline"]).shape == (1, 1) and np.isfinite(meta["baseline"]).all()
+    assert meta["baseline_images"] == sum(r.label == 0 for r in records)
+    for truth, path_of in (("lesion", lambda r: r.mask_path), ("evidence", lambda r: r.evidence_path)):
+        masks = [read_mask(path_of(r), Image.open(r.path).size[::-1]) for r in abnormal]
+        masks = [m for m in masks if m.any()]
+        want = [np.mean([metrics.pointing_chance(m, t) for m in masks]) for t in (0.0, 15.0)]
+        got = loc[truth]
+        assert got["0px"]["n"] == len(masks)
+        assert got["0px"]["chance"] == pytest.approx(want[0]) and got["15px"]["chance"] == pytest.approx(want[1])
+        assert 0.0 <= got["0px"]["hit_rate"] <= got["15px"]["hit_rate"] <= 1.0
