@@ -115,8 +115,18 @@ def plan(workdir: str | Path) -> list[Stage]:
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")
     stages.append(Stage("sam", cmd, sam / "best", _done(sam / "results.json", sam / "best" / "mskjax.json"), missing))
     seg = w / "segment"
+    # The CAM the classifier's config reports localization with (eval.cam_method / eval.cam_layer)
+    # is the one whose peak prompts SAM.
+    cam_args = []
+    if CLASSIFIER_CONFIG.is_file():
+        cc = _load_config(CLASSIFIER_CONFIG)
+        if _has_field(cc, "eval.cam_method"):
+            cam_args += ["--cam", str(cc.eval.cam_method)]
+        if _has_field(cc, "eval.cam_layer") and cc.eval.cam_layer:
+            cam_args += ["--cam-layer", str(cc.eval.cam_layer)]
     stages.append(Stage("segment", [py, "-m", "mskjax.segment", "--classifier", str(cls / "best"), "--sam",
-                                    str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg)],
+                                    str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg),
+                                    *cam_args],
                         seg / "metrics.json", _done(seg / "metrics.json")))
     return stages
 
@@ -161,7 +171,10 @@ def summary(workdir: str | Path) -> str:
         f"({m['counts']['unreadable']} unreadable)",
         f"  study AUROC            {f(st.get('auroc', {}).get('value'))}",
         f"  study kappa            {f(st.get('kappa', {}).get('value'))}",
-        f"  pointing game          {f(loc['pointing_game']['accuracy'])}  (n={loc['pointing_game']['n']})",
+        f"  pointing game, 0 px    {f(loc['pointing_game']['accuracy'])}  (chance {f(loc['pointing_game'].get('chance'))}, "
+        f"n={loc['pointing_game']['n']})",
+        *([f"  pointing game, 15 px   {f(loc['pointing_game_15px']['accuracy'])}  "
+           f"(chance {f(loc['pointing_game_15px'].get('chance'))})"] if "pointing_game_15px" in loc else []),
         f"  Dice, ground-truth box {f(seg['dice_gt_boxes']['mean'])}  (n={seg['dice_gt_boxes']['n']})",
         f"  Dice, CAM box          {f(seg['dice_cam_boxes']['mean'])}  (n={seg['dice_cam_boxes']['n']})",
         f"report: {Path(workdir) / 'segment' / 'index.html'}"])

@@ -147,8 +147,13 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
     assert not any(s.done for s in stages.values())
     assert stages["classifier"].command[1:4] == ["-m", "mskjax.train", "--config"]
     assert f"--config.data.root={tmp_path / 'data'}" in stages["classifier"].command
-    assert stages["segment"].command[-4:] == ["--dataset", f"synthetic:{tmp_path / 'data'}:test", "--out",
-                                              str(tmp_path / "segment")]
+    seg = stages["segment"].command
+    assert seg[seg.index("--dataset"):seg.index("--dataset") + 4] == [
+        "--dataset", f"synthetic:{tmp_path / 'data'}:test", "--out", str(tmp_path / "segment")]
+    # The segment stage uses the map the classifier's config localizes with.
+    config = demo._load_config(demo.CLASSIFIER_CONFIG)
+    assert seg[seg.index("--cam") + 1] == config.eval.cam_method
+    assert seg[seg.index("--cam-layer") + 1] == config.eval.cam_layer
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
