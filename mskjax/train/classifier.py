@@ -368,8 +368,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
 def store_normal_mean_map(directory: Path, model, variables, records, config, norm) -> np.ndarray | None:
     """The CAM's mean raw map over `records`' normal images (valid's), written into the checkpoint's
-    metadata as "localization" {method, layer, baseline (h x w list), baseline_images}, which
-    `mskjax.pipeline` subtracts; returns it (None without normal images)."""
+    metadata as "localization" {method, layer, baseline (h x w list), baseline_images} (for
+    `mskjax.cam.cam_maps(baseline=)`; the pipeline does not read it yet); returns it (None without
+    normal images)."""
     layer = config.eval.cam_layer or None
     baseline, count = normal_mean_map(model, variables, records, norm=norm, channels=config.model.in_channels,
                                       size=config.data.image_size, mode=config.data.mode,

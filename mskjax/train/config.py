@@ -86,8 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.cam_method = "grad_cam"  # a method of mskjax.cam.METHODS other than score_cam
     c.eval.cam_layer = ""  # a stage of the model ("" = the last feature map)
     # Subtract from the CAM's raw map its mean over valid's normal images (stored in WORKDIR/best's
-    # metadata as "localization", which mskjax.pipeline applies): removes the positional pattern a
-    # network puts on every image. The report shows the map with and without it.
+    # metadata as "localization"; mskjax.localize --subtract-normal-mean does the same on its tune
+    # split; the pipeline does not apply it yet): removes the positional pattern a network puts on
+    # every image. The report shows the map with and without it.
     c.eval.subtract_normal_mean = False
 
     c.checkpoint = ml_collections.ConfigDict()
