@@ -381,6 +381,17 @@ def cam_maps(model, variables, images: Array, targets: Array | None = None, laye
     return run(images, targets)
 
 
+def fused_maps(model, variables, images: Array, targets: Array | None = None, layers: Sequence[str] = (),
+               *, methods: Sequence[str] = ("layer_cam",), score_fn: Callable | None = None) -> dict[str, jax.Array]:
+    """Maps of several stages fused (LayerCAM's multi-layer fusion, Jiang et al. 2021): each stage's
+    post-processed map (in [0, 1] at the input size), averaged over `layers`, min-max scaled again.
+    Coarse stages say which region, fine ones where in it. Returns {method: (B, H, W)}."""
+    if not layers:
+        raise CamError("fused_maps needs at least one layer")
+    per = [cam_maps(model, variables, images, targets, layer, methods=methods, score_fn=score_fn) for layer in layers]
+    return {m: minmax_scale(sum(p[m] for p in per) / len(per)) for m in methods}
+
+
 def occlusion(model, variables, images: Array, targets: Array | None = None, *, patch: int = 16,
               stride: int = 8, blur_sigma: float = 6.0, chunk_size: int = 32,
               score_fn: Callable | None = None) -> jax.Array:
@@ -584,7 +595,7 @@ def make_cam_fn(method: str, model, layer: str | None = None, **options) -> Call
 __all__ = [
     "METHODS", "GRADIENT_METHODS", "CamError", "activations_and_gradients", "cam", "cam_maps",
     "eigen_cam", "first_component_projection", "grad_cam", "grad_cam_plus_plus", "head_dense_kernel",
-    "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn", "occlusion",
+    "fused_maps", "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn", "occlusion",
     "minmax_scale", "postprocess", "raw_map", "resize_maps", "score_cam", "weighted_activations",
     "xgrad_cam",
 ]

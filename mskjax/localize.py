@@ -4,7 +4,8 @@ abnormal images of a labelled dataset, with thresholds chosen on one split and r
     python -m mskjax.localize --classifier runs/synthetic/best --dataset synthetic:data/syn \
         --tune valid --report test --out runs/loc_synthetic [--methods all|grad_cam,eigen_cam,...] \
         [--layer NAME] [--score-cam-limit 32] [--score-cam-channels N] [--faithfulness-limit 32] \
-        [--faithfulness-steps 20] [--pointing-tolerance 0,15] [--box-fraction 0.5] [--limit N] [--batch 16]
+        [--faithfulness-steps 20] [--pointing-tolerance 0,15] [--box-fraction 0.5] [--limit N] [--batch 16] \
+        [--truth lesion|evidence] [--subtract-normal-mean]
     python -m mskjax.localize --classifier runs/fracatlas_r18/best --dataset fracatlas:../shared/data/fracatlas \
         --tune tune --report valid --out runs/loc_fracatlas
 
@@ -12,6 +13,13 @@ FracAtlas and MURA have official train and valid splits only. `tune` is the vali
 `mskjax.train` carves from train (default `data.valid_fraction`, seed 0): images the classifier
 did not train on, so thresholds chosen there are honest; `valid` (the official one, the trainer's
 "test") is then reported. `--tune train` also works but chooses thresholds on training images.
+
+Methods: every `mskjax.cam` method and `occlusion` (`mskjax.cam.occlusion`); `--layer a+b` fuses the
+stages' maps (`mskjax.cam.fused_maps`). `--truth evidence` scores against the synthetic world's
+evidence masks (the pixels that change when the abnormality is removed) instead of the lesion
+masks; `--subtract-normal-mean` subtracts from each gradient method's raw map its mean over up to
+BASELINE_IMAGES normal images of the tune split (the positional pattern the network puts on every
+image).
 
 Writes OUT/localization.json (every number, the thresholds, counts, unreadable inputs, settings)
 and OUT/localization.md (one markdown table per split: method x metric), and prints the tables.
@@ -421,8 +429,12 @@ class CamRunner:
         self.methods = tuple(methods)
         self.faithfulness_steps = int(faithfulness_steps)
         names = list(model.segments)
-        if layer not in (None, "features") and layer not in names:
-            raise LocalizeError(f"unknown layer {layer!r}: expected one of {names}")
+        fused = tuple(layer.split("+")) if layer and "+" in layer else ()
+        if fused and (any(l not in names for l in fused) or {"cam", "score_cam"} & set(self.methods)):
+            raise LocalizeError(f"--layer {layer}: a fusion names stages of {names} joined by '+', and 'cam' / "
+                                "'score_cam' cannot take part")
+        if not fused and layer not in (None, "features") and layer not in names:
+            raise LocalizeError(f"unknown layer {layer!r}: expected one of {names} (or stages joined by '+')")
         if "cam" in self.methods and layer not in (None, "features", names[-1]):
             raise LocalizeError(f"method 'cam' needs the last stage {names[-1]!r}; got --layer {layer}")
         self.variables = jax.tree.map(jnp.asarray, variables)
@@ -450,12 +462,17 @@ class CamRunner:
         def gradient_step(variables, raw, geom, baseline):
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
-            maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods,
-                                   baseline=baseline)
+            if fused:
+                maps = camlib.fused_maps(cam_model, variables, x3, targets, fused, methods=gradient_methods)
+            else:
+                maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods,
+                                       baseline=baseline)
             keep = content_mask(geom)
             return {m: with_boxes(v * keep, geom) for m, v in maps.items()}
 
         def raw_step(variables, raw):
+            if fused:
+                raise LocalizeError("--subtract-normal-mean works on one stage's raw map, not a fusion")
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
             return camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods, raw=True)
@@ -753,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report", required=True, metavar="SPLIT", help="split reported with the tune thresholds")
     ap.add_argument("--out", required=True)
     ap.add_argument("--methods", default="all", help="'all' or a comma list of mskjax.cam.METHODS")
-    ap.add_argument("--layer", default=None, help="stage for the CAMs (default: the last feature map)")
+    ap.add_argument("--layer", default=None, help="stage for the CAMs (default: the last feature map); stages joined "
+                    "by '+' (layer3+layer4) fuse their maps (mskjax.cam.fused_maps)")
     ap.add_argument("--score-cam-limit", type=int, default=32, help="Score-CAM on the first N images per split")
     ap.add_argument("--faithfulness-limit", type=int, default=32,
                     help="deletion/insertion AUC on the first N images per split (0: none)")

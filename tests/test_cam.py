@@ -244,3 +244,15 @@ def test_occlusion_finds_the_region_the_score_depends_on():
     m2 = np.asarray(C.occlusion(_PatchScore(), None, x, jnp.zeros(2, jnp.int32), patch=8, stride=4,
                                 blur_sigma=3.0, chunk_size=64))
     np.testing.assert_allclose(m, m2, atol=1e-5)
+
+
+def test_fused_maps_average_the_stages_maps(net):
+    model, v, x = net
+    t = jnp.array([0, 2, 3])
+    fused = C.fused_maps(model, v, x, t, ("layer3", "layer4"), methods=("layer_cam", "grad_cam"))
+    for m in ("layer_cam", "grad_cam"):
+        a = C.cam_maps(model, v, x, t, "layer3", methods=(m,))[m]
+        b = C.cam_maps(model, v, x, t, "layer4", methods=(m,))[m]
+        np.testing.assert_allclose(np.asarray(fused[m]), np.asarray(C.minmax_scale((a + b) / 2)), atol=1e-6)
+    with pytest.raises(C.CamError, match="at least one"):
+        C.fused_maps(model, v, x, t, ())
