@@ -58,7 +58,8 @@ class PipelineConfig:
     """What the jitted step does (all fields static: changing one recompiles).
 
     cam: a method of `mskjax.cam.METHODS` (default "grad_cam"), computed for the abnormal class.
-    cam_layer: stage name for the CAM (None: the last feature map).
+    cam_layer: stage name for the CAM (None: the last feature map), or stage names joined by "+"
+      to fuse their maps (`mskjax.cam.fused_maps`).
     boxes: "peak" (the report's square box around the CAM maximum: 50 px at a 224 px input,
       scaled to the classifier's input size; box_side overrides) or "threshold" (connected
       components of CAM >= box_fraction * max, the best max_boxes by CAM mass, with validity).
@@ -77,6 +78,8 @@ class PipelineConfig:
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
             raise PipelineError(f"unknown CAM method {self.cam!r}: expected one of {list(camlib.METHODS)}")
+        if self.cam_layer and "+" in self.cam_layer and self.cam in ("cam", "score_cam"):
+            raise PipelineError(f"cam_layer {self.cam_layer!r} fuses stages; {self.cam!r} takes one stage")
         if self.boxes not in BOX_METHODS:
             raise PipelineError(f"unknown box method {self.boxes!r}: expected one of {list(BOX_METHODS)}")
         if self.max_boxes < 1:
@@ -142,6 +145,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
     img_size = sam_model.config.img_size
 
     def cam_maps(variables, x3, targets):
+        if config.cam_layer and "+" in config.cam_layer:  # stages fused (mskjax.cam.fused_maps)
+            return camlib.fused_maps(cam_model, variables, x3, targets, tuple(config.cam_layer.split("+")),
+                                     methods=(config.cam,))[config.cam]
         if config.cam == "score_cam":
             return camlib.score_cam(cam_model, variables, x3, targets, config.cam_layer)
         return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)

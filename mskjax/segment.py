@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", metavar="KIND:DIR[:SPLIT]", help="mura:DIR | fracatlas:DIR | synthetic:DIR")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--cam", default="grad_cam", choices=list(METHODS))
-    ap.add_argument("--cam-layer", default=None, help="stage for the CAM (default: the last feature map)")
+    ap.add_argument("--cam-layer", default=None, help="stage for the CAM (default: the last feature map); stages "
+                    "joined by '+' (layer2+layer3) fuse their maps")
     ap.add_argument("--boxes", default="peak", choices=list(BOX_METHODS))
     ap.add_argument("--max-boxes", type=int, default=3, help="boxes per image with --boxes threshold")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")

@@ -243,3 +243,9 @@ def test_content_mask_covers_only_the_letterboxed_image():
     m = np.asarray(content_mask(jax.tree.map(jnp.asarray, g)))
     assert m[0].sum() == 16 * 8 and m[0][4:12].all() and not m[0][:4].any()
     assert m[1].sum() == 16 * 8 and m[1][:, 4:12].all() and not m[1][:, 12:].any()
+
+
+def test_config_takes_fused_stages_but_not_for_single_stage_methods():
+    assert PipelineConfig(cam="layer_cam", cam_layer="layer2+layer3").cam_layer == "layer2+layer3"
+    with pytest.raises(PipelineError, match="fuses stages"):
+        PipelineConfig(cam="score_cam", cam_layer="layer2+layer3")

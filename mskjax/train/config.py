@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     # pointing game (0 / 15 px, with chance) against lesion and evidence masks, peak-box IoU.
     c.eval.localization = True
     c.eval.cam_method = "grad_cam"  # a method of mskjax.cam.METHODS other than score_cam
-    c.eval.cam_layer = ""  # a stage of the model ("" = the last feature map)
+    c.eval.cam_layer = ""  # a stage of the model ("" = the last feature map), or stages joined by "+" (fused)
     # Subtract from the CAM's raw map its mean over valid's normal images (stored in WORKDIR/best's
     # metadata as "localization"; mskjax.localize --subtract-normal-mean does the same on its tune
     # split; the pipeline does not apply it yet): removes the positional pattern a network puts on
@@ -165,7 +165,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")
     if c.model.arch in ARCHITECTURES and c.eval.cam_layer:
         stages = list(create(c.model.arch, num_classes=1).segments)
-        need(c.eval.cam_layer in stages, "eval.cam_layer", f"{c.eval.cam_layer!r} is not a stage of {c.model.arch}: {stages}")
+        need(all(l in stages for l in c.eval.cam_layer.split("+")), "eval.cam_layer",
+             f"{c.eval.cam_layer!r} is not a stage of {c.model.arch} (or stages joined by '+'): {stages}")
+        need(not ("+" in c.eval.cam_layer and c.eval.subtract_normal_mean), "eval.subtract_normal_mean",
+             "works on one stage's raw map, not a fusion of stages")
     need(c.eval.cam_method in CAM_METHODS and c.eval.cam_method != "score_cam", "eval.cam_method",
          f"{c.eval.cam_method!r} is not one of {[m for m in CAM_METHODS if m != 'score_cam']}")
 

@@ -34,7 +34,8 @@ TOLERANCES = (0.0, 15.0)
 
 def make_cam_step(model, norm: dict, channels: int, method: str = "grad_cam", layer: str | None = None):
     """jitted (variables, images (B, S, S, 1) in [0, 1], geometry, baseline) -> (maps (B, S, S),
-    peaks (B, 2) (x, y), peak boxes (B, 4)), all in the model-input frame."""
+    peaks (B, 2) (x, y), peak boxes (B, 4)), all in the model-input frame. `layer` "a+b" fuses the
+    stages' maps (`mskjax.cam.fused_maps`; no baseline then)."""
     cam_model = model if channels == 3 else GrayAsRGB(model, channels)
     target = abnormal_class(model.num_classes)
 
@@ -42,8 +43,12 @@ def make_cam_step(model, norm: dict, channels: int, method: str = "grad_cam", la
         x = prepare_images(images, norm, channels)
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
         targets = jnp.full((images.shape[0],), target, jnp.int32)
-        maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=(method,),
-                               baseline=baseline)[method]
+        if layer and "+" in layer:  # stages fused (mskjax.cam.fused_maps)
+            maps = camlib.fused_maps(cam_model, variables, x3, targets, tuple(layer.split("+")),
+                                     methods=(method,))[method]
+        else:
+            maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=(method,),
+                                   baseline=baseline)[method]
         maps = maps * content_mask(geom)
         pk = boxlib.peak_boxes(maps, input_side=float(max(maps.shape[1:])), bounds=content_bounds(geom))
         return maps, boxlib.peak_point(maps), pk.boxes
