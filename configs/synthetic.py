@@ -45,9 +45,9 @@ def get_config():
     c.train.weight_decay = 1e-4
     c.train.warmup_epochs = 1.5
     c.eval.batch_size = 64
-    # The map whose peak prompts SAM, chosen on valid (README "Localization of the default
-    # classifier"): LayerCAM fused over layer2 and layer3 (16 x 16 and 8 x 8 cells at 128 px) points
-    # at the evidence; layer4's Grad-CAM (4 x 4) does not.
+    # The map whose peak prompts SAM, chosen on valid among those README "Localization of the
+    # default classifier" lists: LayerCAM on layer2 (16 x 16 cells at 128 px) points at the
+    # evidence; layer4's Grad-CAM (4 x 4) does not.
     c.eval.cam_method = "layer_cam"
-    c.eval.cam_layer = "layer2+layer3"
+    c.eval.cam_layer = "layer2"
     return c
