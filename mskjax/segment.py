@@ -312,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "joined by '+' (layer2+layer3) fuse their maps")
     ap.add_argument("--boxes", default="peak", choices=list(BOX_METHODS))
     ap.add_argument("--max-boxes", type=int, default=3, help="boxes per image with --boxes threshold")
+    ap.add_argument("--box-side", type=float, default=None,
+                    help="--boxes peak: the square's side in classifier-input pixels (default: the report's "
+                         "50 px at 224, scaled to the input size)")
+    ap.add_argument("--box-fraction", type=float, default=0.5,
+                    help="--boxes threshold: components of the map >= this fraction of its maximum (default 0.5)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="only the first N inputs")
@@ -346,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not items:
             raise InputError("no input images found")
         config = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, boxes=args.boxes, threshold=args.threshold,
-                                max_boxes=args.max_boxes)
+                                max_boxes=args.max_boxes, box_fraction=args.box_fraction,
+                                box_side=args.box_side)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

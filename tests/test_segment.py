@@ -203,3 +203,11 @@ def test_fracatlas_tune_split_is_the_trainers_carved_valid(shared_data):
     assert [i.path for i in items] == [r.path for r in splits.records["valid"]]
     assert not {i.path for i in items} & {r.path for r in splits.records["train"]}
     assert "'tune'" in desc and 0 < len(items) < len(splits.records["train"])
+
+
+def test_cli_box_options_parse():
+    a = segment.build_parser().parse_args(["--classifier", "c", "--sam", "s", "--images", "x.png", "--out", "o",
+                                           "--box-side", "56", "--box-fraction", "0.3", "--truth", "evidence"])
+    assert (a.box_side, a.box_fraction, a.truth) == (56.0, 0.3, "evidence")
+    d = segment.build_parser().parse_args(["--classifier", "c", "--sam", "s", "--images", "x.png", "--out", "o"])
+    assert (d.box_side, d.box_fraction, d.truth) == (None, 0.5, "lesion")
