@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mskjax import metrics, viz
+from mskjax import checkpoint, metrics, viz
 from mskjax.cam import METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
 from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
@@ -298,6 +298,18 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
 # ---------------------------------------------------------------------------------------------
 # CLI
 
+def default_cam(classifier_meta: dict, cam: str | None, cam_layer: str | None) -> tuple[str, str | None]:
+    """(method, layer) for the pipeline: what the user asked for; else the map the classifier's
+    training run localized with (checkpoint metadata "localization", written by mskjax.train);
+    else Grad-CAM of the last feature map (the report's choice)."""
+    if cam is not None:
+        return cam, cam_layer
+    loc = classifier_meta.get("localization") or {}
+    if loc.get("method") in METHODS:
+        return loc["method"], cam_layer if cam_layer is not None else loc.get("layer")
+    return "grad_cam", cam_layer
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,9 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders")
     src.add_argument("--dataset", metavar="KIND:DIR[:SPLIT]", help="mura:DIR | fracatlas:DIR | synthetic:DIR")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--cam", default="grad_cam", choices=list(METHODS))
-    ap.add_argument("--cam-layer", default=None, help="stage for the CAM (default: the last feature map); stages "
-                    "joined by '+' (layer2+layer3) fuse their maps")
+    ap.add_argument("--cam", default=None, choices=list(METHODS),
+                    help="CAM method (default: the map the classifier was trained to localize with, from its "
+                         "checkpoint's 'localization' metadata; else grad_cam)")
+    ap.add_argument("--cam-layer", default=None, help="stage for the CAM (default: as --cam, else the last feature "
+                    "map); stages joined by '+' (layer2+layer3) fuse their maps")
     ap.add_argument("--boxes", default="peak", choices=list(BOX_METHODS))
     ap.add_argument("--max-boxes", type=int, default=3, help="boxes per image with --boxes threshold")
     ap.add_argument("--box-side", type=float, default=None,
@@ -350,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = items[:args.limit]
         if not items:
             raise InputError("no input images found")
-        config = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, boxes=args.boxes, threshold=args.threshold,
+        # A missing or broken classifier directory is reported by the pipeline's loader below.
+        meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
+        cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
+        config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)

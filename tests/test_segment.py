@@ -211,3 +211,12 @@ def test_cli_box_options_parse():
     assert (a.box_side, a.box_fraction, a.truth) == (56.0, 0.3, "evidence")
     d = segment.build_parser().parse_args(["--classifier", "c", "--sam", "s", "--images", "x.png", "--out", "o"])
     assert (d.box_side, d.box_fraction, d.truth) == (None, 0.5, "lesion")
+
+
+def test_default_cam_comes_from_the_classifiers_training_run():
+    trained = {"localization": {"method": "layer_cam", "layer": "layer2"}}
+    assert segment.default_cam(trained, None, None) == ("layer_cam", "layer2")
+    assert segment.default_cam(trained, None, "layer3") == ("layer_cam", "layer3")  # the user's layer wins
+    assert segment.default_cam(trained, "grad_cam", None) == ("grad_cam", None)  # the user's method wins
+    assert segment.default_cam({}, None, None) == ("grad_cam", None)  # older checkpoints: the report's map
+    assert segment.default_cam({"localization": {"method": "nope"}}, None, None) == ("grad_cam", None)

@@ -379,7 +379,7 @@ def store_normal_mean_map(directory: Path, model, variables, records, config, no
         log("eval.subtract_normal_mean: valid has no normal image; the map is left as it is")
         return None
     meta = checkpoint.read_metadata(directory)
-    meta["localization"] = {"method": config.eval.cam_method, "layer": layer or list(model.segments)[-1],
+    meta["localization"] = {"method": config.eval.cam_method, "layer": layer,
                             "baseline": baseline.tolist(), "baseline_images": count,
                             "baseline_split": "valid (normal images)"}
     _, host_variables, _ = checkpoint.load_model(directory)
@@ -397,4 +397,6 @@ def export_best(directory: Path, variables, config, norm, step: int, report: dic
          "valid_study_kappa": report["overall"]["study"]["kappa"]["value"],
          "valid_study_auroc": report["overall"]["study"]["auroc"]["value"]})
     meta["data"] = {"mode": config.data.mode, "image_size": config.data.image_size}
+    # The map this run localizes with (eval.cam_method / eval.cam_layer): mskjax.segment's default.
+    meta["localization"] = {"method": config.eval.cam_method, "layer": config.eval.cam_layer or None}
     checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)

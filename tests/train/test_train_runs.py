@@ -195,7 +195,7 @@ def test_reference_run_reports_localization_with_chance(reference, data):
     # The baseline the pipeline will subtract: valid's normal images' mean raw map, at layer4's
     # resolution (1 x 1 for a 32 px input), in the checkpoint's metadata.
     meta = json.loads((reference / "best" / "mskjax.json").read_text())["localization"]
-    assert meta["method"] == "grad_cam" and meta["layer"] == "layer4"
+    assert meta["method"] == "grad_cam" and meta["layer"] is None  # None: the last feature map (layer4)
     assert np.asarray(meta["baseline"]).shape == (1, 1) and np.isfinite(meta["baseline"]).all()
     assert meta["baseline_images"] == sum(r.label == 0 for r in records)
     for truth, path_of in (("lesion", lambda r: r.mask_path), ("evidence", lambda r: r.evidence_path)):
