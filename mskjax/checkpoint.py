@@ -158,16 +158,22 @@ def load_model(directory: str | Path):
     return model, variables, meta
 
 
+def _metadata_of_kind(directory: Path, kind: str, name: str, example: str) -> dict[str, Any]:
+    """The metadata of a checkpoint directory that must hold `kind`; errors name the directory."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{name} checkpoint not found: {directory} (expected a directory with "
+                                f"mskjax.json and variables/, e.g. {example})")
+    meta = read_metadata(directory)
+    if meta.get("kind") != kind:
+        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a {name}")
+    return meta
+
+
 def load_classifier(directory: str | os.PathLike):
     """(model, variables, metadata) of a classifier checkpoint directory (WORKDIR/best of a training
     run, or `mskjax.convert` output); errors name the directory."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"classifier checkpoint not found: {directory} (expected a directory "
-                                "with mskjax.json and variables/, e.g. WORKDIR/best from mskjax.train)")
-    meta = read_metadata(directory)
-    if meta.get("kind") != "classifier":
-        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a classifier")
+    _metadata_of_kind(directory, "classifier", "classifier", "WORKDIR/best from mskjax.train")
     return load_model(directory)
 
 
@@ -180,12 +186,7 @@ def load_sam(directory: str | os.PathLike):
     "batch_stats", "buffers"}. Either drives `mskjax.sam`'s functions and the pipeline
     (`mskjax.sam.preprocessing_of(model)` names its input recipe)."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"SAM checkpoint not found: {directory} (expected a directory with "
-                                "mskjax.json and variables/, e.g. WORKDIR/best from configs/sam_synthetic.py)")
-    meta = read_metadata(directory)
-    if meta.get("kind") != "sam":
-        raise CheckpointMismatch(f"{directory} holds a {meta.get('kind')!r} checkpoint, not a SAM")
+    meta = _metadata_of_kind(directory, "sam", "SAM", "WORKDIR/best from configs/sam_synthetic.py")
     for key in ("arch", "img_size"):
         if key not in meta:
             raise CheckpointMismatch(f"{directory / METADATA_FILE}: SAM metadata lacks {key!r}")

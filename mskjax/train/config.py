@@ -23,6 +23,20 @@ MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stoch
                 "depthwise_impl")
 
 
+def _add_run_sections(c: ml_collections.ConfigDict) -> None:
+    """The sections every kind of training shares: run checkpoints and the multi-process setup."""
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2
+    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
+    c.checkpoint.async_writes = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "classifier"
@@ -91,16 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     # every image. The report shows the map with and without it.
     c.eval.subtract_normal_mean = False
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep = 2
-    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
-    c.checkpoint.async_writes = True
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
-    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
+    _add_run_sections(c)
     return c
 
 
@@ -233,16 +238,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.eval.every_epochs = 1
     c.eval.test_split = "test"  # evaluated once with the best checkpoint; "" to skip
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep = 2
-    c.checkpoint.every_steps = 0  # 0: at the end of every epoch
-    c.checkpoint.async_writes = True
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator = ""
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
-    c.distributed.heartbeat_timeout_s = 0  # 0: $MSKJAX_HEARTBEAT_TIMEOUT_S or JAX's default (100 s)
+    _add_run_sections(c)
     return c
 
 

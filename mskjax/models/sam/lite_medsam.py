@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mskjax.models.sam.mask_decoder import MaskDecoder
-from mskjax.models.sam.prompt_encoder import PromptEncoder
+from mskjax.models.sam.sam import prompt_encoder_and_mask_decoder
 from mskjax.models.sam.tiny_vit import TinyViT
 
 IMAGE_SIZE = 256  # model input side (pixels)
@@ -94,15 +93,7 @@ class LiteMedSam(nn.Module):
             merge_strides=tuple(c.merge_strides), mlp_ratio=c.mlp_ratio,
             mbconv_expand_ratio=c.mbconv_expand_ratio, local_conv_size=c.local_conv_size,
             out_chans=c.prompt_embed_dim)
-        e = c.embedding_size
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=c.prompt_embed_dim, image_embedding_size=(e, e),
-            input_image_size=(c.img_size, c.img_size), mask_in_chans=c.mask_in_chans)
-        self.mask_decoder = MaskDecoder(
-            transformer_dim=c.prompt_embed_dim, num_multimask_outputs=c.num_multimask_outputs,
-            iou_head_depth=c.iou_head_depth, iou_head_hidden_dim=c.iou_head_hidden_dim,
-            transformer_depth=c.decoder_depth, transformer_heads=c.decoder_heads,
-            transformer_mlp_dim=c.decoder_mlp_dim)
+        self.prompt_encoder, self.mask_decoder = prompt_encoder_and_mask_decoder(c)
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         return self.image_encoder(images)

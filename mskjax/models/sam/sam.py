@@ -78,6 +78,23 @@ def sam_config(arch: str, img_size: int = 1024, **overrides) -> SamConfig:
     return SamConfig(arch=arch, **fields)
 
 
+def prompt_encoder_and_mask_decoder(c) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder for a config with prompt_embed_dim, embedding_size,
+    img_size, mask_in_chans and the decoder fields (SamConfig, LiteMedSamConfig): the part every
+    segmenter here shares. Assign them to `self.prompt_encoder` / `self.mask_decoder` in `setup`,
+    so the parameter paths are the official ones."""
+    e = c.embedding_size
+    prompt_encoder = PromptEncoder(
+        embed_dim=c.prompt_embed_dim, image_embedding_size=(e, e),
+        input_image_size=(c.img_size, c.img_size), mask_in_chans=c.mask_in_chans)
+    mask_decoder = MaskDecoder(
+        transformer_dim=c.prompt_embed_dim, num_multimask_outputs=c.num_multimask_outputs,
+        iou_head_depth=c.iou_head_depth, iou_head_hidden_dim=c.iou_head_hidden_dim,
+        transformer_depth=c.decoder_depth, transformer_heads=c.decoder_heads,
+        transformer_mlp_dim=c.decoder_mlp_dim)
+    return prompt_encoder, mask_decoder
+
+
 class Sam(nn.Module):
     """SAM as a Flax module. Variables: {"params": ..., "buffers": {prompt_encoder: {pe_layer:
     {positional_encoding_gaussian_matrix}}}} (the buffer is a fixed random matrix, not trained).
@@ -98,15 +115,7 @@ class Sam(nn.Module):
             img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
             num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, out_chans=c.prompt_embed_dim,
             window_size=c.window_size, global_attn_indexes=tuple(c.global_attn_indexes))
-        e = c.embedding_size
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=c.prompt_embed_dim, image_embedding_size=(e, e),
-            input_image_size=(c.img_size, c.img_size), mask_in_chans=c.mask_in_chans)
-        self.mask_decoder = MaskDecoder(
-            transformer_dim=c.prompt_embed_dim, num_multimask_outputs=c.num_multimask_outputs,
-            iou_head_depth=c.iou_head_depth, iou_head_hidden_dim=c.iou_head_hidden_dim,
-            transformer_depth=c.decoder_depth, transformer_heads=c.decoder_heads,
-            transformer_mlp_dim=c.decoder_mlp_dim)
+        self.prompt_encoder, self.mask_decoder = prompt_encoder_and_mask_decoder(c)
 
     def embed_images(self, images: jax.Array) -> jax.Array:
         return self.image_encoder(images)
