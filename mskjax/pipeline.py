@@ -45,6 +45,7 @@ from mskjax import sam as samfn
 from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
 from mskjax.data.images import decode_image
 from mskjax.data.preprocess import preprocess
+from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
 
@@ -65,6 +66,9 @@ class PipelineConfig:
       components of CAM >= box_fraction * max, the best max_boxes by CAM mass, with validity).
     threshold: an image is abnormal when its probability >= threshold; only abnormal images get
       masks.
+    refine: number of extra SAM passes over the map-derived prompts: each pass prompts SAM again
+      with the tight box of the mask the previous pass gave (a prompt whose mask came out empty
+      keeps its box). A map's box is loose; a segmenter trained on tight boxes does best on one.
     """
 
     cam: str = "grad_cam"
@@ -74,6 +78,7 @@ class PipelineConfig:
     box_side: float | None = None
     box_fraction: float = 0.5
     max_boxes: int = 3
+    refine: int = 0
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -84,6 +89,8 @@ class PipelineConfig:
             raise PipelineError(f"unknown box method {self.boxes!r}: expected one of {list(BOX_METHODS)}")
         if self.max_boxes < 1:
             raise PipelineError(f"max_boxes must be >= 1, got {self.max_boxes}")
+        if self.refine < 0:
+            raise PipelineError(f"refine must be >= 0, got {self.refine}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
 
@@ -137,6 +144,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       image, non-empty inside the original image);
       mask_logits (B, K, L, L) SAM low-res logits (INVALID_PROMPT_LOGIT where not box_valid);
       mask_iou (B, K) SAM's predicted IoU;
+      prompts_sam (B, K, 4) the boxes SAM was last prompted with (boxes_sam, or the masks' tight
+      boxes after `config.refine` passes);
       gt_mask_logits (B, G, L, L) and gt_boxes_sam (B, G, 4) when G > 0 (SAM prompted with the
       ground-truth boxes, whatever the classifier said).
     """
@@ -195,9 +204,18 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         low = dec["low_res_logits"][:, :, 0]
         iou = dec["iou_predictions"][:, :, 0]
         k = boxes_in.shape[1]
+        cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
+        for _ in range(config.refine):
+            # The tight box of the mask in the SAM input frame, at the upscaled logits' resolution.
+            tight, nonempty_mask = masks_to_boxes(samfn.upscale_logits(cam_low, img_size) > 0.0)
+            cam_prompts = jnp.where(nonempty_mask[..., None], tight, cam_prompts)
+            mi = samfn.box_mask_prompt(cam_prompts, img_size, sam_model.config.low_res_size) if box_mask else None
+            dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, mask_input=mi, multimask=False,
+                               prompt_valid=bvalid)
+            cam_low, cam_iou = dec["low_res_logits"][:, :, 0], dec["iou_predictions"][:, :, 0]
         out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
                "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
-               "box_valid": bvalid, "mask_logits": low[:, :k], "mask_iou": iou[:, :k]}
+               "box_valid": bvalid, "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
         if g:
             out["gt_mask_logits"] = low[:, k:]
             out["gt_boxes_sam"] = gt_sam

@@ -249,3 +249,32 @@ def test_config_takes_fused_stages_but_not_for_single_stage_methods():
     assert PipelineConfig(cam="layer_cam", cam_layer="layer2+layer3").cam_layer == "layer2+layer3"
     with pytest.raises(PipelineError, match="fuses stages"):
         PipelineConfig(cam="score_cam", cam_layer="layer2+layer3")
+
+
+def test_refine_prompts_sam_with_the_tight_box_of_the_first_mask(setup):
+    """refine=1: the second pass's prompt is the tight box (SAM input frame) of the first pass's
+    mask, and its logits equal decoding that box directly; an empty first mask keeps its box."""
+    pipe, records, cls_dir, sam_dir = setup
+    refined = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.5, refine=1))
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    first, second = pipe.step(batch), refined.step(batch)
+    np.testing.assert_allclose(second["boxes_sam"], first["boxes_sam"], atol=1e-5)
+    up = np.asarray(samfn.upscale_logits(jnp.asarray(first["mask_logits"]), SAM_SIZE)) > 0
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    checked = 0
+    for i in range(3):
+        m = up[i, 0]
+        if m.any():
+            ys, xs = np.nonzero(m)
+            tight = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+            checked += 1
+        else:
+            tight = first["boxes_sam"][i, 0]
+        np.testing.assert_allclose(second["prompts_sam"][i, 0], tight, atol=1e-4)
+        low = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[i:i + 1], boxes=jnp.asarray(tight)[None, None],
+                           multimask=False)["low_res_logits"][0, 0, 0]
+        np.testing.assert_allclose(second["mask_logits"][i, 0], np.asarray(low), atol=2e-3)
+    assert checked >= 1  # a random SAM gives some non-empty masks: the tight-box path ran
+    with pytest.raises(PipelineError, match="refine"):
+        PipelineConfig(refine=-1)

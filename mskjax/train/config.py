@@ -215,6 +215,12 @@ def sam_base_config() -> ml_collections.ConfigDict:
     # Training: prompt slots an image's lesions leave empty repeat them (each with its own jitter).
     c.data.repeat_prompts = True
     c.data.hflip = False  # random horizontal flips of image, boxes and masks (training only)
+    # Map-shaped prompts (mskjax.train.sam.peak_like_boxes): this share of the training prompts is
+    # a box peak_box_fraction of the image's width and height (the pipeline's peak box: 50 px at a
+    # 224 px classifier input) around a lesion pixel moved by up to peak_box_offset of the image.
+    c.data.peak_box_share = 0.0
+    c.data.peak_box_fraction = 50.0 / 224.0
+    c.data.peak_box_offset = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.box_mask_prompt = False  # each box also as a dense mask prompt (mskjax.sam.box_mask_prompt)
@@ -258,6 +264,10 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     check_synthetic_data(c.data, need)
     need(c.data.max_prompts >= 1, "data.max_prompts", "must be >= 1")
     need(c.data.box_jitter >= 0, "data.box_jitter", "must be >= 0")
+    need(0.0 <= c.data.peak_box_share <= 1.0, "data.peak_box_share", f"must be in [0, 1], got {c.data.peak_box_share}")
+    need(0.0 < c.data.peak_box_fraction <= 1.0, "data.peak_box_fraction",
+         f"must be in (0, 1], got {c.data.peak_box_fraction}")
+    need(0.0 <= c.data.peak_box_offset < 0.5, "data.peak_box_offset", f"must be in [0, 0.5), got {c.data.peak_box_offset}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

@@ -8,6 +8,11 @@
 - one box prompt per lesion, each scored against that lesion's own mask (`mskjax.train.sam_data`);
 - boxes jittered outward by U(0, 20) px per side in a 1024 px SAM input frame (scaled by
   img_size / 1024: 5 px at 256), clipped to the image (`jitter_boxes`);
+- optionally (`data.peak_box_share` > 0) a share of the prompts are instead shaped like the
+  pipeline's map-derived box (`peak_like_boxes`: `data.peak_box_fraction` of the image around a
+  lesion pixel moved by up to `data.peak_box_offset` of the image), so that the segmenter learns to
+  find the abnormality inside the loose box a class activation map gives it, not only inside a
+  tight ground-truth box (issue 18, part 4);
 - single-mask output (multimask=False);
 - optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
   as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
@@ -122,6 +127,44 @@ def jitter_boxes(key: jax.Array, boxes: jax.Array, input_sizes: jax.Array, max_s
     return jnp.clip(moved, 0.0, upper)
 
 
+def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fraction: float,
+                    offset: float) -> jax.Array:
+    """Boxes shaped like the pipeline's map-derived prompt (`mskjax.boxes.peak_boxes` with a
+    "resize" classifier input: a box `fraction` of the image's width and height around the map's
+    peak, slid inside the image), placed where a map that points at the lesion would put them.
+
+    Centre: a pixel of the prompt's lesion mask drawn uniformly, moved by U(-offset, offset) times
+    the image's (w, h) on each axis (the map's peak is not always on the lesion). A prompt whose
+    mask is empty (padding) keeps the image centre (it is masked out of the loss anyway).
+
+    masks (B, P, S, S) uint8 (SAM input frame); input_sizes (B, 2) (h, w) inside the padding.
+    Returns (B, P, 4) float32 (x0, y0, x1, y1), SAM input frame.
+    """
+    b, p, s, _ = masks.shape
+    k_pix, k_off = jax.random.split(key)
+    flat = masks.reshape(b, p, s * s) > 127
+    logits = jnp.where(flat, 0.0, -jnp.inf)
+    logits = jnp.where(jnp.any(flat, -1, keepdims=True), logits, 0.0)  # empty: any pixel (unused)
+    idx = jax.random.categorical(k_pix, logits, axis=-1)  # (B, P)
+    y = (idx // s).astype(jnp.float32) + 0.5
+    x = (idx % s).astype(jnp.float32) + 0.5
+    hw = input_sizes.astype(jnp.float32)
+    h, w = hw[:, 0:1], hw[:, 1:2]  # (B, 1)
+    u = jax.random.uniform(k_off, (2, b, p), jnp.float32, -offset, offset)
+    cx, cy = x + u[0] * w, y + u[1] * h
+    bw, bh = fraction * w, fraction * h
+    # Slide inside [0, w] x [0, h] keeping the size (the pipeline's border="shift").
+    x0 = jnp.clip(cx - bw / 2, 0.0, jnp.maximum(w - bw, 0.0))
+    y0 = jnp.clip(cy - bh / 2, 0.0, jnp.maximum(h - bh, 0.0))
+    return jnp.stack([x0, y0, jnp.minimum(x0 + bw, w), jnp.minimum(y0 + bh, h)], axis=-1)
+
+
+def mix_prompts(key: jax.Array, boxes: jax.Array, other: jax.Array, share: float) -> jax.Array:
+    """Each prompt independently takes `other` with probability `share`. (B, P, 4) each."""
+    take = jax.random.bernoulli(key, share, boxes.shape[:-1])
+    return jnp.where(take[..., None], other, boxes)
+
+
 def hflip(key: jax.Array, images: jax.Array, masks: jax.Array, boxes: jax.Array, input_sizes: jax.Array):
     """Flips half of the examples left-right inside their image (the padding stays at the right).
     images (B, S, S), masks (B, P, S, S), boxes (B, P, 4), input_sizes (B, 2)."""
@@ -178,15 +221,19 @@ def make_train_step(model, tx, config):
     frame, flip = config.train.loss_frame, config.data.hflip
     wd, wb = config.train.dice_weight, config.train.bce_weight
     box_mask = uses_box_mask_prompt(config)
+    peak_share = float(config.data.peak_box_share)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
-        k_flip, k_jit = jax.random.split(key)
+        k_flip, k_jit, k_peak, k_mix = jax.random.split(key, 4)
         boxes, masks, sizes = batch["boxes"], batch["masks"], batch["input_sizes"]
         images = batch.get("images")
         if flip:
             images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
         boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)
+        if peak_share > 0:
+            peak = peak_like_boxes(k_peak, masks, sizes, config.data.peak_box_fraction, config.data.peak_box_offset)
+            boxes = mix_prompts(k_mix, boxes, peak, peak_share)
         targets = _loss_targets(masks, frame)
 
         def compute(params):
@@ -451,6 +498,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 def _source(config, step: int, rep: dict) -> dict:
     return {"format": "mskjax.train_sam", "step": step, "dataset": config.data.dataset, "root": str(config.data.root),
             "init_from": config.init_from, "trained": list(trainable_parts(config)),
-            "box_jitter_px": jitter_scale(config), "box_mask_prompt": uses_box_mask_prompt(config), "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
+            "box_jitter_px": jitter_scale(config), "box_mask_prompt": uses_box_mask_prompt(config),
+            "peak_box_prompts": {"share": float(config.data.peak_box_share),
+                                 "fraction": float(config.data.peak_box_fraction),
+                                 "offset": float(config.data.peak_box_offset)},
+            "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
             "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}

@@ -115,6 +115,49 @@ def test_box_jitter_stays_within_range_and_image():
     assert clipped.any()  # boxes near the border were clipped, not pushed outside
 
 
+def test_peak_like_boxes_have_the_pipeline_size_and_hold_the_lesion():
+    """Map-shaped prompts: fraction x (w, h) of each image, slid inside it, centred within
+    offset x (w, h) of a pixel of the prompt's own mask; mix_prompts takes about `share` of them."""
+    sizes = np.array([[200, 256], [256, 160]], np.int32)  # (h, w) inside the 256 canvas
+    masks = np.zeros((2, 2, 256, 256), np.uint8)
+    masks[0, 0, 50:60, 100:110] = 255
+    masks[0, 1, 190:200, 0:6] = 255  # at the bottom-left corner: the box must slide inside
+    masks[1, 0, 10:14, 140:160] = 255  # at the right border
+    frac, off = 0.25, 0.05
+    keys = jax.random.split(jax.random.key(0), 200)
+    boxes = np.stack([np.asarray(train_sam.peak_like_boxes(k, jnp.asarray(masks), jnp.asarray(sizes), frac, off))
+                      for k in keys])  # (200, 2, 2, 4)
+    for i, (h, w) in enumerate(sizes):
+        b = boxes[:, i]
+        np.testing.assert_allclose(b[..., 2] - b[..., 0], frac * w, atol=1e-3)
+        np.testing.assert_allclose(b[..., 3] - b[..., 1], frac * h, atol=1e-3)
+        assert b[..., [0, 1]].min() >= 0 and b[..., 2].max() <= w + 1e-4 and b[..., 3].max() <= h + 1e-4
+    for i, j in ((0, 0), (0, 1), (1, 0)):
+        ys, xs = np.nonzero(masks[i, j])
+        h, w = sizes[i]
+        b = boxes[:, i, j]
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        slack = off * np.array([w, h]) + frac * np.array([w, h]) / 2  # offset, plus a slide at most half a box
+        assert np.all(cx >= xs.min() - slack[0]) and np.all(cx <= xs.max() + 1 + slack[0])
+        assert np.all(cy >= ys.min() - slack[1]) and np.all(cy <= ys.max() + 1 + slack[1])
+        if (i, j) == (0, 0):  # away from the borders: drawn, not fixed
+            assert np.std(cx) > 0.5 and np.std(cy) > 0.5
+        if (i, j) == (0, 1):  # at the left border the box slides inside instead of shrinking
+            assert np.all(b[:, 0] == 0)
+    a = np.zeros((4, 2, 4), np.float32)
+    b = np.ones((4, 2, 4), np.float32)
+    takes = np.stack([np.asarray(train_sam.mix_prompts(k, jnp.asarray(a), jnp.asarray(b), 0.3))[..., 0] for k in keys])
+    assert 0.25 < takes.mean() < 0.35
+    assert np.all(np.asarray(train_sam.mix_prompts(keys[0], jnp.asarray(a), jnp.asarray(b), 0.0)) == 0)
+    config = _load_config("sam_synthetic")
+    for field, value in (("peak_box_share", 1.5), ("peak_box_fraction", 0.0), ("peak_box_offset", 0.6)):
+        bad = _load_config("sam_synthetic")
+        bad.data[field] = value
+        with pytest.raises(ConfigError, match=f"data.{field}"):
+            validate_sam(bad, 1)
+    validate_sam(config, 1)
+
+
 def test_box_mask_prompt_covers_the_box_to_a_fraction_of_a_cell():
     s = 64  # low-res grid 16 x 16, cells of 4 px
     boxes = jnp.asarray([[[8.0, 4.0, 20.0, 12.0], [0.0, 0.0, 64.0, 64.0]],
