@@ -30,16 +30,23 @@ class InputError(ValueError):
 
 
 def items_from_paths(paths: Sequence[str]):
-    """Items for files and folders (searched recursively for image files, sorted). A path that
-    does not exist still becomes an item, so the run reports it as unreadable."""
+    """(items, skips) for files and folders given on a command line. A folder is searched
+    recursively for image files (IMAGE_SUFFIXES, sorted). A folder that holds none is a skip
+    (folder, reason), so the run counts and lists it instead of dropping it. A path that does not
+    exist still becomes an item, so the run reports it as unreadable with its reason."""
     files: list[str] = []
+    skips: list[tuple[str, str]] = []
     for p in paths:
         if os.path.isdir(p):
             found = sorted(str(q) for q in Path(p).rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                others = sum(1 for q in Path(p).rglob("*") if q.is_file())
+                skips.append((os.path.abspath(p), f"folder holds no image file ({' '.join(sorted(IMAGE_SUFFIXES))})"
+                              + (f"; {others} other file(s) ignored" if others else "; it is empty")))
             files += found
         else:
             files.append(p)
-    return [Item(path=os.path.abspath(f), study=os.path.dirname(os.path.abspath(f))) for f in files]
+    return [Item(path=os.path.abspath(f), study=os.path.dirname(os.path.abspath(f))) for f in files], skips
 
 
 def parse_dataset(spec: str) -> tuple[str, str, str]:

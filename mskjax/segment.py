@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--limit must be >= 1")
     try:
         if args.images:
-            items, skips, desc = items_from_paths(args.images), [], ""
+            (items, skips), desc = items_from_paths(args.images), ""
         else:
             items, skips, desc = items_from_dataset(args.dataset)
             if args.truth == "evidence":
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None:
             items = items[:args.limit]
         if not items:
-            raise InputError("no input images found")
+            raise InputError("no input images found" + "".join(f"\n  {w}: {r}" for w, r in skips))
         # A missing or broken classifier directory is reported by the pipeline's loader below.
         meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
         cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)

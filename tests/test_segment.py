@@ -137,8 +137,8 @@ def test_dataset_spec_and_names(tmp_path):
     assert inputs.parse_dataset(f"fracatlas:{tmp_path / 'd'}")[2] == "valid"
     a = segment.output_name(3, "/x/train/XR_HAND/patient1/study1_positive/image1.png")
     assert a == "0003_XR_HAND_patient1_study1_positive_image1"
-    items = inputs.items_from_paths([str(tmp_path)])
-    assert items == []
+    items, skips = inputs.items_from_paths([str(tmp_path)])
+    assert items == [] and len(skips) == 1 and skips[0][0] == str(tmp_path) and "no image file" in skips[0][1]
 
 
 def test_demo_plan_skips_finished_stages(tmp_path, capsys):
@@ -220,3 +220,16 @@ def test_default_cam_comes_from_the_classifiers_training_run():
     assert segment.default_cam(trained, "grad_cam", None) == ("grad_cam", None)  # the user's method wins
     assert segment.default_cam({}, None, None) == ("grad_cam", None)  # older checkpoints: the report's map
     assert segment.default_cam({"localization": {"method": "nope"}}, None, None) == ("grad_cam", None)
+
+
+def test_an_empty_folder_is_reported_not_dropped(tmp_path, capsys):
+    """issue 22, part 5: a folder with no image in it is named with its reason."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert segment.main(["--classifier", str(tmp_path / "c"), "--sam", str(tmp_path / "s"), "--images", str(empty),
+                         str(tmp_path / "notes"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: folder holds no image file" in err and "it is empty" in err
+    assert "1 other file(s) ignored" in err

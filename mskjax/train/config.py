@@ -220,6 +220,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     # 224 px classifier input) around a lesion pixel moved by up to peak_box_offset of the image.
     c.data.peak_box_share = 0.0
     c.data.peak_box_fraction = 50.0 / 224.0
+    c.data.peak_box_fraction_max = 0.0  # > peak_box_fraction: each prompt's fraction drawn from U(fraction, max)
     c.data.peak_box_offset = 0.0
 
     c.train = ml_collections.ConfigDict()
@@ -267,6 +268,8 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0.0 <= c.data.peak_box_share <= 1.0, "data.peak_box_share", f"must be in [0, 1], got {c.data.peak_box_share}")
     need(0.0 < c.data.peak_box_fraction <= 1.0, "data.peak_box_fraction",
          f"must be in (0, 1], got {c.data.peak_box_fraction}")
+    need(c.data.peak_box_fraction_max <= 1.0, "data.peak_box_fraction_max",
+         f"must be <= 1 (0: a fixed fraction), got {c.data.peak_box_fraction_max}")
     need(0.0 <= c.data.peak_box_offset < 0.5, "data.peak_box_offset", f"must be in [0, 0.5), got {c.data.peak_box_offset}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",

@@ -128,10 +128,13 @@ def jitter_boxes(key: jax.Array, boxes: jax.Array, input_sizes: jax.Array, max_s
 
 
 def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fraction: float,
-                    offset: float) -> jax.Array:
+                    offset: float, fraction_max: float | None = None) -> jax.Array:
     """Boxes shaped like the pipeline's map-derived prompt (`mskjax.boxes.peak_boxes` with a
     "resize" classifier input: a box `fraction` of the image's width and height around the map's
     peak, slid inside the image), placed where a map that points at the lesion would put them.
+
+    With fraction_max > fraction, each prompt's fraction is drawn from U(fraction, fraction_max)
+    (one segmenter for a range of box sizes, the size then chosen at inference).
 
     Centre: a pixel of the prompt's lesion mask drawn uniformly, moved by U(-offset, offset) times
     the image's (w, h) on each axis (the map's peak is not always on the lesion). A prompt whose
@@ -141,7 +144,7 @@ def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fr
     Returns (B, P, 4) float32 (x0, y0, x1, y1), SAM input frame.
     """
     b, p, s, _ = masks.shape
-    k_pix, k_off = jax.random.split(key)
+    k_pix, k_off, k_size = jax.random.split(key, 3)
     flat = masks.reshape(b, p, s * s) > 127
     logits = jnp.where(flat, 0.0, -jnp.inf)
     logits = jnp.where(jnp.any(flat, -1, keepdims=True), logits, 0.0)  # empty: any pixel (unused)
@@ -152,7 +155,11 @@ def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fr
     h, w = hw[:, 0:1], hw[:, 1:2]  # (B, 1)
     u = jax.random.uniform(k_off, (2, b, p), jnp.float32, -offset, offset)
     cx, cy = x + u[0] * w, y + u[1] * h
-    bw, bh = fraction * w, fraction * h
+    if fraction_max is not None and fraction_max > fraction:
+        f = jax.random.uniform(k_size, (b, p), jnp.float32, fraction, fraction_max)
+    else:
+        f = jnp.float32(fraction)
+    bw, bh = f * w, f * h
     # Slide inside [0, w] x [0, h] keeping the size (the pipeline's border="shift").
     x0 = jnp.clip(cx - bw / 2, 0.0, jnp.maximum(w - bw, 0.0))
     y0 = jnp.clip(cy - bh / 2, 0.0, jnp.maximum(h - bh, 0.0))
@@ -232,7 +239,8 @@ def make_train_step(model, tx, config):
             images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
         boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)
         if peak_share > 0:
-            peak = peak_like_boxes(k_peak, masks, sizes, config.data.peak_box_fraction, config.data.peak_box_offset)
+            peak = peak_like_boxes(k_peak, masks, sizes, config.data.peak_box_fraction, config.data.peak_box_offset,
+                                   config.data.peak_box_fraction_max)
             boxes = mix_prompts(k_mix, boxes, peak, peak_share)
         targets = _loss_targets(masks, frame)
 
@@ -501,6 +509,7 @@ def _source(config, step: int, rep: dict) -> dict:
             "box_jitter_px": jitter_scale(config), "box_mask_prompt": uses_box_mask_prompt(config),
             "peak_box_prompts": {"share": float(config.data.peak_box_share),
                                  "fraction": float(config.data.peak_box_fraction),
+                                 "fraction_max": float(config.data.peak_box_fraction_max),
                                  "offset": float(config.data.peak_box_offset)},
             "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
