@@ -144,6 +144,11 @@ def test_peak_like_boxes_have_the_pipeline_size_and_hold_the_lesion():
             assert np.std(cx) > 0.5 and np.std(cy) > 0.5
         if (i, j) == (0, 1):  # at the left border the box slides inside instead of shrinking
             assert np.all(b[:, 0] == 0)
+    ranged = np.stack([np.asarray(train_sam.peak_like_boxes(k, jnp.asarray(masks), jnp.asarray(sizes), 0.2, off, 0.5))
+                       for k in keys[:50]])
+    widths = (ranged[..., 2] - ranged[..., 0]) / sizes[None, :, None, 1]
+    assert widths.min() >= 0.2 - 1e-4 and widths.max() <= 0.5 + 1e-4 and np.std(widths) > 0.05
+    np.testing.assert_allclose((ranged[..., 3] - ranged[..., 1]) / sizes[None, :, None, 0], widths, atol=1e-4)
     a = np.zeros((4, 2, 4), np.float32)
     b = np.ones((4, 2, 4), np.float32)
     takes = np.stack([np.asarray(train_sam.mix_prompts(k, jnp.asarray(a), jnp.asarray(b), 0.3))[..., 0] for k in keys])
