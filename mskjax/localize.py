@@ -91,7 +91,7 @@ import numpy as np
 from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import geometry as geo
-from mskjax import metrics
+from mskjax import compile_cache, metrics
 from mskjax.cam import METHODS, CamError
 from mskjax.checkpoint import load_classifier
 from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
@@ -796,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    compile_cache.enable()  # the per-user compilation cache (mskjax.compile_cache)
     positive = ("batch", "limit", "score_cam_channels", "faithfulness_steps")
     for name in positive + ("score_cam_limit", "faithfulness_limit"):
         v = getattr(a, name)

@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mskjax import checkpoint, metrics, viz
+from mskjax import checkpoint, compile_cache, metrics, viz
 from mskjax.cam import METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
 from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    compile_cache.enable()  # the per-user compilation cache (mskjax.compile_cache)
     if args.batch < 1:
         ap.error("--batch must be >= 1")
     if args.limit is not None and args.limit < 1:

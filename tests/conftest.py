@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The CLIs the tests run (in process and as subprocesses) use mskjax.compile_cache: keep the
+# tests' compiled programs out of the user's cache, in one folder for the whole session.
+os.environ.setdefault("MSKJAX_CACHE_DIR", tempfile.mkdtemp(prefix="mskjax-test-jax-cache-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()

@@ -13,13 +13,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mskjax import distributed
+from mskjax import compile_cache, distributed
 from mskjax.train import classifier, sam
 from mskjax.train.config import ConfigError
 from mskjax.train.loop import TrainingDiverged
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
         distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                                config.distributed.process_id,
                                heartbeat_timeout_s=config.distributed.heartbeat_timeout_s or None)
-        jax.config.update("jax_compilation_cache_dir", str(Path(FLAGS.workdir).absolute() / ".jax_cache"))
+        compile_cache.enable()  # one per-user cache: a second run, or a new workdir, compiles from it
         try:
             train_and_evaluate(config, FLAGS.workdir)
         except (ConfigError, TrainingDiverged, FileNotFoundError, CheckpointWriteError) as e:
