@@ -272,7 +272,9 @@ def write_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[s
                             for i, t in enumerate(c.get("lines", [])))
             parts.append(f"<div class='card'><a href='{html.escape(c['link'])}'><img src='{html.escape(c['thumb'])}' "
                          f"alt='{html.escape(c.get('title', ''))}'></a><div title='{html.escape(c.get('title', ''))}' "
-                         f"style='overflow:hidden;text-overflow:ellipsis;white-space:nowrap'>{html.escape(c.get('title', ''))}"
+                         # a long path loses its start, not the file name: clipped on the left
+                         f"style='overflow:hidden;text-overflow:ellipsis;white-space:nowrap;direction:rtl;text-align:left'>"
+                         f"<span dir='ltr'>{html.escape(c.get('title', ''))}</span>"
                          f"</div>{lines}</div>")
         parts.append("</div>")
     parts.append("</body></html>\n")
