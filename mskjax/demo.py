@@ -6,7 +6,7 @@ output already exists (so a rerun continues where the last one stopped):
   data        synthetic radiographs with masks and boxes     WORKDIR/data/synthetic.json
   classifier  python -m mskjax.train --config configs/synthetic.py
                                                               WORKDIR/classifier/best (+ results.json)
-  sam         python -m mskjax.train --config configs/sam_synthetic.py
+  sam         python -m mskjax.train --config configs/sam_synthetic_map_prompts.py
                                                               WORKDIR/sam/best
   segment     python -m mskjax.segment on the held-out test split
                                                               WORKDIR/segment/metrics.json
@@ -30,7 +30,14 @@ from typing import Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 CLASSIFIER_CONFIG = CONFIGS / "synthetic.py"
-SAM_CONFIG = CONFIGS / "sam_synthetic.py"
+SAM_CONFIG = CONFIGS / "sam_synthetic_map_prompts.py"
+# The segment stage's prompt (issue 18, part 4), chosen on the demo's valid split with the SAM that
+# SAM_CONFIG trains (2026-12-05, docs/prompts_2026-12-05/valid_sweep.json): the peak box 64 px at
+# the classifier's 128 px input, i.e. half its side (swept 28.6 / 40 / 56 / 64 / 72 px with one
+# refine pass: Dice 0.236 / 0.273 / 0.314 / 0.322 / 0.321), then one refine pass (SAM re-prompted
+# with its own mask's tight box; at 72 px 0.308 without, 0.316 with two).
+MAP_BOX_OF_INPUT = 0.5
+REFINE_PASSES = 1
 
 
 class StageFailed(RuntimeError):
@@ -120,13 +127,15 @@ def plan(workdir: str | Path) -> list[Stage]:
     cam_args = []
     if CLASSIFIER_CONFIG.is_file():
         cc = _load_config(CLASSIFIER_CONFIG)
+        if _has_field(cc, "data.image_size"):
+            cam_args += ["--box-side", f"{MAP_BOX_OF_INPUT * float(cc.data.image_size):g}"]
         if _has_field(cc, "eval.cam_method"):
             cam_args += ["--cam", str(cc.eval.cam_method)]
         if _has_field(cc, "eval.cam_layer") and cc.eval.cam_layer:
             cam_args += ["--cam-layer", str(cc.eval.cam_layer)]
     stages.append(Stage("segment", [py, "-m", "mskjax.segment", "--classifier", str(cls / "best"), "--sam",
                                     str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg),
-                                    *cam_args],
+                                    *cam_args, "--refine", str(REFINE_PASSES)],
                         seg / "metrics.json", _done(seg / "metrics.json")))
     return stages
 

@@ -154,6 +154,14 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
     config = demo._load_config(demo.CLASSIFIER_CONFIG)
     assert seg[seg.index("--cam") + 1] == config.eval.cam_method
     assert seg[seg.index("--cam-layer") + 1] == config.eval.cam_layer
+    # ... with the map-derived box and refine pass chosen on valid for the SAM the demo trains
+    assert float(seg[seg.index("--box-side") + 1]) == demo.MAP_BOX_OF_INPUT * config.data.image_size
+    assert seg[seg.index("--refine") + 1] == str(demo.REFINE_PASSES)
+    if demo.SAM_CONFIG.is_file():
+        from mskjax.train.config import validate_sam
+        sc = demo._load_config(demo.SAM_CONFIG)
+        validate_sam(sc, 1)
+        assert sc.data.peak_box_share > 0  # the demo's SAM also learns the map-shaped prompts
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
