@@ -66,6 +66,10 @@ class PipelineConfig:
       components of CAM >= box_fraction * max, the best max_boxes by CAM mass, with validity).
     threshold: an image is abnormal when its probability >= threshold; only abnormal images get
       masks.
+    subtract_baseline: subtract the classifier checkpoint's stored baseline map (metadata
+      "localization": the mean raw map of the validation split's normal images, written by
+      `mskjax.train` with eval.subtract_normal_mean) from the raw map before post-processing; the
+      checkpoint's method and layer must be this config's. Single-stage maps only.
     refine: number of extra SAM passes over the map-derived prompts: each pass prompts SAM again
       with the tight box of the mask the previous pass gave (a prompt whose mask came out empty
       keeps its box). A map's box is loose; a segmenter trained on tight boxes does best on one.
@@ -79,6 +83,7 @@ class PipelineConfig:
     box_fraction: float = 0.5
     max_boxes: int = 3
     refine: int = 0
+    subtract_baseline: bool = False
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -89,6 +94,8 @@ class PipelineConfig:
             raise PipelineError(f"unknown box method {self.boxes!r}: expected one of {list(BOX_METHODS)}")
         if self.max_boxes < 1:
             raise PipelineError(f"max_boxes must be >= 1, got {self.max_boxes}")
+        if self.subtract_baseline and (self.cam == "score_cam" or (self.cam_layer and "+" in self.cam_layer)):
+            raise PipelineError("subtract_baseline takes a single-stage gradient map, not score_cam or fused stages")
         if self.refine < 0:
             raise PipelineError(f"refine must be >= 0, got {self.refine}")
         if not 0.0 < self.box_fraction <= 1.0:
@@ -123,8 +130,22 @@ def content_bounds(geom: geo.Geometry) -> jax.Array:
     return jnp.stack([left, top, left + jnp.asarray(cw, jnp.float32), top + jnp.asarray(ch, jnp.float32)], axis=-1)
 
 
+def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray:
+    """The (h, w) float32 baseline map a classifier checkpoint stores for `config`'s map
+    (metadata "localization"); PipelineError when it has none or it was made for another map."""
+    loc = classifier_meta.get("localization") or {}
+    if "baseline" not in loc:
+        raise PipelineError("subtract_baseline: the classifier checkpoint stores no baseline map (train it with "
+                            "eval.subtract_normal_mean=True)")
+    if (loc.get("method"), loc.get("layer") or None) != (config.cam, config.cam_layer or None):
+        raise PipelineError(f"subtract_baseline: the checkpoint's baseline is for {loc.get('method')} at "
+                            f"{loc.get('layer') or 'the last feature map'}, not {config.cam} at "
+                            f"{config.cam_layer or 'the last feature map'}")
+    return np.asarray(loc["baseline"], np.float32)
+
+
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
-              box_mask: bool = False):
+              box_mask: bool = False, baseline: np.ndarray | None = None):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
 
     step(classifier_variables, sam_variables, batch) with batch a dict of
@@ -159,6 +180,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                                      methods=(config.cam,))[config.cam]
         if config.cam == "score_cam":
             return camlib.score_cam(cam_model, variables, x3, targets, config.cam_layer)
+        if baseline is not None:  # the stored normal mean, subtracted from the raw map
+            return camlib.cam_maps(cam_model, variables, x3, targets, config.cam_layer, methods=(config.cam,),
+                                   baseline=baseline)[config.cam]
         return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
 
     def step(cvars, svars, batch):
@@ -316,8 +340,9 @@ class Pipeline:
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
         self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
+        self.baseline = stored_baseline(self.classifier_meta, config) if config.subtract_baseline else None
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
-                                       box_mask=self.box_mask_prompt))
+                                       box_mask=self.box_mask_prompt, baseline=self.baseline))
 
     @classmethod
     def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
@@ -450,4 +475,4 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "content_bounds", "content_mask", "describe", "make_step", "read_mask"]
+           "content_bounds", "content_mask", "describe", "make_step", "read_mask", "stored_baseline"]

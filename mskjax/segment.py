@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "50 px at 224, scaled to the input size)")
     ap.add_argument("--box-fraction", type=float, default=0.5,
                     help="--boxes threshold: components of the map >= this fraction of its maximum (default 0.5)")
+    ap.add_argument("--subtract-baseline", action="store_true",
+                    help="subtract the classifier checkpoint's stored normal-mean map (mskjax.train "
+                         "eval.subtract_normal_mean) from the map before its peak is taken")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
@@ -372,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
         config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
-                                box_side=args.box_side, refine=args.refine)
+                                box_side=args.box_side, refine=args.refine,
+                                subtract_baseline=args.subtract_baseline)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import checkpoint, geometry
 from mskjax import sam as samfn
+from mskjax.classifier import GrayAsRGB
 from mskjax.data.images import decode_image
 from mskjax.data.mura import read_mura
 from mskjax.models import create
@@ -278,3 +279,32 @@ def test_refine_prompts_sam_with_the_tight_box_of_the_first_mask(setup):
     assert checked >= 1  # a random SAM gives some non-empty masks: the tight-box path ran
     with pytest.raises(PipelineError, match="refine"):
         PipelineConfig(refine=-1)
+
+
+def test_stored_baseline_is_subtracted_from_the_raw_map(setup):
+    """subtract_baseline: the checkpoint's normal-mean map comes off the raw map before
+    post-processing (as mskjax.cam.cam_maps(baseline=)); a checkpoint without one, or with one
+    made for another map, is refused by name."""
+    pipe, records, _, _ = setup
+    h = CLS_SIZE // 32  # layer4 of ResNet18
+    base = np.random.default_rng(0).normal(size=(h, h)).astype(np.float32)
+    meta = dict(pipe.classifier_meta, localization={"method": "grad_cam", "layer": None, "baseline": base.tolist()})
+    config = PipelineConfig(threshold=0.5, subtract_baseline=True)
+    with_base = Pipeline(pipe.classifier, pipe.classifier_variables, meta, pipe.sam_model, pipe.sam_variables,
+                         pipe.sam_meta, config)
+    _, _, batch = _batch_of(pipe, records, 2, 2)
+    out = with_base.step(batch)
+    x = (batch["images"] - 0.5) / 0.25
+    x3 = jnp.repeat(jnp.asarray(x), 3, axis=-1)  # as the pipeline feeds a 1-channel model (GrayAsRGB)
+    ref = camlib.cam_maps(GrayAsRGB(pipe.classifier, 1), pipe.classifier_variables, x3, jnp.zeros((2,), jnp.int32),
+                          None, methods=("grad_cam",), baseline=base)["grad_cam"] * content_mask(batch["geometry"])
+    np.testing.assert_allclose(out["cam"], np.asarray(ref), atol=1e-5)
+    assert np.abs(out["cam"] - pipe.step(batch)["cam"]).max() > 1e-3  # the baseline changed the map
+    with pytest.raises(PipelineError, match="stores no baseline"):
+        Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                 pipe.sam_variables, pipe.sam_meta, config)
+    with pytest.raises(PipelineError, match="baseline is for grad_cam"):
+        Pipeline(pipe.classifier, pipe.classifier_variables, meta, pipe.sam_model, pipe.sam_variables,
+                 pipe.sam_meta, PipelineConfig(cam="layer_cam", cam_layer="layer3", subtract_baseline=True))
+    with pytest.raises(PipelineError, match="single-stage"):
+        PipelineConfig(cam="layer_cam", cam_layer="layer2+layer3", subtract_baseline=True)

@@ -11,6 +11,7 @@ the best validation kappa is exported as an mskjax checkpoint in WORKDIR/best, w
 """
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mskjax import checkpoint, distributed, metrics
+from mskjax import checkpoint, distributed, metrics, plots
 from mskjax.classifier import prepare_images, probabilities
 from mskjax.classifier import normalization as input_normalization
 from mskjax.data import augment as aug
@@ -333,6 +334,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     # Final numbers come from the best checkpoint, never from the last step.
     result = {"workdir": str(workdir), "best_step": best["step"], "valid": None, "test": None}
+    final_probs = {}  # split -> the image probabilities its report was computed from (for plots)
     if (workdir / "best").is_dir():
         _, bv, _ = checkpoint.load_model(workdir / "best")
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
@@ -341,9 +343,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             baseline = store_normal_mean_map(workdir / "best", model, bv, splits.records["valid"], config, norm)
         for split in ("valid", config.eval.test_split):
             if split and splits.records.get(split):
-                rep = evaluate(eval_step, bv, splits.records[split], config, data_sharding,
-                               valid_loader if split == "valid" else None)["report"]
-                result[split] = rep
+                ev = evaluate(eval_step, bv, splits.records[split], config, data_sharding,
+                              valid_loader if split == "valid" else None)
+                rep = result[split] = ev["report"]
+                final_probs[split] = ev["probs"]
                 log(f"\n{split} (best checkpoint, step {best['step']}):\n{summary_table(rep)}")
                 if split == "valid":
                     log(f"valid's study-level Youden threshold: {rep['youden_threshold']:.4f} "
@@ -362,14 +365,50 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                             log("\n".join(localization_lines(loc)))
     close_valid_loader()
     loop.write_results(workdir, result)
+    write_plots(workdir, {k: (splits.records[k], v) for k, v in final_probs.items()}, config.eval.threshold)
     log(f"total time {loop.fmt_time(time.time() - t_start)}; results in {workdir / 'results.json'}")
     return result
+
+
+def write_plots(workdir: Path, finals: dict, threshold: float) -> None:
+    """WORKDIR/plots (main process): for each split in `finals` ({split: (records, image
+    probabilities from `evaluate`)}: the best checkpoint's) ROC curves image and study level,
+    overall and per body part, with the operating point at `threshold`, and an image-level
+    reliability diagram; the training curves from metrics.jsonl; plots.json with each curve's AUROC
+    and operating point. Skipped with one line when matplotlib is missing; a failure to draw is
+    logged, not raised (the results are already written)."""
+    if not distributed.is_main_process():
+        return
+    why = plots.unavailable()
+    if why:
+        log(f"plots skipped: {why}")
+        return
+    out = workdir / "plots"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"threshold": float(threshold)}
+        for split, (records, probs) in finals.items():
+            keep = np.flatnonzero(~np.isnan(probs))  # as `evaluate`'s report: the images read
+            if len(keep) == 0:
+                continue
+            summary[split] = plots.summary(plots.classification_plots(
+                out, split, probs[keep], np.array([records[i].label for i in keep]),
+                np.array([records[i].study for i in keep]), np.array([records[i].body_part for i in keep]),
+                threshold=threshold))
+        if (workdir / "metrics.jsonl").is_file():
+            drawn = plots.plot_training_curves(workdir / "metrics.jsonl", out / "training_curves.png",
+                                               title=workdir.name)
+            summary["training_curves"] = {"file": str(out / "training_curves.png"), "series": sorted(drawn)}
+        (out / "plots.json").write_text(json.dumps(summary, indent=2, default=loop.json_default) + "\n")
+        log(f"plots in {out}")
+    except Exception as e:  # noqa: BLE001 - the run's results are saved; a figure must not lose them
+        log(f"plots failed: {type(e).__name__}: {e}")
 
 
 def store_normal_mean_map(directory: Path, model, variables, records, config, norm) -> np.ndarray | None:
     """The CAM's mean raw map over `records`' normal images (valid's), written into the checkpoint's
     metadata as "localization" {method, layer, baseline (h x w list), baseline_images} (for
-    `mskjax.cam.cam_maps(baseline=)`; the pipeline does not read it yet); returns it (None without
+    `mskjax.cam.cam_maps(baseline=)`; `segment --subtract-baseline` applies it); returns it (None without
     normal images)."""
     layer = config.eval.cam_layer or None
     baseline, count = normal_mean_map(model, variables, records, norm=norm, channels=config.model.in_channels,
