@@ -365,12 +365,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                             log("\n".join(localization_lines(loc)))
     close_valid_loader()
     loop.write_results(workdir, result)
-    write_plots(workdir, {k: (splits.records[k], v) for k, v in final_probs.items()}, config.eval.threshold)
+    write_plots(workdir, {k: (splits.records[k], v) for k, v in final_probs.items()}, config.eval.threshold,
+                best["step"])
     log(f"total time {loop.fmt_time(time.time() - t_start)}; results in {workdir / 'results.json'}")
     return result
 
 
-def write_plots(workdir: Path, finals: dict, threshold: float) -> None:
+def write_plots(workdir: Path, finals: dict, threshold: float, best_step: int | None = None) -> None:
     """WORKDIR/plots (main process): for each split in `finals` ({split: (records, image
     probabilities from `evaluate`)}: the best checkpoint's) ROC curves image and study level,
     overall and per body part, with the operating point at `threshold`, and an image-level
@@ -397,7 +398,7 @@ def write_plots(workdir: Path, finals: dict, threshold: float) -> None:
                 threshold=threshold))
         if (workdir / "metrics.jsonl").is_file():
             drawn = plots.plot_training_curves(workdir / "metrics.jsonl", out / "training_curves.png",
-                                               title=workdir.name)
+                                               title=workdir.name, best_step=best_step)
             summary["training_curves"] = {"file": str(out / "training_curves.png"), "series": sorted(drawn)}
         (out / "plots.json").write_text(json.dumps(summary, indent=2, default=loop.json_default) + "\n")
         log(f"plots in {out}")
