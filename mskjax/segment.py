@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import html
 import csv
 import json
 import math
@@ -42,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mskjax import checkpoint, compile_cache, metrics, viz
+from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
 from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
@@ -254,6 +255,20 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
                     rows.append((group, level, name, e["value"], e["ci_low"], e["ci_high"]))
         sections.append(("Classification (95% bootstrap CIs over studies)",
                          viz.html_table(["group", "level", "metric", "value", "CI low", "CI high"], rows)))
+        # The figures of the same arrays as the table (summarise): ROC curves and calibration.
+        why = plots.unavailable()
+        if why:
+            figures = f"<p class='note'>plots skipped: {html.escape(why)}</p>"
+        else:
+            drawn = plots.classification_plots(
+                out / "plots", "images", np.array([r.probability for r in results]),
+                np.array([r.item.label for r in results]), np.array([r.item.study for r in results]),
+                np.array([r.item.body_part or "all" for r in results]), threshold=thr)
+            figures = viz.html_figures([(Path(f).relative_to(out).as_posix(), cap) for f, cap in zip(drawn["files"], (
+                "image-level ROC, overall and per body part (dot: the threshold)",
+                "study-level ROC (a study's probability: its images' mean)",
+                "image-level reliability diagram"))])
+        sections.append(("Classification plots", figures))
     else:
         sections.append(("Classification", f"<p class='note'>{report.get('classification_note', '')}</p>"))
     loc, seg = report["localization"], report["segmentation"]

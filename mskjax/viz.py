@@ -245,6 +245,14 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def html_figures(figures: Sequence[tuple[str, str]], width: int = 420) -> str:
+    """Figures side by side, each (relative image path, caption) and linked to its full size."""
+    return "<div class='grid'>" + "".join(
+        f"<figure style='margin:0'><a href='{html.escape(src)}'><img src='{html.escape(src)}' alt='{html.escape(cap)}' "
+        f"style='width:{int(width)}px;background:#fff;border:1px solid #d6d6d6'></a>"
+        f"<figcaption class='note'>{html.escape(cap)}</figcaption></figure>" for src, cap in figures) + "</div>"
+
+
 def write_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]],
                  cards: Sequence[dict], legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
                  subtitle: str = "") -> Path:
@@ -282,5 +290,5 @@ def write_report(path: str | os.PathLike, title: str, sections: Sequence[tuple[s
     return path
 
 
-__all__ = ["BOX_COLOR", "GT_COLOR", "MASK_COLOR", "blend_heatmap", "gray_to_rgb", "html_table", "jet",
+__all__ = ["BOX_COLOR", "GT_COLOR", "MASK_COLOR", "blend_heatmap", "gray_to_rgb", "html_figures", "html_table", "jet",
            "legend_items", "outline", "overlay", "save_png", "thumbnail", "write_report"]

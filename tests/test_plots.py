@@ -172,3 +172,34 @@ def test_trainer_writes_plots_that_match_its_results(tiny_run):
         assert sum(got["reliability_image"]["counts"]) == rep["overall"]["n_images"]
     assert summary["training_curves"]["series"] == ["train/loss", "valid/image_auroc", "valid/study_auroc",
                                                     "valid/study_kappa"]
+
+
+def test_segment_report_shows_the_classification_plots(tmp_path, monkeypatch):
+    """A labelled `mskjax.segment` run: index.html embeds the ROC and reliability figures, drawn from
+    the arrays behind metrics.json's classification table."""
+    import importlib.util
+
+    from mskjax import segment
+    spec = importlib.util.spec_from_file_location("_mskjax_test_pipeline_for_plots", REPO / "tests" / "test_pipeline.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    cls_dir, sam_dir = helpers.make_checkpoints(tmp_path / "ckpt", "resize", seed=3)
+    root = helpers.make_synthetic(tmp_path / "syn")
+    drawn = []
+    draw = plots.classification_plots
+    monkeypatch.setattr(plots, "classification_plots", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
+    out = tmp_path / "out"
+    rc = segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", f"synthetic:{root}",
+                       "--out", str(out), "--batch", "8", "--bootstrap", "0"])
+    assert rc == 0 and len(drawn) == 1
+    table = json.loads((out / "metrics.json").read_text())["classification"]
+    got = drawn[0]
+    for level in ("image", "study"):
+        assert got[f"roc_{level}"]["overall"]["auroc"] == pytest.approx(table["overall"][level]["auroc"]["value"],
+                                                                        abs=1e-12)
+    assert got["reliability_image"]["counts"].sum() == table["overall"]["n_images"]
+    html = (out / "index.html").read_text()
+    for f in got["files"]:
+        rel = Path(f).relative_to(out).as_posix()
+        assert f"<img src='{rel}'" in html, rel
+        _png(out / rel)
