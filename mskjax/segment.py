@@ -287,8 +287,8 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
          seg["dice_cam_boxes_detected"]["note"]),
         ("Dice, ground-truth boxes", seg["dice_gt_boxes"]["mean"], seg["dice_gt_boxes"]["n"], seg["dice_gt_boxes"]["note"]),
         ("IoU, ground-truth boxes", seg["iou_gt_boxes"]["mean"], seg["iou_gt_boxes"]["n"], ""),
-        ("normal images given a mask", float(seg["normal_images_with_mask"]["count"]),
-         seg["normal_images_with_mask"]["n"], "count")])))
+        ("normal images given a mask", f"{seg['normal_images_with_mask']['count']} of {seg['normal_images_with_mask']['n']}",
+         seg["normal_images_with_mask"]["n"], "a count, not a mean")])))
     if report["unreadable"]:
         sections.append((f"Unreadable or skipped inputs ({len(report['unreadable'])})",
                          viz.html_table(["path", "reason"], [(u["path"], u["reason"]) for u in report["unreadable"]])))
