@@ -42,6 +42,21 @@ over images, exactly as `mskjax.localize` reports it; beside it the number of hi
 drawn peak would expect and the probability of at least the observed hits under it (exact
 Poisson-binomial tail), because FracAtlas' 82 masks are small and a hit rate rests on few hits.
 
+LiteMedSAM prompted by the maps (issue 18: "Dice with map-derived prompts beside the
+ground-truth-box Dice"; skip with --prompt-sides and no value): the cached embeddings are
+LiteMedSAM's image embeddings, so its prompt encoder + mask decoder (`build_lite_medsam`, the
+packaged weights) run on them directly. For each head's maps, every fractured image with a mask
+(no classifier gate) gets one box: a square of side s pixels of the 256 px frame (s * max(H, W) /
+256 original pixels) centred on the map's peak (the pointing game's peak, original frame), slid
+to lie inside the image. Decoding, postprocessing to the original frame and the per-image Dice of
+the union are tools/litemedsam_fracatlas.py's `variant_dice` (imported; single mask, mskjax.sam's
+box transform), its `fill_boxes` / `summary` likewise. s in --prompt-sides (32 64 96 128) is
+chosen on the tune split's fractured images by mean Dice; official valid is decoded once, with it.
+Beside it, on the same images and float16 embeddings: the ground-truth boxes (the
+litemedsam_fracatlas as_pipeline variant, there 0.588 from float32 embeddings) and the
+ground-truth boxes filled (fill_box, there 0.759), and the map box filled. Also a gated figure:
+Dice 0 for the images whose head logit is below the Youden threshold of the tune split.
+
 Result (2026-12-05, 2-core CPU shared with another job, nice 15, load 3.6-4.3; docs/fracatlas_tinyvit.json):
 embedding 699 images took 1768 s (2.5 s/image at batch 8, load 2.7-6); heads 6 min. Official valid
 (269 images, 82 fractured): linear AUROC 0.703 (95% CI 0.632-0.769), pointing 0 px 0/82 (chance
@@ -51,6 +66,20 @@ ResNet18 from scratch (AUROC 0.763) and the 0.85 target; pointing above ResNet18
 run with the MIL grid lr {3e-4, 1e-3} x 20 epochs (best tune epochs at the end, train AUROC <= 0.80:
 under-fitted) gave MIL AUROC 0.652 and 15 px 6/82 (instance map); the grid was then moved to
 {1e-3, 3e-3} x 25 epochs, after that run's official-valid numbers had been printed.
+
+Map prompts (2026-12-05 19:05 UTC, same heads retrained: identical choices and AUROCs; nice 10, load
+4.4-6.2; whole run 570 s, the LiteMedSAM step 170 s): official valid, 82 fractured images, mean
+Dice (bootstrap 95% CI), side chosen on tune:
+  linear CAM peak box     s = 128 (tune 0.012/0.016/0.019/0.026 for 32/64/96/128)  0.025 (0.017-0.035)
+  MIL attention peak box  s = 96  (tune 0.012/0.037/0.050/0.031)                   0.031 (0.021-0.044)
+  MIL instance peak box   s = 96  (tune 0.005/0.029/0.036/0.029)                   0.036 (0.025-0.048)
+  ground-truth boxes, same float16 embeddings                                      0.588 (0.550-0.625)
+  ground-truth boxes filled                                                        0.759
+Gated at the tune Youden threshold (Dice 0 below it): linear 0.016 (50 of 82 pass), MIL attention
+0.018 (39 pass). The ground-truth-box Dice equals litemedsam_fracatlas' float32 0.588 (0.58826 vs
+0.58825; per image at most 0.0016 apart): the float16 cache costs nothing. Map-derived prompts
+are about 1/20 of it: the peaks seldom fall on the fracture (pointing at 15 px: 5/82 and 4/82), so
+the box mostly misses it; the linear head's side is the largest tried (tune Dice still rising).
 """
 from __future__ import annotations
 
@@ -77,6 +106,7 @@ from mskjax import sam as samfn
 from mskjax.data.splits import tuning_records
 from mskjax.models import create
 from mskjax.models.mil import GatedAttentionMIL
+from mskjax.models.sam.lite_medsam import build_lite_medsam
 from mskjax.models.tiny_vit_classifier import linear_head_map
 from mskjax.weights.litemedsam import load_litemedsam, tiny_vit_classifier_variables
 
@@ -84,6 +114,7 @@ SIDE, GRID, CHANNELS, CELL = 256, 64, 256, 4
 TOLERANCES = (0.0, 15.0)
 BATCH = 8
 BOOTSTRAP = 2000
+PROMPT_SIDES = (32, 64, 96, 128)  # map-derived box side, pixels of the 256 px LiteMedSAM frame
 RESNET18_BASELINE = {"auroc": 0.763, "pointing_15px": 0.000,
                      "source": "README: ResNet18 from scratch on FracAtlas (CPU)"}
 
@@ -359,6 +390,126 @@ def pointing(head, params, data, map_name: str) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# LiteMedSAM prompted by the maps (on the cached embeddings)
+
+def _litemedsam_tool():
+    """tools/litemedsam_fracatlas.py as a module: its `variant_dice` (decode one image's box prompts
+    on a cached embedding, single mask, postprocess to the original frame, Dice of the union),
+    `fill_boxes` and `summary` are reused as they are."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("litemedsam_fracatlas", Path(__file__).with_name("litemedsam_fracatlas.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def map_peaks_original(head, params, data, map_name: str, idx: list[int]) -> np.ndarray:
+    """(len(idx), 2) peaks (x, y) of map `map_name` in the original frame: `raw_map_peaks` over the
+    valid cells, carried back with the LiteMedSAM letterbox geometry (as `pointing` does)."""
+    maps_fn = jax.jit(lambda p, f, v: head.maps(p, f, v)[map_name])
+    out = []
+    for s in range(0, len(idx), 32):
+        sel = idx[s:s + 32]
+        m = np.asarray(maps_fn(params, jnp.asarray(data["feats"][sel]), jnp.asarray(data["valid"][sel])), np.float32)
+        m = np.where(data["valid"][sel], m, np.nan)
+        peaks = np.asarray(boxlib.raw_map_peaks(jnp.asarray(m), (SIDE, SIDE)), np.float64)
+        for j, i in enumerate(sel):
+            g = geo.letterbox_geometry(tuple(int(v) for v in data["hw"][i]), SIDE, align="topleft")
+            out.append(np.asarray(geo.points_to_original(peaks[j], g), np.float64))
+    return np.array(out).reshape(-1, 2)
+
+
+def square_box(xy, side_256: float, hw) -> list[float]:
+    """A square of side `side_256` pixels of the 256 px frame (side_256 * max(H, W) / 256 original
+    pixels) centred on xy, slid (not clipped) to lie inside the (H, W) image; on an axis shorter
+    than the side it spans the whole image."""
+    h, w = hw
+    side = side_256 * max(h, w) / SIDE
+    out = []
+    for c, n in ((xy[0], w), (xy[1], h)):
+        lo = float(np.clip(c - side / 2, 0.0, max(n - side, 0.0)))
+        out.append((lo, min(lo + side, float(n))))
+    return [out[0][0], out[1][0], out[0][1], out[1][1]]
+
+
+def prompt_cache(data, idx: list[int], boxes_of) -> list[dict]:
+    """The per-image entries `variant_dice` reads, built from the float16 embedding cache."""
+    from types import SimpleNamespace
+    index = json.loads((Path(CACHE_DIR) / "emb" / "index.json").read_text())["images"]
+    out = []
+    for k, i in enumerate(idx):
+        rec = data["records"][i]
+        with Image.open(rec.mask_path) as im:
+            gt = np.asarray(im.convert("L")) > 0
+        out.append({"record": SimpleNamespace(boxes=boxes_of(k, rec)), "hw": tuple(int(v) for v in data["hw"][i]),
+                    "input_size": tuple(index[stem(rec)]["input_hw"]), "gt": gt,
+                    "emb": jnp.asarray(data["feats"][i][None].astype(np.float32))})
+    return out
+
+
+def map_prompts(heads: dict, data: dict, lms_vars, sides=PROMPT_SIDES) -> dict:
+    """LiteMedSAM prompted with a square box around each map's peak, on every fractured image with
+    a mask and boxes (no classifier gate), side chosen on tune by mean Dice; beside it on the same
+    images and embeddings: the ground-truth boxes (tools/litemedsam_fracatlas.py's as_pipeline
+    variant), the ground-truth boxes filled, and the map box filled. heads: {name: (head, params,
+    [map names], tune threshold)}."""
+    lt = _litemedsam_tool()
+    sam = build_lite_medsam()
+    ours = lambda b, hw, s: samfn.transform_boxes(b, hw, s)  # noqa: E731
+    t0 = time.perf_counter()
+    load_b = load_avg()
+    idx = {k: [i for i, r in enumerate(data[k]["records"]) if r.label == 1 and r.mask_path and r.boxes]
+           for k in ("tune", "valid_official")}
+    base = {}
+    for k in idx:
+        cached = prompt_cache(data[k], idx[k], lambda j, r: list(r.boxes))
+        base[k] = {"gt_box": lt.variant_dice(sam, lms_vars, cached, ours, False),
+                   "fill_box": [float(metrics.dice(lt.fill_boxes(c["record"].boxes, c["gt"].shape, cover=True), c["gt"]))
+                                for c in cached]}
+    out = {"n": {k: len(v) for k, v in idx.items()}, "sides_256px": list(sides),
+           "gt_box": {k: lt.summary(v["gt_box"]) for k, v in base.items()},
+           "fill_box": {k: lt.summary(v["fill_box"]) for k, v in base.items()}, "maps": {}}
+    for name, (head, params, map_names, threshold) in heads.items():
+        for map_name in map_names:
+            entry = {"tune_mean_by_side": {}}
+            per = {}
+            peaks = {k: map_peaks_original(head, params, data[k], map_name, idx[k]) for k in idx}
+
+            def run(k, side):
+                cached = prompt_cache(data[k], idx[k], lambda j, r: [square_box(peaks[k][j], side, data[k]["hw"][idx[k][j]])])
+                fill = [float(metrics.dice(lt.fill_boxes(c["record"].boxes, c["gt"].shape, cover=True), c["gt"]))
+                        for c in cached]
+                return lt.variant_dice(sam, lms_vars, cached, ours, False), fill
+
+            for side in sides:  # the side is chosen on tune; valid is decoded once, with it
+                per[("tune", side)] = run("tune", side)
+                entry["tune_mean_by_side"][str(side)] = float(np.mean(per[("tune", side)][0]))
+            best = max(sides, key=lambda s: entry["tune_mean_by_side"][str(s)])
+            d, fill = run("valid_official", best)
+            scores = predict(head, params, {"feats": data["valid_official"]["feats"][idx["valid_official"]],
+                                            "valid": data["valid_official"]["valid"][idx["valid_official"]],
+                                            "labels": np.ones(len(idx["valid_official"]))})
+            passed = scores >= threshold
+            entry.update({
+                "chosen_side_256px": best, "valid": lt.summary(d), "valid_fill_map_box": lt.summary(fill),
+                "tune": lt.summary(per[("tune", best)][0]),
+                "valid_gated": {"threshold_logit": float(threshold), "images_passing": int(passed.sum()),
+                                "mean_dice_zero_if_gated_out": float(np.where(passed, d, 0.0).mean()),
+                                "mean_dice_over_passing": float(np.mean(np.asarray(d)[passed])) if passed.any() else None},
+                "per_image_valid": [{"image": Path(data["valid_official"]["records"][i].path).name,
+                                     "peak_xy": [round(float(v), 1) for v in peaks["valid_official"][j]],
+                                     "dice": round(d[j], 4), "gt_box_dice": round(base["valid_official"]["gt_box"][j], 4),
+                                     "logit": round(float(scores[j]), 4)} for j, i in enumerate(idx["valid_official"])],
+            })
+            out["maps"][f"{name}/{map_name}"] = entry
+            log(f"map prompts {name}/{map_name}: tune Dice by side {entry['tune_mean_by_side']} -> {best}; "
+                f"valid {entry['valid']['mean']:.3f} (gated {entry['valid_gated']['mean_dice_zero_if_gated_out']:.3f})")
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["loadavg"] = [load_b, load_avg()]
+    return out
+
+
 def check_cam_through_splitmodel(model_vars, lin_params, records, n: int) -> dict:
     """For n official-valid fractured images: the trained (folded) linear head put on the full
     `tiny_vit_medsam` SplitModel; `mskjax.cam.grad_cam` and `cam.cam` (last stage) from the image,
@@ -404,6 +555,8 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-epochs", type=int, default=200)
     ap.add_argument("--mil-epochs", type=int, default=25)
     ap.add_argument("--check-cam", type=int, default=2, help="images for the SplitModel CAM cross-check (0: skip)")
+    ap.add_argument("--prompt-sides", type=int, nargs="*", default=list(PROMPT_SIDES),
+                    help="map-derived box sides (256 px frame) tried on tune; none: skip the LiteMedSAM step")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     CACHE_DIR = a.cache
@@ -432,6 +585,7 @@ def main(argv=None) -> int:
 
     # -- heads: grid on tune
     results: dict = {}
+    prompt_heads: dict = {}
     grids = {
         "linear": (LinearHead(data["train"]), [{"lr": lr, "wd": wd, "epochs": a.linear_epochs, "batch": len(sel["train"])}
                                                for lr in (3e-3, 1e-2) for wd in (0.0, 0.1, 1.0)]),
@@ -472,6 +626,8 @@ def main(argv=None) -> int:
             k: v for k, v in results[name]["valid_official"]["pointing"][best_map].items() if k != "rows"}
         if name == "linear":
             lin_params = head.folded(chosen["params"])
+        threshold = metrics.youden_threshold(data["tune"]["labels"], predict(head, chosen["params"], fit["tune"]))
+        prompt_heads[name] = (head, chosen["params"], map_names, threshold)
         v = results[name]["valid_official"]
         pc = v["pointing_chosen_map"]
         log(f"{name}: official valid AUROC {v['auroc']['value']:.4f} (95% CI {v['auroc']['ci95'][0]:.3f}-"
@@ -484,6 +640,27 @@ def main(argv=None) -> int:
         check = check_cam_through_splitmodel(model_vars, lin_params, sel["valid_official"], a.check_cam)
         check["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"CAM cross-check: {check['checks']}")
+
+    prompts = None
+    if a.prompt_sides:
+        prompts = map_prompts(prompt_heads, data, lms_vars, tuple(a.prompt_sides))
+        prompts.update({"what": "LiteMedSAM (cached float16 embeddings) prompted with a square box of side s (256 px "
+                                "frame) around each map's peak (raw_map_peaks, original frame, slid inside the image), "
+                                "every fractured valid image with a mask, no classifier gate; s chosen on tune by mean "
+                                "Dice; ground-truth boxes and filled boxes on the same images/embeddings",
+                        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "gated": "valid_gated: Dice 0 for images whose head logit is below the Youden threshold "
+                                 "chosen on tune (all tune images)"})
+        g, f = prompts["gt_box"]["valid_official"], prompts["fill_box"]["valid_official"]
+        print(f"\nLiteMedSAM on {g['n']} official-valid fractured images (mean Dice; side chosen on tune):")
+        print(f"  {'prompt':<26}{'side':>6}{'Dice':>8}{'gated':>8}{'fill':>8}{'tune':>8}")
+        for key, e in prompts["maps"].items():
+            print(f"  {'peak box ' + key:<26}{e['chosen_side_256px']:>6}{e['valid']['mean']:>8.3f}"
+                  f"{e['valid_gated']['mean_dice_zero_if_gated_out']:>8.3f}{e['valid_fill_map_box']['mean']:>8.3f}"
+                  f"{e['tune']['mean']:>8.3f}")
+        print(f"  {'ground-truth boxes':<26}{'':>6}{g['mean']:>8.3f}{'':>8}{f['mean']:>8.3f}"
+              f"{prompts['gt_box']['tune']['mean']:>8.3f}")
 
     targets = {}
     for name in results:
@@ -503,7 +680,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                     "device": str(jax.devices()[0]), "nice": os.nice(0),
-                    "note": "2-core CPU shared with another job; all runs at nice 15"},
+                    "note": "2-core CPU shared with other jobs; niceness in 'nice'"},
         "loadavg": {"start": load_start, "end": load_avg()},
         "data": str(Path(a.data).resolve()),
         "selection": sizes,
@@ -515,6 +692,7 @@ def main(argv=None) -> int:
         "embedding_timing": {"this_run": embed_timing, "cache_runs": index["runs"]},
         "heads": results,
         "cam_check": check,
+        "litemedsam_map_prompts": prompts,
         "baseline": RESNET18_BASELINE,
         "targets": targets,
         "seconds_total": round(time.perf_counter() - t_start, 1),
