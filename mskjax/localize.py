@@ -91,7 +91,7 @@ import numpy as np
 from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import geometry as geo
-from mskjax import compile_cache, metrics
+from mskjax import compile_cache, metrics, plots
 from mskjax.cam import METHODS, CamError
 from mskjax.checkpoint import load_classifier
 from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
@@ -239,6 +239,32 @@ def _dice_curves(measures: Sequence[ImageMeasures]) -> np.ndarray:
 def _box_curves(measures: Sequence[ImageMeasures]) -> np.ndarray:
     curves = [m.box_curve for m in measures if m.box_curve is not None]
     return np.stack(curves) if curves else np.zeros((0, len(BOX_THRESHOLDS)))
+
+
+def pixel_pr_curve(tp_ge: np.ndarray, n_ge: np.ndarray) -> dict:
+    """The precision-recall points PxAP sums over (`pxap_from_counts`), thresholds descending, only
+    those with a predicted pixel: {"threshold", "precision", "recall"} arrays."""
+    tp = np.asarray(tp_ge, np.float64)[::-1]
+    n = np.asarray(n_ge, np.float64)[::-1]
+    t = np.asarray(PXAP_THRESHOLDS, np.float64)[::-1]
+    positives = tp.max() if tp.size else 0.0
+    keep = n > 0
+    recall = tp / positives if positives > 0 else np.full_like(tp, np.nan)
+    return {"threshold": t[keep], "precision": tp[keep] / n[keep], "recall": recall[keep]}
+
+
+def curve_data(measures: Sequence[ImageMeasures]) -> dict:
+    """What MaxBoxAccV2 and PxAP are read from, for plots: {"box_accuracy": {delta: (len(BOX_THRESHOLDS),)
+    share of images whose best box has IoU >= delta at each CAM threshold}, "box_thresholds",
+    "pixel_pr": `pixel_pr_curve` of the pooled counts}."""
+    curves = _box_curves(measures)
+    n = len(measures)
+    tp = np.sum([m.tp_ge for m in measures], axis=0) if n else np.zeros(len(PXAP_THRESHOLDS))
+    ng = np.sum([m.n_ge for m in measures], axis=0) if n else np.zeros(len(PXAP_THRESHOLDS))
+    return {"box_thresholds": np.asarray(BOX_THRESHOLDS, np.float64),
+            "box_accuracy": {float(d): (curves >= d).mean(0) if len(curves) else np.full(len(BOX_THRESHOLDS), np.nan)
+                             for d in IOU_DELTAS},
+            "pixel_pr": pixel_pr_curve(tp, ng)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -755,6 +781,14 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
     out.mkdir(parents=True, exist_ok=True)
     (out / "localization.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "localization.md").write_text(markdown_report(report))
+    why = plots.unavailable()
+    if why:
+        print(f"plots skipped: {why}", file=sys.stderr)
+    else:
+        for m in method_list:
+            plots.plot_localization_curves(curve_data(per_split["report"][m]), out / "plots" / f"{m}.png",
+                                           title=f"{m} on {report_split} ({truth} masks)",
+                                           chosen=thresholds[m].box)
     return report
 
 

@@ -251,6 +251,43 @@ def plot_reliability(labels, probs, path, n_bins: int = 10, title: str = "reliab
     return b
 
 
+def plot_localization_curves(data: Mapping, path, title: str = "localization", chosen: Mapping | None = None) -> dict:
+    """The curves behind MaxBoxAccV2 and PxAP (`mskjax.localize.curve_data`): box accuracy at IoU
+    0.3 / 0.5 / 0.7 against the CAM threshold (the thresholds chosen on the tuning split marked,
+    `chosen` {delta: threshold}), and the pixel precision-recall curve with its area (PxAP).
+    Returns {"box_accuracy": {delta: array}, "pxap": float} as drawn."""
+    fig = _figure(figsize=(11.0, 4.6))
+    ax, ax_pr = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    t = np.asarray(data["box_thresholds"], np.float64)
+    for i, (d, acc) in enumerate(sorted(data["box_accuracy"].items())):
+        acc = np.asarray(acc, np.float64)
+        ax.plot(t, acc, color=f"C{i}", label=f"IoU >= {d:g} (best {np.nanmax(acc) if np.isfinite(acc).any() else float('nan'):.3f})")
+        c = (chosen or {}).get(d, (chosen or {}).get(str(d)))
+        if c is not None:
+            ax.plot([c], [acc[int(np.argmin(np.abs(t - c)))]], marker="o", color=f"C{i}", markeredgecolor="black")
+    ax.set_xlabel("CAM threshold (fraction of the map's range)")
+    ax.set_ylabel("share of images with a box at that IoU")
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_title("box accuracy (MaxBoxAccV2's curves; dots: thresholds from tune)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    pr = data["pixel_pr"]
+    recall, precision = np.asarray(pr["recall"], np.float64), np.asarray(pr["precision"], np.float64)
+    pxap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision)) if len(recall) else float("nan")
+    ax_pr.plot(recall, precision, color="C3", drawstyle="steps-post", label=f"PxAP {pxap:.3f}")
+    ax_pr.set_xlabel("pixel recall")
+    ax_pr.set_ylabel("pixel precision")
+    ax_pr.set_xlim(-0.01, 1.01)
+    ax_pr.set_ylim(-0.01, 1.01)
+    ax_pr.set_title("pixel precision-recall (PxAP)", fontsize=9)
+    ax_pr.legend(fontsize=7)
+    ax_pr.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return {"box_accuracy": {d: np.asarray(a) for d, a in data["box_accuracy"].items()}, "pxap": pxap}
+
+
 # ---------------------------------------------------------------------------------------------
 # A split's figures
 

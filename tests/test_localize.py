@@ -218,6 +218,8 @@ def test_cli_writes_both_files_for_every_method(classifier, synthetic, tmp_path,
     md = (out / "localization.md").read_text()
     assert report["tune_split"] == "valid" and report["report_split"] == "test"
     assert report["methods"] == list(localize.LOCALIZE_METHODS)
+    for m in report["methods"]:  # the curves behind MaxBoxAccV2 and PxAP, one figure per method
+        assert (out / "plots" / f"{m}.png").stat().st_size > 0
     n_abnormal = {}
     for role, split in (("tune", "valid"), ("report", "test")):
         n_abnormal[role] = sum(1 for _ in (synthetic / "masks" / split).rglob("*.png"))

@@ -203,3 +203,31 @@ def test_segment_report_shows_the_classification_plots(tmp_path, monkeypatch):
         rel = Path(f).relative_to(out).as_posix()
         assert f"<img src='{rel}'" in html, rel
         _png(out / rel)
+
+
+def test_localization_curves_are_the_numbers_behind_maxboxacc_and_pxap(tmp_path):
+    """localize's curve figure: the box-accuracy curves at the tune-chosen thresholds equal
+    score_split's MaxBoxAccV2 entries, and the PR curve's area equals its PxAP."""
+    from mskjax import localize
+    rng = np.random.default_rng(3)
+    maps, masks, boxes = [], [], []
+    for i in range(12):
+        mask = np.zeros((40, 48), bool)
+        y, x = rng.integers(4, 28), rng.integers(4, 36)
+        mask[y:y + 8, x:x + 10] = True
+        m = rng.random((40, 48)) * 0.5
+        m[y:y + 8, x:x + 10] += rng.random() * (1.0 if i % 3 else 0.2)  # some maps find it, some barely
+        maps.append(m)
+        masks.append(mask)
+        boxes.append(np.array([[x, y, x + 10, y + 8]], np.float64))
+    measures = localize.measure_maps(maps, masks, boxes)
+    thr = localize.choose_thresholds(measures[:6])
+    scored = localize.score_split(measures[6:], thr)
+    data = localize.curve_data(measures[6:])
+    drawn = plots.plot_localization_curves(data, tmp_path / "loc.png", chosen=thr.box)
+    assert Image.open(tmp_path / "loc.png").size[0] > 0
+    assert drawn["pxap"] == pytest.approx(scored["pxap"]["value"], abs=1e-12)
+    t = data["box_thresholds"]
+    for d, entry in scored["max_box_acc_v2"]["per_iou"].items():
+        acc = drawn["box_accuracy"][float(d)]
+        assert acc[int(np.argmin(np.abs(t - entry["threshold"])))] == pytest.approx(entry["accuracy"])
