@@ -293,7 +293,10 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
         sections.append((f"Unreadable or skipped inputs ({len(report['unreadable'])})",
                          viz.html_table(["path", "reason"], [(u["path"], u["reason"]) for u in report["unreadable"]])))
     cards = []
-    for name, r, m in zip(names, results, measures):
+    order, key = gallery_order(results, measures)
+    sections.append(("Gallery", f"<p class='note'>Images below sorted by {key}.</p>"))
+    for i in order:
+        name, r, m = names[i], results[i], measures[i]
         lines = [f"p = {r.probability:.3f} ({'abnormal' if r.predicted else 'normal'})",
                  f"study p = {study_p[r.item.study]:.3f}"]
         if r.item.label is not None:
@@ -308,6 +311,18 @@ def _write_html(out: Path, report: dict, results, measures, names, study_p, thr)
                      subtitle=f"classifier {report['settings']['classifier'].get('arch')} -> "
                               f"{report['settings']['pipeline']['cam']} -> {report['settings']['pipeline']['boxes']} boxes -> "
                               f"SAM {report['settings']['sam'].get('arch')}")
+
+
+def gallery_order(results, measures) -> tuple[list[int], str]:
+    """The report's gallery order: by Dice of the pipeline's mask, lowest first (the failures to look
+    at; images without a ground-truth mask after, by probability), when any image has a ground-truth
+    mask; otherwise by probability of abnormal, highest first. Ties keep the input order.
+    Returns (indices, what the order is)."""
+    if any("dice" in m for m in measures):
+        order = sorted(range(len(results)), key=lambda i: (0, measures[i]["dice"]) if "dice" in measures[i]
+                       else (1, -results[i].probability))
+        return order, "Dice of the pipeline's mask against the ground truth, lowest first (then the rest by probability)"
+    return sorted(range(len(results)), key=lambda i: -results[i].probability), "probability of abnormal, highest first"
 
 
 # ---------------------------------------------------------------------------------------------

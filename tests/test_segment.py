@@ -241,3 +241,13 @@ def test_an_empty_folder_is_reported_not_dropped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{empty}: folder holds no image file" in err and "it is empty" in err
     assert "1 other file(s) ignored" in err
+
+
+def test_gallery_order_by_dice_when_there_is_ground_truth_else_by_probability():
+    from types import SimpleNamespace as NS
+    results = [NS(probability=p) for p in (0.2, 0.9, 0.5, 0.7)]
+    order, key = segment.gallery_order(results, [{}, {}, {}, {}])
+    assert order == [1, 3, 2, 0] and "probability" in key
+    measures = [{"dice": 0.8}, {}, {"dice": 0.1}, {"dice": 0.5}]
+    order, key = segment.gallery_order(results, measures)
+    assert order == [2, 3, 0, 1] and "Dice" in key
