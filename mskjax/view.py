@@ -1,0 +1,406 @@
+"""Interactive viewer: open a radiograph, see the pipeline's probability, CAM, box and mask, drag a box.
+
+    python -m mskjax.view --classifier runs/synthetic/best --sam runs/sam/best [--port 0]
+
+A local web page served on 127.0.0.1 only (stdlib `http.server`, plain JavaScript, no external
+URL). Open a PNG, JPEG or DICOM file by its path on this machine's disk: the page shows the
+probability, the CAM overlay with the box and mask `mskjax.pipeline.Pipeline` chose, and a canvas
+on which a dragged box prompts SAM again. The SAM image embedding is computed once per opened
+image and cached (`Viewer.open`), so a box costs one mask decode (`Viewer.prompt`). "Download mask"
+saves the current mask as a 0/255 PNG in the original frame.
+
+JSON API (what the page uses; every error is {"error": message} with status 400/404/500):
+  POST /api/open  {"path": str}                      -> image, probability, overlay, pipeline mask
+  POST /api/box   {"id": str, "box": [x0, y0, x1, y1]} (original-frame pixels) -> mask
+  GET  /api/mask/<id>.png                            -> the image's latest mask as a PNG file
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import logging
+import re
+import sys
+import threading
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mskjax import geometry as geo
+from mskjax import sam as samfn
+from mskjax import viz
+from mskjax.data.images import decode_image
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError
+
+log = logging.getLogger("mskjax.view")
+
+MAX_BODY = 1 << 20  # JSON requests are small
+
+
+class ViewError(ValueError):
+    """Bad input from the page: reported as {"error": message} with `status`."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = int(status)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """(H, W) bool -> 0/255 gray PNG bytes (the downloadable mask)."""
+    return png_bytes(np.asarray(mask, bool).astype(np.uint8) * 255)
+
+
+def mask_layer_png(mask: np.ndarray) -> bytes:
+    """(H, W) bool -> RGBA PNG: translucent cyan inside, a solid outline, transparent outside."""
+    m = np.asarray(mask, bool)
+    rgba = np.zeros(m.shape + (4,), np.uint8)
+    rgba[..., :3] = viz.MASK_COLOR
+    rgba[..., 3] = np.where(m, 90, 0)
+    if m.any():
+        rgba[viz.outline(m, max(1, round(max(m.shape) / 300))), 3] = 255
+    return png_bytes(rgba)
+
+
+class _Opened:
+    """One opened image: its decoded pixels, SAM embedding and sizes, and its latest mask."""
+
+    def __init__(self, path, image, embedding, input_size, mask):
+        self.path, self.image, self.embedding, self.input_size, self.mask = path, image, embedding, input_size, mask
+        self.lock = threading.Lock()
+
+
+class Viewer:
+    """The viewer's state and actions, independent of HTTP (the handler calls `open` and `prompt`).
+
+    Keeps the last `cache_size` opened images (embedding included) by id."""
+
+    def __init__(self, pipeline: Pipeline, cache_size: int = 8):
+        self.pipe = pipeline
+        self.cache_size = int(cache_size)
+        self._images: collections.OrderedDict[str, _Opened] = collections.OrderedDict()
+        self._lock = threading.Lock()  # one model call at a time
+        model, box_mask = pipeline.sam_model, pipeline.box_mask_prompt
+        self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x))
+        self._decode = jax.jit(lambda svars, emb, boxes: samfn.decode_boxes(model, svars, emb, boxes, box_mask))
+
+    # -- actions ---------------------------------------------------------------------------
+    def open(self, path: str) -> dict:
+        """Decode `path`, run the pipeline on it and embed it for SAM; JSON-able result."""
+        if not isinstance(path, str) or not path.strip():
+            raise ViewError("give the path of an image file (PNG, JPEG or DICOM)")
+        path = path.strip()
+        try:
+            image = decode_image(path).image
+        except FileNotFoundError:
+            raise ViewError(f"no such file: {path}", HTTPStatus.NOT_FOUND) from None
+        except (OSError, ValueError) as e:  # ImageDecodeError (a ValueError): a folder, not an image ...
+            raise ViewError(f"cannot read {path} as an image: {e}") from None
+        pipe = self.pipe
+        with self._lock:
+            batch = pipe.prepare([image], 1)
+            out = pipe.step(batch)
+            result = pipe.finish(batch, out, 0, image, Item(path=path, study="view"), None)
+            embedding = self._embed(pipe.sam_variables, batch["sam_images"][:1])
+        h, w = image.shape
+        key = uuid.uuid4().hex[:12]
+        opened = _Opened(path, image, embedding, tuple(int(v) for v in batch["sam_input_sizes"][0]), result.mask)
+        with self._lock:
+            self._images[key] = opened
+            while len(self._images) > self.cache_size:
+                self._images.popitem(last=False)
+        gray = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+        over = viz.overlay(image, result.cam, result.boxes, result.mask, min_side=1, max_side=max(h, w))
+        return {
+            "id": key, "path": path, "width": w, "height": h,
+            "probability": result.probability, "predicted": result.predicted, "threshold": pipe.config.threshold,
+            "cam": pipe.config.cam, "cam_layer": pipe.config.cam_layer,
+            "boxes": [[float(v) for v in b] for b in result.boxes],
+            "mask_area": int(result.mask.sum()),
+            "image": data_url(png_bytes(gray)),
+            "overlay": data_url(png_bytes(over)),
+            "mask": data_url(mask_png(result.mask)),
+            "mask_layer": data_url(mask_layer_png(result.mask)),
+            "mask_url": f"/api/mask/{key}.png",
+        }
+
+    def prompt(self, key, box) -> dict:
+        """SAM's mask for one box (x0, y0, x1, y1) in the image's original pixels."""
+        opened = self._get(key)
+        h, w = opened.image.shape
+        try:
+            b = np.asarray(box, np.float64)
+        except (TypeError, ValueError):
+            raise ViewError(f"box must be four numbers [x0, y0, x1, y1], got {box!r}") from None
+        if b.shape != (4,):
+            raise ViewError(f"box must be four numbers [x0, y0, x1, y1], got {box!r}")
+        try:
+            geo.validate_boxes(b, (h, w), name=f"box {[round(float(v), 1) for v in b]} (image {w}x{h})")
+        except geo.InvalidBoxError as e:
+            raise ViewError(str(e)) from None
+        b = np.asarray(geo.clip_boxes(b, np.asarray([h, w], np.float64)), np.float64)
+        if not (b[2] > b[0] and b[3] > b[1]):
+            raise ViewError(f"box {box!r} has no area inside the image ({w}x{h})")
+        img_size = self.pipe.sam_img_size
+        boxes_sam = samfn.transform_boxes(b[None, None], (h, w), img_size).astype(np.float32)
+        with self._lock:
+            low = np.asarray(self._decode(self.pipe.sam_variables, opened.embedding, boxes_sam))[0, 0]
+        mask = samfn.postprocess_host(low, opened.input_size, (h, w), img_size)
+        with opened.lock:
+            opened.mask = mask
+        return {"id": key, "box": [float(v) for v in b], "width": w, "height": h, "mask_area": int(mask.sum()),
+                "mask": data_url(mask_png(mask)), "mask_layer": data_url(mask_layer_png(mask)),
+                "mask_url": f"/api/mask/{key}.png"}
+
+    def mask_file(self, key: str) -> bytes:
+        opened = self._get(key)
+        with opened.lock:
+            return mask_png(opened.mask)
+
+    def _get(self, key) -> _Opened:
+        with self._lock:
+            opened = self._images.get(key) if isinstance(key, str) else None
+        if opened is None:
+            raise ViewError(f"unknown image id {key!r}: open the image again", HTTPStatus.NOT_FOUND)
+        return opened
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+def make_handler(viewer: Viewer):
+    """A BaseHTTPRequestHandler class serving the page and the JSON API of `viewer`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "mskjax-view"
+
+        def log_message(self, fmt, *args):  # quiet: requests go to the debug log only
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: dict):
+            self._send(status, json.dumps(obj).encode("utf-8"), "application/json")
+
+        def _guard(self, fn):
+            try:
+                fn()
+            except ViewError as e:
+                self._json(e.status, {"error": str(e)})
+            except (PipelineError, ValueError, OSError) as e:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": f"{type(e).__name__}: {e}"})
+            except Exception as e:  # never a traceback to the page; the log keeps it
+                log.exception("request %s failed", self.path)
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error ({type(e).__name__}: {e})"})
+
+        def do_GET(self):
+            self._guard(self._get)
+
+        def do_POST(self):
+            self._guard(self._post)
+
+        def _get(self):
+            path = self.path.split("?", 1)[0]
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+                return
+            m = re.fullmatch(r"/api/mask/([0-9a-f]+)\.png", path)
+            if m:
+                self._send(HTTPStatus.OK, viewer.mask_file(m.group(1)), "image/png",
+                           {"Content-Disposition": f'attachment; filename="mask_{m.group(1)}.png"'})
+                return
+            raise ViewError(f"no such page: {path}", HTTPStatus.NOT_FOUND)
+
+        def _body(self) -> dict:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > MAX_BODY:
+                raise ViewError(f"request too large ({n} bytes)")
+            raw = self.rfile.read(n) if n else b""
+            try:
+                body = json.loads(raw.decode("utf-8") or "{}")
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ViewError(f"request body is not JSON: {e}") from None
+            if not isinstance(body, dict):
+                raise ViewError("request body must be a JSON object")
+            return body
+
+        def _post(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/api/open":
+                self._json(HTTPStatus.OK, viewer.open(self._body().get("path")))
+            elif path == "/api/box":
+                body = self._body()
+                self._json(HTTPStatus.OK, viewer.prompt(body.get("id"), body.get("box")))
+            else:
+                raise ViewError(f"no such endpoint: {path}", HTTPStatus.NOT_FOUND)
+
+    return Handler
+
+
+def make_app(viewer: Viewer, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """The server (not yet serving: call serve_forever, e.g. in a thread); port 0 picks a free one
+    (server.server_address[1])."""
+    server = ThreadingHTTPServer((host, int(port)), make_handler(viewer))
+    server.daemon_threads = True
+    return server
+
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mskjax viewer</title>
+<link rel="icon" href="data:,">
+<style>
+ body{font-family:system-ui,sans-serif;margin:1em;background:#18191c;color:#e8e8e8}
+ input[type=text]{width:40em} #error{color:#ff6b6b;white-space:pre-wrap;min-height:1.2em}
+ #stage{position:relative;display:inline-block;margin-top:.5em} canvas{max-width:95vw;max-height:80vh;cursor:crosshair;border:1px solid #444}
+ a{color:#6cf} .info span{margin-right:1.5em}
+</style></head><body>
+<h1>mskjax viewer</h1>
+<form id="open-form"><label>Image path <input type="text" id="path" placeholder="/path/to/radiograph.png|.jpg|.dcm"></label>
+ <button type="submit" id="open">Open</button></form>
+<div id="error" role="alert"></div>
+<div class="info"><span id="status">Open an image, then drag a box on it.</span>
+ <span id="prob"></span><span id="area"></span>
+ <label><input type="checkbox" id="show-cam" checked> pipeline overlay (CAM, box, mask)</label>
+ <a id="download" href="#" download="mask.png" hidden>download mask</a></div>
+<div id="stage"><canvas id="canvas" width="1" height="1"></canvas></div>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const canvas = $("canvas"), ctx = canvas.getContext("2d");
+let cur = null, imgPlain = null, imgOverlay = null, maskLayer = null, userBox = null, drag = null;
+
+function loadImage(src) {
+  return new Promise((ok, bad) => { const im = new Image(); im.onload = () => ok(im);
+    im.onerror = () => bad(new Error("image failed to load")); im.src = src; });
+}
+function showError(msg) { $("error").textContent = msg || ""; }
+async function api(url, body) {
+  let resp;
+  try { resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)}); }
+  catch (e) { throw new Error("server unreachable: " + e.message); }
+  let data;
+  try { data = await resp.json(); } catch (e) { throw new Error("bad reply from server (" + resp.status + ")"); }
+  if (!resp.ok || data.error) throw new Error(data.error || ("HTTP " + resp.status));
+  return data;
+}
+function draw() {
+  if (!cur) return;
+  const useOverlay = $("show-cam").checked && !userBox;
+  ctx.drawImage(useOverlay ? imgOverlay : imgPlain, 0, 0, canvas.width, canvas.height);
+  if (!useOverlay && maskLayer) ctx.drawImage(maskLayer, 0, 0);
+  const lw = Math.max(2, Math.round(Math.max(canvas.width, canvas.height) / 300));
+  ctx.lineWidth = lw;
+  const box = drag ? drag.box : userBox;
+  if (box) { ctx.strokeStyle = "rgb(255,190,0)"; ctx.strokeRect(box[0], box[1], box[2] - box[0], box[3] - box[1]); }
+}
+function setMask(data) {
+  $("download").href = data.mask; $("download").hidden = false;
+  $("area").textContent = "mask: " + data.mask_area + " px";
+  canvas.dataset.maskArea = String(data.mask_area);
+  canvas.dataset.masks = String(Number(canvas.dataset.masks || 0) + 1);
+}
+$("open-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault(); showError(""); $("status").textContent = "running the pipeline...";
+  try {
+    const data = await api("/api/open", {path: $("path").value});
+    [imgPlain, imgOverlay, maskLayer] = await Promise.all([loadImage(data.image), loadImage(data.overlay), loadImage(data.mask_layer)]);
+    cur = data; userBox = null; drag = null;
+    canvas.width = data.width; canvas.height = data.height;
+    $("prob").textContent = "P(abnormal) = " + data.probability.toFixed(3) + (data.predicted ? " (abnormal)" : " (normal)") +
+      " at threshold " + data.threshold + "; CAM " + data.cam;
+    $("status").textContent = "opened " + data.path + " (" + data.width + "x" + data.height + "): drag a box to prompt SAM";
+    canvas.dataset.imageId = data.id;
+    setMask(data); draw();
+  } catch (e) { showError(e.message); $("status").textContent = "open failed"; }
+});
+$("show-cam").addEventListener("change", () => { if ($("show-cam").checked) userBox = null; draw(); });
+function toImage(ev) {
+  const r = canvas.getBoundingClientRect();
+  const x = (ev.clientX - r.left) * canvas.width / r.width, y = (ev.clientY - r.top) * canvas.height / r.height;
+  return [Math.min(Math.max(x, 0), canvas.width), Math.min(Math.max(y, 0), canvas.height)];
+}
+canvas.addEventListener("mousedown", (ev) => { if (!cur) return; const p = toImage(ev); drag = {start: p, box: [p[0], p[1], p[0], p[1]]}; ev.preventDefault(); });
+window.addEventListener("mousemove", (ev) => { if (!drag) return; const p = toImage(ev), s = drag.start;
+  drag.box = [Math.min(s[0], p[0]), Math.min(s[1], p[1]), Math.max(s[0], p[0]), Math.max(s[1], p[1])]; draw(); });
+window.addEventListener("mouseup", async () => {
+  if (!drag) return; const box = drag.box; drag = null;
+  if (box[2] - box[0] < 1 || box[3] - box[1] < 1) { draw(); showError("drag a box: a click gives an empty box"); return; }
+  sendBox(box);
+});
+async function sendBox(box) {
+  showError(""); userBox = box; $("show-cam").checked = false; draw();
+  $("status").textContent = "prompting SAM...";
+  try {
+    const data = await api("/api/box", {id: cur.id, box: box});
+    maskLayer = await loadImage(data.mask_layer); userBox = data.box;
+    setMask(data); draw();
+    $("status").textContent = "mask for box [" + data.box.map((v) => v.toFixed(0)).join(", ") + "]";
+  } catch (e) { showError(e.message); $("status").textContent = "prompt failed"; }
+}
+window.mskjaxView = {sendBox: sendBox};
+</script></body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mskjax.view", description=__doc__.split("\n")[0])
+    ap.add_argument("--classifier", required=True, help="classifier checkpoint directory")
+    ap.add_argument("--sam", required=True, help="SAM checkpoint directory")
+    ap.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
+    ap.add_argument("--cam", default="grad_cam", help="CAM method (mskjax.cam.METHODS)")
+    ap.add_argument("--cam-layer", default=None, help="stage name for the CAM (default: the last feature map)")
+    ap.add_argument("--boxes", default="peak", help="box method: peak or threshold")
+    ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when P >= threshold")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, boxes=args.boxes, threshold=args.threshold)
+        pipe = Pipeline.from_directories(args.classifier, args.sam, config)
+    except (PipelineError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = make_app(Viewer(pipe), args.port)
+    print(f"mskjax viewer on http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`mskjax.view`: the interactive viewer's server through its JSON API (urllib), and end to end in
+headless Chromium (selenium + Debian's chromium and chromedriver; skipped when they are missing):
+open a radiograph, drag a box on the canvas, a mask comes back."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mskjax.pipeline import Pipeline, PipelineConfig
+from mskjax.view import PAGE, Viewer, make_app
+
+ROOT = Path(__file__).resolve().parents[1]
+FRACATLAS = ROOT.parent / "shared" / "data" / "fracatlas" / "images"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _pipeline_helpers():
+    """test_pipeline.py's checkpoint builders (tests/ is not a package: load by path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_mskjax_test_pipeline", Path(__file__).with_name("test_pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> str:
+    """A real radiograph when the shared data is here, else a small synthetic PNG."""
+    files = sorted(FRACATLAS.glob("*.jpg")) if FRACATLAS.is_dir() else []
+    if files:
+        return str(files[0])
+    path = tmp_path_factory.mktemp("img") / "radiograph.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (150, 120), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("view")
+    cls_dir, sam_dir = _pipeline_helpers().make_checkpoints(root, "letterbox", seed=3)
+    pipe = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.0))  # every image gets a mask
+    srv = make_app(Viewer(pipe), port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _png(url: str) -> np.ndarray:
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+def test_page_is_self_contained():
+    assert "<canvas" in PAGE and "http://" not in PAGE and "https://" not in PAGE and "<script src" not in PAGE
+
+
+def test_api_open_prompt_and_errors(server, image_path):
+    status, data = _post(server + "/api/open", {"path": image_path})
+    assert status == 200, data
+    w, h = Image.open(image_path).size
+    assert (data["width"], data["height"]) == (w, h)
+    assert 0.0 <= data["probability"] <= 1.0 and data["predicted"]
+    assert len(data["boxes"]) == 1
+    assert _png(data["mask"]).shape == (h, w) and _png(data["overlay"]).shape[:2] == (h, w)
+
+    box = [w * 0.2, h * 0.3, w * 0.6, h * 0.7]
+    status, m = _post(server + "/api/box", {"id": data["id"], "box": box})
+    assert status == 200, m
+    mask = _png(m["mask"])
+    assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255} and m["mask_area"] == int((mask > 0).sum())
+    with urllib.request.urlopen(server + m["mask_url"], timeout=30) as r:  # the download
+        assert r.headers["Content-Type"] == "image/png" and "attachment" in r.headers["Content-Disposition"]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.read()))), mask)
+
+    # Bad inputs: a clear JSON error, never a traceback.
+    missing = str(Path(image_path).with_name("no_such_image.png"))
+    status, err = _post(server + "/api/open", {"path": missing})
+    assert status == 404 and "no such file" in err["error"] and missing in err["error"]
+    status, err = _post(server + "/api/open", {"path": __file__})  # a file that is not an image
+    assert status == 400 and "cannot read" in err["error"] and "Traceback" not in err["error"]
+    status, err = _post(server + "/api/open", {"path": str(Path(image_path).parent)})  # a folder
+    assert status == 400 and "cannot read" in err["error"]
+    status, err = _post(server + "/api/box", {"id": data["id"], "box": [w + 10, h + 10, w + 50, h + 50]})
+    assert status == 400 and "outside the image" in err["error"]
+    status, err = _post(server + "/api/box", {"id": data["id"], "box": [10, 10, 10, 40]})
+    assert status == 400 and "zero area" in err["error"]
+    status, err = _post(server + "/api/box", {"id": data["id"], "box": [1, 2]})
+    assert status == 400 and "four numbers" in err["error"]
+    status, err = _post(server + "/api/box", {"id": "ffff", "box": box})
+    assert status == 404 and "unknown image id" in err["error"]
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver on PATH "
+                    "(Debian: apt-get install chromium chromium-driver)")
+def test_browser_drag_box_gets_mask(server, image_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-extensions", "--no-first-run", "--window-size=1200,1000"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 120)
+        # A bad path first: the page shows the server's message.
+        driver.find_element(By.ID, "path").send_keys("/no/such/file.png")
+        driver.find_element(By.ID, "open").click()
+        wait.until(lambda d: "no such file" in d.find_element(By.ID, "error").text)
+
+        field = driver.find_element(By.ID, "path")
+        field.clear()
+        field.send_keys(image_path)
+        driver.find_element(By.ID, "open").click()
+        canvas = driver.find_element(By.ID, "canvas")
+        wait.until(lambda d: canvas.get_attribute("data-masks") == "1")
+        assert driver.find_element(By.ID, "error").text == ""
+        assert "P(abnormal)" in driver.find_element(By.ID, "prob").text
+        w, h = Image.open(image_path).size
+        assert (int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))) == (w, h)
+
+        rect = canvas.rect  # CSS pixels; offsets below are from the canvas centre
+        dx, dy = rect["width"] * 0.25, rect["height"] * 0.25
+        (ActionChains(driver).move_to_element_with_offset(canvas, -int(dx), -int(dy)).click_and_hold()
+         .move_by_offset(int(dx), int(dy)).move_by_offset(int(dx) // 2, int(dy) // 2).release().perform())
+        wait.until(lambda d: canvas.get_attribute("data-masks") == "2" or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text == ""
+        assert canvas.get_attribute("data-masks") == "2"
+        assert "mask for box" in driver.find_element(By.ID, "status").text
+        link = driver.find_element(By.ID, "download")
+        assert link.is_displayed() and link.get_attribute("href").startswith("data:image/png;base64,")
+        assert _png(link.get_attribute("href")).shape == (h, w)
+
+        # A box outside the image, sent as the page sends it: the message shows in the page.
+        driver.execute_script("window.mskjaxView.sendBox([%d, %d, %d, %d])" % (w + 5, h + 5, w + 40, h + 40))
+        wait.until(lambda d: "outside the image" in d.find_element(By.ID, "error").text)
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/" not in e["message"]]
+        assert not severe, severe
+    finally:
+        driver.quit()
