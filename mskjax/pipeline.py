@@ -464,6 +464,18 @@ class Pipeline:
             progress(done, len(items))
 
 
+def default_cam(classifier_meta: dict, cam: str | None, cam_layer: str | None) -> tuple[str, str | None]:
+    """(method, layer) for the pipeline: what the user asked for; else the map the classifier's
+    training run localized with (checkpoint metadata "localization", written by mskjax.train);
+    else Grad-CAM of the last feature map (the report's choice)."""
+    if cam is not None:
+        return cam, cam_layer
+    loc = classifier_meta.get("localization") or {}
+    if loc.get("method") in camlib.METHODS:
+        return loc["method"], cam_layer if cam_layer is not None else loc.get("layer")
+    return "grad_cam", cam_layer
+
+
 def describe(pipe: Pipeline) -> dict:
     """JSON-able settings of a pipeline, for reports."""
     c = dataclasses.asdict(pipe.config)
@@ -475,4 +487,4 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "content_bounds", "content_mask", "describe", "make_step", "read_mask", "stored_baseline"]
+           "content_bounds", "content_mask", "default_cam", "describe", "make_step", "read_mask", "stored_baseline"]

@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, describe
+from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -327,18 +327,6 @@ def gallery_order(results, measures) -> tuple[list[int], str]:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-def default_cam(classifier_meta: dict, cam: str | None, cam_layer: str | None) -> tuple[str, str | None]:
-    """(method, layer) for the pipeline: what the user asked for; else the map the classifier's
-    training run localized with (checkpoint metadata "localization", written by mskjax.train);
-    else Grad-CAM of the last feature map (the report's choice)."""
-    if cam is not None:
-        return cam, cam_layer
-    loc = classifier_meta.get("localization") or {}
-    if loc.get("method") in METHODS:
-        return loc["method"], cam_layer if cam_layer is not None else loc.get("layer")
-    return "grad_cam", cam_layer
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],

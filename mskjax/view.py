@@ -28,17 +28,19 @@ import threading
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import numpy as np
 from PIL import Image
 
+from mskjax import checkpoint, compile_cache
 from mskjax import geometry as geo
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
-from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam
 
 log = logging.getLogger("mskjax.view")
 
@@ -375,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier", required=True, help="classifier checkpoint directory")
     ap.add_argument("--sam", required=True, help="SAM checkpoint directory")
     ap.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free port)")
-    ap.add_argument("--cam", default="grad_cam", help="CAM method (mskjax.cam.METHODS)")
-    ap.add_argument("--cam-layer", default=None, help="stage name for the CAM (default: the last feature map)")
+    ap.add_argument("--cam", default=None, help="CAM method (mskjax.cam.METHODS; default: the map the classifier "
+                    "was trained to localize with, from its checkpoint, else grad_cam)")
+    ap.add_argument("--cam-layer", default=None, help="stage name for the CAM (default: as --cam, else the last "
+                    "feature map)")
     ap.add_argument("--boxes", default="peak", help="box method: peak or threshold")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when P >= threshold")
     return ap
@@ -385,8 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    compile_cache.enable()  # the per-user compilation cache (mskjax.compile_cache)
     try:
-        config = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, boxes=args.boxes, threshold=args.threshold)
+        meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
+        cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
+        config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mskjax"
 CLIS = {"mskjax.segment", "mskjax.localize", "mskjax.convert", "mskjax.demo", "mskjax.train.__main__",
-        "mskjax.data.synthetic.__main__"}
+        "mskjax.data.synthetic.__main__", "mskjax.view"}
 # Optional third-party packages that may be imported inside a function (each with a comment there).
 OPTIONAL = {"torch", "h5py", "timm", "safetensors", "tensorboardX"}
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mskjax import pipeline
 from mskjax import demo, inputs, segment
 
 def _pipeline_helpers():
@@ -223,11 +224,11 @@ def test_cli_box_options_parse():
 
 def test_default_cam_comes_from_the_classifiers_training_run():
     trained = {"localization": {"method": "layer_cam", "layer": "layer2"}}
-    assert segment.default_cam(trained, None, None) == ("layer_cam", "layer2")
-    assert segment.default_cam(trained, None, "layer3") == ("layer_cam", "layer3")  # the user's layer wins
-    assert segment.default_cam(trained, "grad_cam", None) == ("grad_cam", None)  # the user's method wins
-    assert segment.default_cam({}, None, None) == ("grad_cam", None)  # older checkpoints: the report's map
-    assert segment.default_cam({"localization": {"method": "nope"}}, None, None) == ("grad_cam", None)
+    assert pipeline.default_cam(trained, None, None) == ("layer_cam", "layer2")
+    assert pipeline.default_cam(trained, None, "layer3") == ("layer_cam", "layer3")  # the user's layer wins
+    assert pipeline.default_cam(trained, "grad_cam", None) == ("grad_cam", None)  # the user's method wins
+    assert pipeline.default_cam({}, None, None) == ("grad_cam", None)  # older checkpoints: the report's map
+    assert pipeline.default_cam({"localization": {"method": "nope"}}, None, None) == ("grad_cam", None)
 
 
 def test_an_empty_folder_is_reported_not_dropped(tmp_path, capsys):
