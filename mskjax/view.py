@@ -10,15 +10,24 @@ image and cached (`Viewer.open`), so a box costs one mask decode (`Viewer.prompt
 saves the current mask as a 0/255 PNG in the original frame.
 
 JSON API (what the page uses; every error is {"error": message} with status 400/404/500):
-  POST /api/open  {"path": str}                      -> image, probability, overlay, pipeline mask
+  GET  /api/config                                   -> CAM methods, layers (stages) and the defaults
+  POST /api/open  {"path": str, "cam"?: str, "cam_layer"?: str}
+                                                     -> image, probability, overlay, pipeline mask
+  POST /api/cam   {"id": str, "cam": str, "cam_layer": str|null} -> the map (overlay, box, mask) again
+                                                        for the open image with that method and layer
   POST /api/box   {"id": str, "box": [x0, y0, x1, y1]} (original-frame pixels) -> mask
   GET  /api/mask/<id>.png                            -> the image's latest mask as a PNG file
+
+The CAM method (`mskjax.cam.METHODS`) and layer (a classifier stage, "last" / null for the last
+feature map, or stages joined by "+" to fuse them) can be changed for the open image: the viewer
+builds one `Pipeline` per (method, layer) on demand from the already-loaded models and keeps them.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import collections
+import dataclasses
 import io
 import json
 import logging
@@ -35,6 +44,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from mskjax import cam as camlib
 from mskjax import checkpoint, compile_cache
 from mskjax import geometry as geo
 from mskjax import sam as samfn
@@ -92,36 +102,108 @@ class _Opened:
 class Viewer:
     """The viewer's state and actions, independent of HTTP (the handler calls `open` and `prompt`).
 
-    Keeps the last `cache_size` opened images (embedding included) by id."""
+    Keeps the last `cache_size` opened images (embedding included) by id, and up to `max_pipelines`
+    pipelines by (CAM method, layer), `pipeline`'s own included (the default map)."""
 
-    def __init__(self, pipeline: Pipeline, cache_size: int = 8):
+    def __init__(self, pipeline: Pipeline, cache_size: int = 8, max_pipelines: int = 8):
         self.pipe = pipeline
         self.cache_size = int(cache_size)
+        self.max_pipelines = max(1, int(max_pipelines))
+        self.default_key = (pipeline.config.cam, pipeline.config.cam_layer or None)
+        self._pipes: collections.OrderedDict[tuple, Pipeline] = collections.OrderedDict({self.default_key: pipeline})
+        self._pipes_lock = threading.Lock()
         self._images: collections.OrderedDict[str, _Opened] = collections.OrderedDict()
         self._lock = threading.Lock()  # one model call at a time
         model, box_mask = pipeline.sam_model, pipeline.box_mask_prompt
         self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x))
         self._decode = jax.jit(lambda svars, emb, boxes: samfn.decode_boxes(model, svars, emb, boxes, box_mask))
 
+    # -- maps --------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[str]:
+        """The classifier's stages, in order (a CAM layer is one of them, or several joined by "+")."""
+        return [str(s) for s in self.pipe.classifier.segments]
+
+    def options(self) -> dict:
+        return {"methods": list(camlib.METHODS), "layers": self.layers,
+                "cam": self.default_key[0], "cam_layer": self.default_key[1]}
+
+    def pipeline_for(self, method=None, layer=None) -> Pipeline:
+        """The pipeline computing `method` at `layer` (None / "" / "last": the last feature map; None
+        method: the default one), built on first use from the loaded models and kept."""
+        if method is None or method == "":
+            method = self.default_key[0]
+        if not isinstance(method, str) or method not in camlib.METHODS:
+            raise ViewError(f"unknown CAM method {method!r}: expected one of {list(camlib.METHODS)}")
+        if layer in (None, "", "last"):
+            layer = None
+        elif not isinstance(layer, str):
+            raise ViewError(f"unknown CAM layer {layer!r}: expected one of {self.layers + ['last']}")
+        else:
+            bad = [p for p in layer.split("+") if p not in self.layers]
+            if bad or len(set(layer.split("+"))) != len(layer.split("+")):
+                raise ViewError(f"unknown CAM layer {layer!r}: expected one of {self.layers + ['last']} "
+                                "(or stages joined by '+')")
+        key = (method, layer)
+        with self._pipes_lock:
+            pipe = self._pipes.get(key)
+            if pipe is not None:
+                self._pipes.move_to_end(key)
+                return pipe
+            base = self.pipe
+            try:
+                config = dataclasses.replace(base.config, cam=method, cam_layer=layer)
+                pipe = Pipeline(base.classifier, base.classifier_variables, base.classifier_meta, base.sam_model,
+                                base.sam_variables, base.sam_meta, config)
+            except PipelineError as e:
+                raise ViewError(f"cannot compute CAM {method!r} at layer {layer or 'last'!r}: {e}") from None
+            self._pipes[key] = pipe
+            while len(self._pipes) > self.max_pipelines:  # drop the least recently used, never the default
+                old = next(k for k in self._pipes if k != self.default_key)
+                del self._pipes[old]
+            return pipe
+
+    def _run_map(self, pipe: Pipeline, image: np.ndarray, path: str, embed: bool):
+        with self._lock:
+            batch = pipe.prepare([image], 1)
+            out = pipe.step(batch)
+            result = pipe.finish(batch, out, 0, image, Item(path=path, study="view"), None)
+            embedding = self._embed(pipe.sam_variables, batch["sam_images"][:1]) if embed else None
+        return batch, result, embedding
+
+    def _map_reply(self, key: str, pipe: Pipeline, image: np.ndarray, result) -> dict:
+        h, w = image.shape
+        over = viz.overlay(image, result.cam, result.boxes, result.mask, min_side=1, max_side=max(h, w))
+        cam = np.asarray(result.cam)
+        py, px = np.unravel_index(int(np.argmax(cam)), cam.shape) if cam.size else (0, 0)
+        return {
+            "id": key, "width": w, "height": h,
+            "probability": result.probability, "predicted": result.predicted, "threshold": pipe.config.threshold,
+            "cam": pipe.config.cam, "cam_layer": pipe.config.cam_layer,
+            "cam_peak": [int(px), int(py)],
+            "boxes": [[float(v) for v in b] for b in result.boxes],
+            "mask_area": int(result.mask.sum()),
+            "overlay": data_url(png_bytes(over)),
+            "mask": data_url(mask_png(result.mask)),
+            "mask_layer": data_url(mask_layer_png(result.mask)),
+            "mask_url": f"/api/mask/{key}.png",
+        }
+
     # -- actions ---------------------------------------------------------------------------
-    def open(self, path: str) -> dict:
-        """Decode `path`, run the pipeline on it and embed it for SAM; JSON-able result."""
+    def open(self, path: str, method=None, layer=None) -> dict:
+        """Decode `path`, run the pipeline (the map `method` at `layer`, default: the viewer's) on it
+        and embed it for SAM; JSON-able result."""
         if not isinstance(path, str) or not path.strip():
             raise ViewError("give the path of an image file (PNG, JPEG or DICOM)")
         path = path.strip()
+        pipe = self.pipeline_for(method, layer) if (method or layer) else self.pipe
         try:
             image = decode_image(path).image
         except FileNotFoundError:
             raise ViewError(f"no such file: {path}", HTTPStatus.NOT_FOUND) from None
         except (OSError, ValueError) as e:  # ImageDecodeError (a ValueError): a folder, not an image ...
             raise ViewError(f"cannot read {path} as an image: {e}") from None
-        pipe = self.pipe
-        with self._lock:
-            batch = pipe.prepare([image], 1)
-            out = pipe.step(batch)
-            result = pipe.finish(batch, out, 0, image, Item(path=path, study="view"), None)
-            embedding = self._embed(pipe.sam_variables, batch["sam_images"][:1])
-        h, w = image.shape
+        batch, result, embedding = self._run_map(pipe, image, path, embed=True)
         key = uuid.uuid4().hex[:12]
         opened = _Opened(path, image, embedding, tuple(int(v) for v in batch["sam_input_sizes"][0]), result.mask)
         with self._lock:
@@ -129,19 +211,21 @@ class Viewer:
             while len(self._images) > self.cache_size:
                 self._images.popitem(last=False)
         gray = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
-        over = viz.overlay(image, result.cam, result.boxes, result.mask, min_side=1, max_side=max(h, w))
-        return {
-            "id": key, "path": path, "width": w, "height": h,
-            "probability": result.probability, "predicted": result.predicted, "threshold": pipe.config.threshold,
-            "cam": pipe.config.cam, "cam_layer": pipe.config.cam_layer,
-            "boxes": [[float(v) for v in b] for b in result.boxes],
-            "mask_area": int(result.mask.sum()),
-            "image": data_url(png_bytes(gray)),
-            "overlay": data_url(png_bytes(over)),
-            "mask": data_url(mask_png(result.mask)),
-            "mask_layer": data_url(mask_layer_png(result.mask)),
-            "mask_url": f"/api/mask/{key}.png",
-        }
+        reply = self._map_reply(key, pipe, image, result)
+        reply.update(path=path, image=data_url(png_bytes(gray)))
+        return reply
+
+    def rerun(self, key, method=None, layer=None) -> dict:
+        """The map again for the open image `key` with `method` at `layer` (no re-decoding, no new
+        SAM embedding); the image's latest mask becomes this run's pipeline mask."""
+        opened = self._get(key)
+        pipe = self.pipeline_for(method, layer)
+        _, result, _ = self._run_map(pipe, opened.image, opened.path, embed=False)
+        with opened.lock:
+            opened.mask = result.mask
+        reply = self._map_reply(key, pipe, opened.image, result)
+        reply["path"] = opened.path
+        return reply
 
     def prompt(self, key, box) -> dict:
         """SAM's mask for one box (x0, y0, x1, y1) in the image's original pixels."""
@@ -231,6 +315,9 @@ def make_handler(viewer: Viewer):
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, PAGE.encode("utf-8"), "text/html; charset=utf-8")
                 return
+            if path == "/api/config":
+                self._json(HTTPStatus.OK, viewer.options())
+                return
             m = re.fullmatch(r"/api/mask/([0-9a-f]+)\.png", path)
             if m:
                 self._send(HTTPStatus.OK, viewer.mask_file(m.group(1)), "image/png",
@@ -254,7 +341,11 @@ def make_handler(viewer: Viewer):
         def _post(self):
             path = self.path.split("?", 1)[0]
             if path == "/api/open":
-                self._json(HTTPStatus.OK, viewer.open(self._body().get("path")))
+                body = self._body()
+                self._json(HTTPStatus.OK, viewer.open(body.get("path"), body.get("cam"), body.get("cam_layer")))
+            elif path == "/api/cam":
+                body = self._body()
+                self._json(HTTPStatus.OK, viewer.rerun(body.get("id"), body.get("cam"), body.get("cam_layer")))
             elif path == "/api/box":
                 body = self._body()
                 self._json(HTTPStatus.OK, viewer.prompt(body.get("id"), body.get("box")))
@@ -283,7 +374,9 @@ PAGE = r"""<!doctype html>
 </style></head><body>
 <h1>mskjax viewer</h1>
 <form id="open-form"><label>Image path <input type="text" id="path" placeholder="/path/to/radiograph.png|.jpg|.dcm"></label>
- <button type="submit" id="open">Open</button></form>
+ <button type="submit" id="open">Open</button>
+ <label>CAM <select id="cam-method"></select></label>
+ <label>layer <select id="cam-layer"></select></label></form>
 <div id="error" role="alert"></div>
 <div class="info"><span id="status">Open an image, then drag a box on it.</span>
  <span id="prob"></span><span id="area"></span>
@@ -329,17 +422,48 @@ function setMask(data) {
 $("open-form").addEventListener("submit", async (ev) => {
   ev.preventDefault(); showError(""); $("status").textContent = "running the pipeline...";
   try {
-    const data = await api("/api/open", {path: $("path").value});
+    const data = await api("/api/open", Object.assign({path: $("path").value}, mapChoice()));
     [imgPlain, imgOverlay, maskLayer] = await Promise.all([loadImage(data.image), loadImage(data.overlay), loadImage(data.mask_layer)]);
     cur = data; userBox = null; drag = null;
     canvas.width = data.width; canvas.height = data.height;
-    $("prob").textContent = "P(abnormal) = " + data.probability.toFixed(3) + (data.predicted ? " (abnormal)" : " (normal)") +
-      " at threshold " + data.threshold + "; CAM " + data.cam;
+    showMap(data);
     $("status").textContent = "opened " + data.path + " (" + data.width + "x" + data.height + "): drag a box to prompt SAM";
     canvas.dataset.imageId = data.id;
     setMask(data); draw();
   } catch (e) { showError(e.message); $("status").textContent = "open failed"; }
 });
+function mapChoice() { return {cam: $("cam-method").value || null, cam_layer: $("cam-layer").value || null}; }
+function showMap(data) {
+  $("prob").textContent = "P(abnormal) = " + data.probability.toFixed(3) + (data.predicted ? " (abnormal)" : " (normal)") +
+    " at threshold " + data.threshold + "; CAM " + data.cam + " at " + (data.cam_layer || "last");
+  $("prob").dataset.cam = data.cam; $("prob").dataset.camLayer = data.cam_layer || "last";
+  $("cam-method").value = data.cam; $("cam-layer").value = data.cam_layer || "last";
+}
+async function rerunMap() {
+  if (!cur) return;
+  showError(""); $("status").textContent = "computing the map...";
+  try {
+    const data = await api("/api/cam", Object.assign({id: cur.id}, mapChoice()));
+    [imgOverlay, maskLayer] = await Promise.all([loadImage(data.overlay), loadImage(data.mask_layer)]);
+    cur = Object.assign(cur, data); userBox = null; $("show-cam").checked = true;
+    showMap(data); setMask(data); draw();
+    $("status").textContent = "map: " + data.cam + " at " + (data.cam_layer || "last") + "; drag a box to prompt SAM";
+  } catch (e) { showError(e.message); $("status").textContent = "map failed"; }
+}
+$("cam-method").addEventListener("change", rerunMap);
+$("cam-layer").addEventListener("change", rerunMap);
+(async () => {
+  try {
+    const resp = await fetch("/api/config"), cfg = await resp.json();
+    const fill = (sel, values, current) => { for (const v of values) { const o = document.createElement("option");
+      o.value = v; o.textContent = v; sel.appendChild(o); } sel.value = current; };
+    fill($("cam-method"), cfg.methods, cfg.cam);
+    const layers = cfg.layers.slice(); layers.push("last");
+    if (cfg.cam_layer && !layers.includes(cfg.cam_layer)) layers.push(cfg.cam_layer);  // e.g. fused "a+b"
+    fill($("cam-layer"), layers, cfg.cam_layer || "last");
+    document.body.dataset.ready = "1";
+  } catch (e) { showError("cannot read the viewer's settings: " + e.message); }
+})();
 $("show-cam").addEventListener("change", () => { if ($("show-cam").checked) userBox = null; draw(); });
 function toImage(ev) {
   const r = canvas.getBoundingClientRect();

@@ -113,6 +113,41 @@ def test_api_open_prompt_and_errors(server, image_path):
     assert status == 404 and "unknown image id" in err["error"]
 
 
+def test_api_cam_method_and_layer(server, image_path):
+    """The map again for the open image with another method and layer; unknown ones: a JSON error."""
+    with urllib.request.urlopen(server + "/api/config", timeout=30) as r:
+        cfg = json.loads(r.read())
+    assert "eigen_cam" in cfg["methods"] and cfg["layers"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert (cfg["cam"], cfg["cam_layer"]) == ("grad_cam", None)
+    status, data = _post(server + "/api/open", {"path": image_path})
+    assert status == 200, data
+    assert (data["cam"], data["cam_layer"]) == ("grad_cam", None)
+
+    status, new = _post(server + "/api/cam", {"id": data["id"], "cam": "eigen_cam", "cam_layer": "layer2"})
+    assert status == 200, new
+    assert (new["cam"], new["cam_layer"], new["id"]) == ("eigen_cam", "layer2", data["id"])
+    assert len(new["cam_peak"]) == 2 and len(new["boxes"]) == 1
+    over_old, over_new = _png(data["overlay"]), _png(new["overlay"])
+    assert over_new.shape == over_old.shape
+    assert not np.array_equal(over_old, over_new) or new["cam_peak"] != data["cam_peak"]
+    with urllib.request.urlopen(server + new["mask_url"], timeout=30) as r:  # the latest mask is this map's
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.read()))), _png(new["mask"]))
+    status, back = _post(server + "/api/cam", {"id": data["id"], "cam": "grad_cam", "cam_layer": "last"})
+    assert status == 200 and (back["cam"], back["cam_layer"]) == ("grad_cam", None)
+    assert np.array_equal(_png(back["overlay"]), over_old)  # the default map again, from the kept pipeline
+
+    status, err = _post(server + "/api/cam", {"id": data["id"], "cam": "magic_cam", "cam_layer": "layer2"})
+    assert status == 400 and "magic_cam" in err["error"] and "unknown CAM method" in err["error"]
+    status, err = _post(server + "/api/cam", {"id": data["id"], "cam": "grad_cam", "cam_layer": "layer9"})
+    assert status == 400 and "layer9" in err["error"] and "unknown CAM layer" in err["error"]
+    status, err = _post(server + "/api/cam", {"id": data["id"], "cam": "cam", "cam_layer": "layer3+layer4"})
+    assert status == 400 and "layer3+layer4" in err["error"] and "Traceback" not in err["error"]
+    status, err = _post(server + "/api/open", {"path": image_path, "cam": "nope"})
+    assert status == 400 and "nope" in err["error"]
+    status, err = _post(server + "/api/cam", {"id": "ffff", "cam": "grad_cam"})
+    assert status == 404 and "unknown image id" in err["error"]
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver on PATH "
                     "(Debian: apt-get install chromium chromium-driver)")
 def test_browser_drag_box_gets_mask(server, image_path):
@@ -145,6 +180,7 @@ def test_browser_drag_box_gets_mask(server, image_path):
         wait.until(lambda d: canvas.get_attribute("data-masks") == "1")
         assert driver.find_element(By.ID, "error").text == ""
         assert "P(abnormal)" in driver.find_element(By.ID, "prob").text
+        assert "grad_cam" in driver.find_element(By.ID, "prob").text
         w, h = Image.open(image_path).size
         assert (int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))) == (w, h)
 
@@ -163,6 +199,14 @@ def test_browser_drag_box_gets_mask(server, image_path):
         # A box outside the image, sent as the page sends it: the message shows in the page.
         driver.execute_script("window.mskjaxView.sendBox([%d, %d, %d, %d])" % (w + 5, h + 5, w + 40, h + 40))
         wait.until(lambda d: "outside the image" in d.find_element(By.ID, "error").text)
+        # Another CAM method from the select: the map is recomputed and the page names it.
+        from selenium.webdriver.support.ui import Select
+        Select(driver.find_element(By.ID, "cam-method")).select_by_value("eigen_cam")
+        wait.until(lambda d: d.find_element(By.ID, "prob").get_attribute("data-cam") == "eigen_cam"
+                   or "map failed" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "error").text == ""
+        assert "eigen_cam" in driver.find_element(By.ID, "prob").text
+        assert canvas.get_attribute("data-masks") == "3"
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/" not in e["message"]]
         assert not severe, severe
     finally:
