@@ -11,8 +11,14 @@ saves the current mask as a 0/255 PNG in the original frame.
 
 JSON API (what the page uses; every error is {"error": message} with status 400/404/500):
   GET  /api/config                                   -> CAM methods, layers (stages) and the defaults
+  GET  /api/dataset?spec=KIND:DIR[:SPLIT]           -> the split's items (index, file, label, has_mask),
+                                                        listed once and kept (`mskjax.inputs.items_from_dataset`)
   POST /api/open  {"path": str, "cam"?: str, "cam_layer"?: str}
                                                      -> image, probability, overlay, pipeline mask
+  POST /api/open  {"dataset": spec, "index": int, "cam"?, "cam_layer"?}
+                                                     -> the same for item `index` of the split, with its
+                                                        label and, when it has a ground-truth mask, the
+                                                        Dice of the shown mask against it ("dice")
   POST /api/cam   {"id": str, "cam": str, "cam_layer": str|null} -> the map (overlay, box, mask) again
                                                         for the open image with that method and layer
   POST /api/box   {"id": str, "box": [x0, y0, x1, y1]} (original-frame pixels) -> mask
@@ -21,6 +27,9 @@ JSON API (what the page uses; every error is {"error": message} with status 400/
 The CAM method (`mskjax.cam.METHODS`) and layer (a classifier stage, "last" / null for the last
 feature map, or stages joined by "+" to fuse them) can be changed for the open image: the viewer
 builds one `Pipeline` per (method, layer) on demand from the already-loaded models and keeps them.
+
+A dataset spec is KIND:DIR[:SPLIT] (e.g. synthetic:runs/demo/data:test, fracatlas:DIR:valid), as
+the command lines' --dataset.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import logging
 import re
 import sys
 import threading
+import urllib.parse
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,10 +57,12 @@ from PIL import Image
 from mskjax import cam as camlib
 from mskjax import checkpoint, compile_cache
 from mskjax import geometry as geo
+from mskjax import inputs as inputslib
+from mskjax import metrics
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
-from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam, read_mask
 
 log = logging.getLogger("mskjax.view")
 
@@ -96,7 +108,12 @@ class _Opened:
 
     def __init__(self, path, image, embedding, input_size, mask):
         self.path, self.image, self.embedding, self.input_size, self.mask = path, image, embedding, input_size, mask
+        self.gt = None  # the dataset item's ground-truth mask (H, W) bool, when opened from a split that has one
         self.lock = threading.Lock()
+
+    def truth(self, mask) -> dict:
+        """{"dice": Dice of `mask` against the ground truth} when there is one, else {}."""
+        return {} if self.gt is None else {"dice": float(metrics.dice(np.asarray(mask, bool), self.gt))}
 
 
 class Viewer:
@@ -113,6 +130,8 @@ class Viewer:
         self._pipes: collections.OrderedDict[tuple, Pipeline] = collections.OrderedDict({self.default_key: pipeline})
         self._pipes_lock = threading.Lock()
         self._images: collections.OrderedDict[str, _Opened] = collections.OrderedDict()
+        self._datasets: dict[str, tuple] = {}  # spec -> (items, skips, description), listed once
+        self._datasets_lock = threading.Lock()
         self._lock = threading.Lock()  # one model call at a time
         model, box_mask = pipeline.sam_model, pipeline.box_mask_prompt
         self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x))
@@ -215,6 +234,56 @@ class Viewer:
         reply.update(path=path, image=data_url(png_bytes(gray)))
         return reply
 
+    def dataset_items(self, spec) -> tuple:
+        """(items, skips, description) of the split `spec` (KIND:DIR[:SPLIT]), listed on first use and kept."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ViewError("give a dataset as KIND:DIR[:SPLIT], e.g. synthetic:runs/demo/data:test")
+        spec = spec.strip()
+        with self._datasets_lock:
+            listed = self._datasets.get(spec)
+            if listed is None:
+                try:
+                    listed = inputslib.items_from_dataset(spec)
+                except (inputslib.InputError, OSError, ValueError) as e:
+                    raise ViewError(f"bad dataset {spec!r}: {e}") from None
+                self._datasets[spec] = listed
+        return listed
+
+    def dataset(self, spec) -> dict:
+        """The split's listing for the page (JSON-able)."""
+        items, skips, description = self.dataset_items(spec)
+        return {"spec": spec.strip(), "description": description, "count": len(items), "skipped": len(skips),
+                "items": [{"index": i, "path": it.path, "name": Path(it.path).name, "label": it.label,
+                           "has_mask": bool(it.mask_path)} for i, it in enumerate(items)]}
+
+    def open_item(self, spec, index, method=None, layer=None) -> dict:
+        """Open item `index` of the split `spec`: as `open`, plus its label and, when it has a
+        ground-truth mask, the Dice of the pipeline's mask against it."""
+        items, _, description = self.dataset_items(spec)
+        if isinstance(index, bool) or not isinstance(index, (int, str)):
+            raise ViewError(f"index must be a whole number, got {index!r}")
+        try:
+            i = int(index)
+        except ValueError:
+            raise ViewError(f"index must be a whole number, got {index!r}") from None
+        if not 0 <= i < len(items):
+            raise ViewError(f"index {i} out of range: {description} has {len(items)} item(s) "
+                            f"(0..{len(items) - 1})" if items else f"index {i} out of range: {description} is empty")
+        item = items[i]
+        reply = self.open(item.path, method, layer)
+        opened = self._get(reply["id"])
+        gt_error = None
+        if item.mask_path:
+            try:
+                opened.gt = read_mask(item.mask_path, opened.image.shape)
+            except (OSError, ValueError) as e:
+                gt_error = f"cannot read the ground-truth mask {item.mask_path}: {e}"
+        reply.update(dataset=spec.strip(), index=i, count=len(items), label=item.label, study=item.study,
+                     mask_path=item.mask_path or None, **opened.truth(opened.mask))
+        if gt_error:
+            reply["gt_error"] = gt_error
+        return reply
+
     def rerun(self, key, method=None, layer=None) -> dict:
         """The map again for the open image `key` with `method` at `layer` (no re-decoding, no new
         SAM embedding); the image's latest mask becomes this run's pipeline mask."""
@@ -225,6 +294,7 @@ class Viewer:
             opened.mask = result.mask
         reply = self._map_reply(key, pipe, opened.image, result)
         reply["path"] = opened.path
+        reply.update(opened.truth(result.mask))
         return reply
 
     def prompt(self, key, box) -> dict:
@@ -253,7 +323,7 @@ class Viewer:
             opened.mask = mask
         return {"id": key, "box": [float(v) for v in b], "width": w, "height": h, "mask_area": int(mask.sum()),
                 "mask": data_url(mask_png(mask)), "mask_layer": data_url(mask_layer_png(mask)),
-                "mask_url": f"/api/mask/{key}.png"}
+                "mask_url": f"/api/mask/{key}.png", **opened.truth(mask)}
 
     def mask_file(self, key: str) -> bytes:
         opened = self._get(key)
@@ -318,6 +388,10 @@ def make_handler(viewer: Viewer):
             if path == "/api/config":
                 self._json(HTTPStatus.OK, viewer.options())
                 return
+            if path == "/api/dataset":
+                query = urllib.parse.parse_qs(self.path.split("?", 1)[1] if "?" in self.path else "")
+                self._json(HTTPStatus.OK, viewer.dataset((query.get("spec") or [""])[0]))
+                return
             m = re.fullmatch(r"/api/mask/([0-9a-f]+)\.png", path)
             if m:
                 self._send(HTTPStatus.OK, viewer.mask_file(m.group(1)), "image/png",
@@ -342,7 +416,11 @@ def make_handler(viewer: Viewer):
             path = self.path.split("?", 1)[0]
             if path == "/api/open":
                 body = self._body()
-                self._json(HTTPStatus.OK, viewer.open(body.get("path"), body.get("cam"), body.get("cam_layer")))
+                if body.get("dataset") is not None and body.get("path") is None:
+                    self._json(HTTPStatus.OK, viewer.open_item(body["dataset"], body.get("index"), body.get("cam"),
+                                                               body.get("cam_layer")))
+                else:
+                    self._json(HTTPStatus.OK, viewer.open(body.get("path"), body.get("cam"), body.get("cam_layer")))
             elif path == "/api/cam":
                 body = self._body()
                 self._json(HTTPStatus.OK, viewer.rerun(body.get("id"), body.get("cam"), body.get("cam_layer")))
@@ -377,9 +455,14 @@ PAGE = r"""<!doctype html>
  <button type="submit" id="open">Open</button>
  <label>CAM <select id="cam-method"></select></label>
  <label>layer <select id="cam-layer"></select></label></form>
+<form id="dataset-form"><label>or dataset <input type="text" id="dataset" placeholder="KIND:DIR[:SPLIT], e.g. synthetic:runs/demo/data:test"></label>
+ <button type="button" id="list">List</button>
+ <button type="button" id="prev">&lt;</button><label> index <input type="number" id="index" value="0" min="0" step="1" style="width:6em"></label>
+ <button type="button" id="next">&gt;</button> <button type="submit" id="open-item">Open item</button>
+ <span id="dataset-info"></span></form>
 <div id="error" role="alert"></div>
 <div class="info"><span id="status">Open an image, then drag a box on it.</span>
- <span id="prob"></span><span id="area"></span>
+ <span id="prob"></span><span id="area"></span><span id="truth"></span>
  <label><input type="checkbox" id="show-cam" checked> pipeline overlay (CAM, box, mask)</label>
  <a id="download" href="#" download="mask.png" hidden>download mask</a></div>
 <div id="stage"><canvas id="canvas" width="1" height="1"></canvas></div>
@@ -419,19 +502,57 @@ function setMask(data) {
   canvas.dataset.maskArea = String(data.mask_area);
   canvas.dataset.masks = String(Number(canvas.dataset.masks || 0) + 1);
 }
-$("open-form").addEventListener("submit", async (ev) => {
-  ev.preventDefault(); showError(""); $("status").textContent = "running the pipeline...";
+function showTruth(data) {
+  const t = $("truth");
+  if (data.dice === undefined) { if (!cur || cur.label === undefined) t.textContent = ""; delete t.dataset.dice; }
+  else { t.dataset.dice = String(data.dice); }
+  if (cur && cur.label !== undefined) {
+    t.textContent = "label: " + (cur.label === null ? "?" : (cur.label ? "abnormal" : "normal")) +
+      (data.dice !== undefined ? "; Dice vs ground truth = " + data.dice.toFixed(3) : (cur.mask_path ? "" : "; no ground-truth mask"));
+  }
+}
+async function openWith(body, what) {
+  showError(""); $("status").textContent = "running the pipeline...";
   try {
-    const data = await api("/api/open", Object.assign({path: $("path").value}, mapChoice()));
+    const data = await api("/api/open", Object.assign(body, mapChoice()));
     [imgPlain, imgOverlay, maskLayer] = await Promise.all([loadImage(data.image), loadImage(data.overlay), loadImage(data.mask_layer)]);
     cur = data; userBox = null; drag = null;
     canvas.width = data.width; canvas.height = data.height;
     showMap(data);
     $("status").textContent = "opened " + data.path + " (" + data.width + "x" + data.height + "): drag a box to prompt SAM";
     canvas.dataset.imageId = data.id;
-    setMask(data); draw();
+    if (data.index !== undefined) { $("index").value = String(data.index); $("status").textContent = "item " + data.index +
+      " of " + data.count + ": " + $("status").textContent; }
+    setMask(data); showTruth(data); draw();
   } catch (e) { showError(e.message); $("status").textContent = "open failed"; }
-});
+}
+$("open-form").addEventListener("submit", (ev) => { ev.preventDefault(); openWith({path: $("path").value}); });
+let listed = null;
+async function listDataset() {
+  const spec = $("dataset").value.trim();
+  if (listed && listed.spec === spec) return listed;
+  let resp, data;
+  try { resp = await fetch("/api/dataset?spec=" + encodeURIComponent(spec)); }
+  catch (e) { throw new Error("server unreachable: " + e.message); }
+  try { data = await resp.json(); } catch (e) { throw new Error("bad reply from server (" + resp.status + ")"); }
+  if (!resp.ok || data.error) { listed = null; $("dataset-info").textContent = ""; throw new Error(data.error || ("HTTP " + resp.status)); }
+  listed = data; $("index").max = String(Math.max(0, data.count - 1));
+  $("dataset-info").textContent = data.description + ": " + data.count + " item(s)" + (data.skipped ? ", " + data.skipped + " skipped" : "");
+  $("dataset-info").dataset.count = String(data.count);
+  return data;
+}
+$("list").addEventListener("click", async () => { showError(""); try { await listDataset(); } catch (e) { showError(e.message); } });
+async function openItem(step) {
+  showError("");
+  try { await listDataset(); } catch (e) { showError(e.message); return; }
+  let i = Number($("index").value || 0) + step;
+  if (step && listed.count) i = Math.min(Math.max(i, 0), listed.count - 1);
+  $("index").value = String(i);
+  await openWith({dataset: $("dataset").value.trim(), index: i});
+}
+$("dataset-form").addEventListener("submit", (ev) => { ev.preventDefault(); openItem(0); });
+$("prev").addEventListener("click", () => openItem(-1));
+$("next").addEventListener("click", () => openItem(1));
 function mapChoice() { return {cam: $("cam-method").value || null, cam_layer: $("cam-layer").value || null}; }
 function showMap(data) {
   $("prob").textContent = "P(abnormal) = " + data.probability.toFixed(3) + (data.predicted ? " (abnormal)" : " (normal)") +
@@ -446,7 +567,7 @@ async function rerunMap() {
     const data = await api("/api/cam", Object.assign({id: cur.id}, mapChoice()));
     [imgOverlay, maskLayer] = await Promise.all([loadImage(data.overlay), loadImage(data.mask_layer)]);
     cur = Object.assign(cur, data); userBox = null; $("show-cam").checked = true;
-    showMap(data); setMask(data); draw();
+    showMap(data); setMask(data); showTruth(data); draw();
     $("status").textContent = "map: " + data.cam + " at " + (data.cam_layer || "last") + "; drag a box to prompt SAM";
   } catch (e) { showError(e.message); $("status").textContent = "map failed"; }
 }
@@ -484,7 +605,7 @@ async function sendBox(box) {
   try {
     const data = await api("/api/box", {id: cur.id, box: box});
     maskLayer = await loadImage(data.mask_layer); userBox = data.box;
-    setMask(data); draw();
+    setMask(data); showTruth(data); draw();
     $("status").textContent = "mask for box [" + data.box.map((v) => v.toFixed(0)).join(", ") + "]";
   } catch (e) { showError(e.message); $("status").textContent = "prompt failed"; }
 }

@@ -148,9 +148,64 @@ def test_api_cam_method_and_layer(server, image_path):
     assert status == 404 and "unknown image id" in err["error"]
 
 
+@pytest.fixture(scope="module")
+def dataset_spec(tmp_path_factory) -> str:
+    """A tiny synthetic dataset (test_pipeline.make_synthetic: one abnormal study with masks), all in 'test'."""
+    out = _pipeline_helpers().make_synthetic(tmp_path_factory.mktemp("viewdata") / "data")
+    return f"synthetic:{out}:test"
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_api_dataset_open_by_index(server, dataset_spec):
+    """List a split, open an abnormal item by index: its label and the Dice against its mask come back."""
+    import urllib.parse
+    status, listing = _get(server + "/api/dataset?spec=" + urllib.parse.quote(dataset_spec))
+    assert status == 200, listing
+    assert listing["count"] == len(listing["items"]) > 1 and "split 'test'" in listing["description"]
+    abnormal = [it for it in listing["items"] if it["label"] == 1 and it["has_mask"]]
+    assert abnormal, listing["items"]
+    i = abnormal[0]["index"]
+    status, data = _post(server + "/api/open", {"dataset": dataset_spec, "index": i})
+    assert status == 200, data
+    assert (data["index"], data["count"], data["label"]) == (i, listing["count"], 1)
+    assert data["path"] == abnormal[0]["path"] and data["mask_path"]
+    assert 0.0 <= data["dice"] <= 1.0
+    w, h = Image.open(data["path"]).size
+    assert _png(data["mask"]).shape == (h, w)
+    status, again = _post(server + "/api/cam", {"id": data["id"], "cam": "eigen_cam"})  # Dice follows the map
+    assert status == 200 and 0.0 <= again["dice"] <= 1.0
+    status, boxed = _post(server + "/api/box", {"id": data["id"], "box": [0, 0, w / 2, h / 2]})  # and the box
+    assert status == 200 and 0.0 <= boxed["dice"] <= 1.0
+    normal = [it for it in listing["items"] if it["label"] == 0 and not it["has_mask"]]
+    if normal:
+        status, plain = _post(server + "/api/open", {"dataset": dataset_spec, "index": normal[0]["index"]})
+        assert status == 200 and plain["label"] == 0 and "dice" not in plain
+
+    # Bad index / spec: a JSON error naming it.
+    n = listing["count"]
+    for bad in (-1, n):
+        status, err = _post(server + "/api/open", {"dataset": dataset_spec, "index": bad})
+        assert status == 400 and f"index {bad} out of range" in err["error"] and str(n) in err["error"], err
+    status, err = _post(server + "/api/open", {"dataset": dataset_spec, "index": "two"})
+    assert status == 400 and "index" in err["error"] and "'two'" in err["error"]
+    bad_spec = "nosuchkind:/tmp:test"
+    status, err = _post(server + "/api/open", {"dataset": bad_spec, "index": 0})
+    assert status == 400 and "bad dataset" in err["error"] and bad_spec in err["error"]
+    missing = dataset_spec.replace(":test", "_missing:test")
+    status, err = _get(server + "/api/dataset?spec=" + urllib.parse.quote(missing))
+    assert status == 400 and "folder not found" in err["error"] and "Traceback" not in err["error"]
+
+
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver on PATH "
                     "(Debian: apt-get install chromium chromium-driver)")
-def test_browser_drag_box_gets_mask(server, image_path):
+def test_browser_drag_box_gets_mask(server, image_path, dataset_spec):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
@@ -207,6 +262,13 @@ def test_browser_drag_box_gets_mask(server, image_path):
         assert driver.find_element(By.ID, "error").text == ""
         assert "eigen_cam" in driver.find_element(By.ID, "prob").text
         assert canvas.get_attribute("data-masks") == "3"
+        # A dataset split: list it, open the next item; the page shows its label.
+        driver.find_element(By.ID, "dataset").send_keys(dataset_spec)
+        driver.find_element(By.ID, "next").click()
+        wait.until(lambda d: "label:" in d.find_element(By.ID, "truth").text or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text == ""
+        assert driver.find_element(By.ID, "index").get_attribute("value") == "1"
+        assert int(driver.find_element(By.ID, "dataset-info").get_attribute("data-count")) > 1
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/" not in e["message"]]
         assert not severe, severe
     finally:
