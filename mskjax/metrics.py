@@ -153,22 +153,33 @@ def auroc(labels, scores, sample_weight=None):
     return _single(_auroc_rows(y, s, w), sample_weight)
 
 
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) at every distinct score, highest first, as scikit-learn's
+    `roc_curve(..., drop_intermediate=False)`: a point (fpr, tpr) is "abnormal when score >=
+    threshold"; the first point is (0, 0) at threshold inf. ValueError with one class only."""
+    y = _binary_labels(labels)
+    s = _scores(scores, len(y), "scores")
+    n_pos, n_neg = y.sum(), (1 - y).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("the ROC curve is undefined: only one class present in labels")
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]  # last index of each distinct score
+    tps = np.cumsum(y_sorted)[last]
+    fps = np.cumsum(1 - y_sorted)[last]
+    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], np.r_[np.inf, s_sorted[last]]
+
+
 def youden_threshold(labels, scores) -> float:
     """The operating point that maximises Youden's J = sensitivity + specificity - 1 over the
     thresholds `scores >= t`, t among the distinct scores; the highest such t on ties. For
     choosing a decision threshold on a tuning split (then applied, unchanged, to another). nan when
     `labels` has one class only."""
     y = _binary_labels(labels)
-    s = _scores(scores, len(y), "scores")
-    n_pos, n_neg = y.sum(), (1 - y).sum()
-    if n_pos == 0 or n_neg == 0:
+    if y.sum() == 0 or y.sum() == len(y):
         return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]  # last index of each distinct score
-    tpr = np.cumsum(y_sorted)[last] / n_pos
-    fpr = np.cumsum(1 - y_sorted)[last] / n_neg
-    return float(s_sorted[last][int(np.argmax(tpr - fpr))])
+    fpr, tpr, thr = roc_curve(y, scores)
+    return float(thr[1:][int(np.argmax((tpr - fpr)[1:]))])
 
 
 def average_precision(labels, scores, sample_weight=None) -> float:

@@ -50,31 +50,12 @@ def _save(fig, path) -> Path:
 # Numbers
 
 def _labels_scores(labels, scores):
-    y = np.asarray(labels)
-    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 1-D binary 0/1; got shape {y.shape}")
-    s = np.asarray(scores, np.float64)
-    if s.shape != y.shape:
-        raise ValueError(f"scores shape {s.shape} differs from labels shape {y.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores contain non-finite values")
-    return y.astype(np.float64), s
+    """(labels, scores) as float64, checked as every metric checks them (`mskjax.metrics`)."""
+    y = metrics._binary_labels(labels)
+    return y, metrics._scores(scores, len(y), "scores")
 
 
-def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) at every distinct score, highest first, as scikit-learn's
-    `roc_curve(..., drop_intermediate=False)`: a point (fpr, tpr) is "abnormal when score >=
-    threshold"; the first point is (0, 0) at threshold inf. ValueError with one class only."""
-    y, s = _labels_scores(labels, scores)
-    n_pos, n_neg = y.sum(), (1 - y).sum()
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("the ROC curve is undefined: only one class present in labels")
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]  # last index of each distinct score
-    tps = np.cumsum(y_sorted)[last]
-    fps = np.cumsum(1 - y_sorted)[last]
-    return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos], np.r_[np.inf, s_sorted[last]]
+roc_curve = metrics.roc_curve  # (fpr, tpr, thresholds) as scikit-learn's, drop_intermediate=False
 
 
 def area(fpr, tpr) -> float:
