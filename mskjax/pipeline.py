@@ -73,6 +73,11 @@ class PipelineConfig:
     refine: number of extra SAM passes over the map-derived prompts: each pass prompts SAM again
       with the tight box of the mask the previous pass gave (a prompt whose mask came out empty
       keeps its box). A map's box is loose; a segmenter trained on tight boxes does best on one.
+    peak_point: with a SAM trained with `data.peak_point` (checkpoint metadata "peak_point"), the
+      "peak" box also carries the map's peak as a positive point, as that SAM was trained; False
+      leaves the point out (a padding point instead). Ground-truth boxes, refine passes and
+      "threshold" boxes always get the padding point from such a SAM (as it was trained for tight
+      boxes). No effect on a SAM trained without points.
     """
 
     cam: str = "grad_cam"
@@ -84,6 +89,7 @@ class PipelineConfig:
     max_boxes: int = 3
     refine: int = 0
     subtract_baseline: bool = False
+    peak_point: bool = True
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -145,7 +151,7 @@ def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray
 
 
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
-              box_mask: bool = False, baseline: np.ndarray | None = None):
+              box_mask: bool = False, baseline: np.ndarray | None = None, point_trained: bool = False):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
 
     step(classifier_variables, sam_variables, batch) with batch a dict of
@@ -168,7 +174,11 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       prompts_sam (B, K, 4) the boxes SAM was last prompted with (boxes_sam, or the masks' tight
       boxes after `config.refine` passes);
       gt_mask_logits (B, G, L, L) and gt_boxes_sam (B, G, 4) when G > 0 (SAM prompted with the
-      ground-truth boxes, whatever the classifier said).
+      ground-truth boxes, whatever the classifier said);
+      points_sam (B, K, 2) and point_labels (B, K) when point_trained (the first pass's points).
+    point_trained: the SAM was trained with `data.peak_point` (metadata "peak_point"): every box
+    it decodes carries one point token, the map's peak for a "peak" box when config.peak_point,
+    else a padding point.
     """
     cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
     target = abnormal_class(classifier.num_classes)
@@ -198,12 +208,14 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         maps = cam_maps(cvars, x3, targets) * content_mask(geom)
         side = float(max(maps.shape[1:]))
         peak = boxlib.peak_point(maps)  # the one peak rule (plateau of the first maximum), for the pointing game
+        peaks_in = None
         if config.boxes == "peak":
             # The peak's plateau centroid (boxes.plateau_peak), the box slid inside the content.
             pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side, bounds=content_bounds(geom))
             boxes_in = pk.boxes[:, None]
             scores = pk.scores[:, None]
             bvalid = jnp.ones((b, 1), bool)
+            peaks_in = pk.peaks[:, None]
         else:
             tb = boxlib.threshold_boxes(maps, fraction=config.box_fraction, k=config.num_boxes)
             boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
@@ -223,8 +235,17 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
         # is decoded the way it was trained.
         mask_input = samfn.box_mask_prompt(prompts, img_size, sam_model.config.low_res_size) if box_mask else None
-        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, mask_input=mask_input, multimask=False,
-                           prompt_valid=pvalid)
+        points = labels = None
+        if point_trained:
+            given = jnp.zeros(prompts.shape[:2], bool)
+            where = jnp.zeros(prompts.shape[:2] + (2,), jnp.float32)
+            if peaks_in is not None and config.peak_point:
+                peaks_sam = samfn.transform_points(geo.points_to_original(peaks_in, geom), hw, img_size)
+                given = given.at[:, :1].set(bvalid)
+                where = where.at[:, :1].set(peaks_sam)
+            points, labels = samfn.peak_point_prompts(where, given)
+        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
+                           mask_input=mask_input, multimask=False, prompt_valid=pvalid)
         low = dec["low_res_logits"][:, :, 0]
         iou = dec["iou_predictions"][:, :, 0]
         k = boxes_in.shape[1]
@@ -234,12 +255,18 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             tight, nonempty_mask = masks_to_boxes(samfn.upscale_logits(cam_low, img_size) > 0.0)
             cam_prompts = jnp.where(nonempty_mask[..., None], tight, cam_prompts)
             mi = samfn.box_mask_prompt(cam_prompts, img_size, sam_model.config.low_res_size) if box_mask else None
-            dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, mask_input=mi, multimask=False,
-                               prompt_valid=bvalid)
+            pts = lbl = None
+            if point_trained:  # tight boxes: the padding point, as such a SAM was trained
+                none = jnp.zeros(cam_prompts.shape[:2], bool)
+                pts, lbl = samfn.peak_point_prompts(jnp.zeros(none.shape + (2,)), none)
+            dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
+                               multimask=False, prompt_valid=bvalid)
             cam_low, cam_iou = dec["low_res_logits"][:, :, 0], dec["iou_predictions"][:, :, 0]
         out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
                "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
                "box_valid": bvalid, "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
+        if point_trained:  # the first pass's point per map prompt (SAM frame) and its label (1 | -1)
+            out["points_sam"], out["point_labels"] = points[:, :k, 0], labels[:, :k, 0]
         if g:
             out["gt_mask_logits"] = low[:, k:]
             out["gt_boxes_sam"] = gt_sam
@@ -340,9 +367,11 @@ class Pipeline:
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
         self.sam_variables = jax.tree.map(jnp.asarray, sam_variables)
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
+        self.point_trained = bool(self.sam_meta.get("peak_point", False))
         self.baseline = stored_baseline(self.classifier_meta, config) if config.subtract_baseline else None
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
-                                       box_mask=self.box_mask_prompt, baseline=self.baseline))
+                                       box_mask=self.box_mask_prompt, baseline=self.baseline,
+                                       point_trained=self.point_trained))
 
     @classmethod
     def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":

@@ -348,9 +348,20 @@ def box_mask_prompt(boxes: jax.Array, img_size: int, low_res_size: int | None = 
     return BOX_MASK_LOGIT * (2.0 * fy[..., :, None] * fx[..., None, :] - 1.0)
 
 
-def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool) -> jax.Array:
+def peak_point_prompts(points: jax.Array, given: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Point prompts for a SAM trained with `data.peak_point` (mskjax.train.sam): points (B, P, 2)
+    (x, y) SAM input frame and given (B, P) bool -> one point per prompt, (B, P, 1, 2) float32,
+    and labels (B, P, 1) int32: a positive point (label 1) where `given` (map-derived prompts), else
+    a padding point (label -1, SAM's "not a point" token), so that every prompt has the same tokens."""
+    labels = jnp.where(given, 1, -1).astype(jnp.int32)[..., None]
+    return jnp.where(given[..., None], points, 0.0)[:, :, None, :].astype(jnp.float32), labels
+
+
+def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool,
+                 points: jax.Array | None = None, point_labels: jax.Array | None = None) -> jax.Array:
     """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
-    with the boxes also given as dense mask prompts when box_mask."""
+    with the boxes also given as dense mask prompts when box_mask, and optional points (B, P, N, 2)
+    with labels (B, P, N) beside them."""
     mask_input = box_mask_prompt(boxes, model.config.img_size, model.config.low_res_size) if box_mask else None
-    return decode(model, variables, embeddings, boxes=boxes, mask_input=mask_input,
-                        multimask=False)["low_res_logits"][:, :, 0]
+    return decode(model, variables, embeddings, boxes=boxes, points=points, point_labels=point_labels,
+                  mask_input=mask_input, multimask=False)["low_res_logits"][:, :, 0]

@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--subtract-baseline", action="store_true",
                     help="subtract the classifier checkpoint's stored normal-mean map (mskjax.train "
                          "eval.subtract_normal_mean) from the map before its peak is taken")
+    ap.add_argument("--no-peak-point", dest="peak_point", action="store_false",
+                    help="with a SAM trained with peak points (configs/sam_synthetic_map_points.py), leave the "
+                         "map's peak out of its prompt (a padding point instead)")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
@@ -394,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side, refine=args.refine,
-                                subtract_baseline=args.subtract_baseline)
+                                subtract_baseline=args.subtract_baseline, peak_point=args.peak_point)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

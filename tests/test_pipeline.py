@@ -308,3 +308,40 @@ def test_stored_baseline_is_subtracted_from_the_raw_map(setup):
                  pipe.sam_meta, PipelineConfig(cam="layer_cam", cam_layer="layer3", subtract_baseline=True))
     with pytest.raises(PipelineError, match="single-stage"):
         PipelineConfig(cam="layer_cam", cam_layer="layer2+layer3", subtract_baseline=True)
+
+
+def test_peak_point_goes_with_the_peak_box_of_a_point_trained_sam(setup):
+    """A SAM whose metadata says peak_point (trained with data.peak_point) gets the map's peak as a
+    positive point beside its "peak" box; ground-truth boxes and refine passes get the padding
+    point; peak_point=False gives the padding point to the map box too."""
+    pipe, records, cls_dir, sam_dir = setup
+    meta = {**pipe.sam_meta, "peak_point": True}
+
+    def pipeline(**kw):
+        return Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                        pipe.sam_variables, meta, PipelineConfig(threshold=0.5, **kw))
+
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    with_point, without = pipeline().step(batch), pipeline(peak_point=False).step(batch)
+    assert "points_sam" not in pipe.step(batch)  # a SAM trained without points gets none
+    np.testing.assert_array_equal(with_point["point_labels"][:, 0], [1, 1, 1, -1])  # row 4 pads the batch
+    np.testing.assert_array_equal(without["point_labels"], -np.ones((4, 1)))
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    for i in range(3):
+        box = with_point["boxes_sam"][i, 0]
+        pt = with_point["points_sam"][i, 0]
+        assert box[0] - 1e-3 <= pt[0] <= box[2] + 1e-3 and box[1] - 1e-3 <= pt[1] <= box[3] + 1e-3
+        for out, label in ((with_point, 1), (without, -1)):
+            ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[i:i + 1], boxes=jnp.asarray(box)[None, None],
+                               points=jnp.asarray(pt if label == 1 else np.zeros(2, np.float32))[None, None, None],
+                               point_labels=jnp.full((1, 1, 1), label, jnp.int32), multimask=False)
+            np.testing.assert_allclose(out["mask_logits"][i, 0], np.asarray(ref["low_res_logits"][0, 0, 0]), atol=2e-3)
+    assert np.abs(with_point["mask_logits"] - without["mask_logits"]).max() > 1e-3  # the point reached SAM
+    # Refine passes re-prompt with the tight box and the padding point, as such a SAM was trained.
+    refined = pipeline(refine=1).step(batch)
+    i = 0
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[i:i + 1],
+                       boxes=jnp.asarray(refined["prompts_sam"][i, 0])[None, None],
+                       points=jnp.zeros((1, 1, 1, 2)), point_labels=jnp.full((1, 1, 1), -1, jnp.int32), multimask=False)
+    np.testing.assert_allclose(refined["mask_logits"][i, 0], np.asarray(ref["low_res_logits"][0, 0, 0]), atol=2e-3)

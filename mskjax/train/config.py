@@ -227,6 +227,9 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.peak_box_fraction = 50.0 / 224.0
     c.data.peak_box_fraction_max = 0.0  # > peak_box_fraction: each prompt's fraction drawn from U(fraction, max)
     c.data.peak_box_offset = 0.0
+    # Map-shaped prompts also carry their centre (where the map's peak would be) as a positive
+    # point; other boxes a padding point. The pipeline then adds the map's peak to its box.
+    c.data.peak_point = False
 
     c.train = ml_collections.ConfigDict()
     c.train.box_mask_prompt = False  # each box also as a dense mask prompt (mskjax.sam.box_mask_prompt)
@@ -287,6 +290,8 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.data.peak_box_fraction_max <= 1.0, "data.peak_box_fraction_max",
          f"must be <= 1 (0: a fixed fraction), got {c.data.peak_box_fraction_max}")
     need(0.0 <= c.data.peak_box_offset < 0.5, "data.peak_box_offset", f"must be in [0, 0.5), got {c.data.peak_box_offset}")
+    need(not c.data.peak_point or c.data.peak_box_share > 0, "data.peak_point",
+         "needs map-shaped prompts to carry the point (set data.peak_box_share > 0)")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

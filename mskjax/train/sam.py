@@ -13,6 +13,9 @@
   lesion pixel moved by up to `data.peak_box_offset` of the image), so that the segmenter learns to
   find the abnormality inside the loose box a class activation map gives it, not only inside a
   tight ground-truth box (issue 18, part 4);
+- optionally (`data.peak_point`) each map-shaped prompt also carries its centre, the lesion pixel
+  moved by the offset, as a positive point (where the map's peak would be), and every other box a
+  padding point; the pipeline then gives its map box the map's peak as that point;
 - single-mask output (multimask=False);
 - optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
   as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
@@ -59,7 +62,7 @@ from mskjax import sam as samfn
 from mskjax.data.splits import load_splits
 from mskjax.models.sam import (LiteMedSam, build_segmenter, init_lite_medsam_variables, init_sam_variables,
                                is_lite_medsam)
-from mskjax.sam import decode_boxes, preprocessing_of, uses_box_mask_prompt
+from mskjax.sam import decode_boxes, peak_point_prompts, preprocessing_of, uses_box_mask_prompt
 from mskjax.train import loop, optim, sam_data
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, validate_sam
 from mskjax.train.embedding_cache import EmbeddingCache, encoder_fingerprint
@@ -82,6 +85,7 @@ def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
     else:
         meta = sam_metadata(config.model.arch, config.model.img_size)
     meta["box_mask_prompt"] = uses_box_mask_prompt(config)
+    meta["peak_point"] = bool(config.data.peak_point)  # map prompts take the peak as a point (pipeline)
     meta["source"] = source
     checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)
 
@@ -164,7 +168,7 @@ def jitter_boxes(key: jax.Array, boxes: jax.Array, input_sizes: jax.Array, max_s
 
 
 def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fraction: float,
-                    offset: float, fraction_max: float | None = None) -> jax.Array:
+                    offset: float, fraction_max: float | None = None, return_points: bool = False):
     """Boxes shaped like the pipeline's map-derived prompt (`mskjax.boxes.peak_boxes` with a
     "resize" classifier input: a box `fraction` of the image's width and height around the map's
     peak, slid inside the image), placed where a map that points at the lesion would put them.
@@ -177,7 +181,9 @@ def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fr
     mask is empty (padding) keeps the image centre (it is masked out of the loss anyway).
 
     masks (B, P, S, S) uint8 (SAM input frame); input_sizes (B, 2) (h, w) inside the padding.
-    Returns (B, P, 4) float32 (x0, y0, x1, y1), SAM input frame.
+    Returns (B, P, 4) float32 (x0, y0, x1, y1), SAM input frame; with return_points also the
+    centres (B, P, 2) float32 (x, y) clipped into the image: where the map's peak would be (the
+    pipeline's peak point, `data.peak_point`). The random draws are the same either way.
     """
     b, p, s, _ = masks.shape
     k_pix, k_off, k_size = jax.random.split(key, 3)
@@ -199,13 +205,19 @@ def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fr
     # Slide inside [0, w] x [0, h] keeping the size (the pipeline's border="shift").
     x0 = jnp.clip(cx - bw / 2, 0.0, jnp.maximum(w - bw, 0.0))
     y0 = jnp.clip(cy - bh / 2, 0.0, jnp.maximum(h - bh, 0.0))
-    return jnp.stack([x0, y0, jnp.minimum(x0 + bw, w), jnp.minimum(y0 + bh, h)], axis=-1)
+    boxes = jnp.stack([x0, y0, jnp.minimum(x0 + bw, w), jnp.minimum(y0 + bh, h)], axis=-1)
+    if not return_points:
+        return boxes
+    return boxes, jnp.stack([jnp.clip(cx, 0.0, w), jnp.clip(cy, 0.0, h)], axis=-1)
 
 
-def mix_prompts(key: jax.Array, boxes: jax.Array, other: jax.Array, share: float) -> jax.Array:
-    """Each prompt independently takes `other` with probability `share`. (B, P, 4) each."""
+def mix_prompts(key: jax.Array, boxes: jax.Array, other: jax.Array, share: float, return_taken: bool = False):
+    """Each prompt independently takes `other` with probability `share`. (B, P, 4) each; with
+    return_taken also which did, (B, P) bool."""
     take = jax.random.bernoulli(key, share, boxes.shape[:-1])
-    return jnp.where(take[..., None], other, boxes)
+    mixed = jnp.where(take[..., None], other, boxes)
+    return (mixed, take) if return_taken else mixed
+
 
 
 def hflip(key: jax.Array, images: jax.Array, masks: jax.Array, boxes: jax.Array, input_sizes: jax.Array):
@@ -266,6 +278,7 @@ def make_train_step(model, tx, config):
     wd, wb = config.train.dice_weight, config.train.bce_weight
     box_mask = uses_box_mask_prompt(config)
     peak_share = float(config.data.peak_box_share)
+    peak_point = bool(config.data.peak_point)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -275,10 +288,14 @@ def make_train_step(model, tx, config):
         if flip:
             images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
         boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)
+        points = labels = None
         if peak_share > 0:
-            peak = peak_like_boxes(k_peak, masks, sizes, config.data.peak_box_fraction, config.data.peak_box_offset,
-                                   config.data.peak_box_fraction_max)
-            boxes = mix_prompts(k_mix, boxes, peak, peak_share)
+            peak, centres = peak_like_boxes(k_peak, masks, sizes, config.data.peak_box_fraction,
+                                            config.data.peak_box_offset, config.data.peak_box_fraction_max,
+                                            return_points=True)
+            boxes, taken = mix_prompts(k_mix, boxes, peak, peak_share, return_taken=True)
+            if peak_point:
+                points, labels = peak_point_prompts(centres, taken)
         targets = _loss_targets(masks, frame)
 
         def compute(params):
@@ -287,7 +304,7 @@ def make_train_step(model, tx, config):
                 emb = batch["embeddings"]
             else:
                 emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe))
-            logits = decode_boxes(model, variables, emb, boxes, box_mask)
+            logits = decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
             if frame == "input":
                 logits = samfn.upscale_logits(logits, s)
             return sam_loss(logits, targets, batch["valid"], wd, wb)
@@ -301,10 +318,12 @@ def make_train_step(model, tx, config):
     return step
 
 
-def make_predict(model, box_mask: bool = False):
+def make_predict(model, box_mask: bool = False, pad_point: bool = False):
     """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), boxes (B, P, 4))
     -> low-res logits (B, P, S/4, S/4), single-mask output; box_mask: boxes also as mask prompts
-    (as the model was trained: `uses_box_mask_prompt` of its config or checkpoint metadata)."""
+    (as the model was trained: `uses_box_mask_prompt` of its config or checkpoint metadata);
+    pad_point: each box also gets a padding point (a model trained with `data.peak_point` sees that
+    token beside every ground-truth box)."""
     recipe = preprocessing_of(model)
 
     def predict(variables, images, input_sizes, boxes):
@@ -312,7 +331,10 @@ def make_predict(model, box_mask: bool = False):
             emb = images
         else:
             emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
-        return decode_boxes(model, variables, emb, boxes, box_mask)
+        points = labels = None
+        if pad_point:
+            points, labels = peak_point_prompts(jnp.zeros(boxes.shape[:-1] + (2,)), jnp.zeros(boxes.shape[:-1], bool))
+        return decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
     return predict
 
 
@@ -484,7 +506,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(repl, data_sharding),
                          out_shardings=(repl, repl), donate_argnums=0)
-    predict_step = jax.jit(make_predict(model, uses_box_mask_prompt(config)),
+    predict_step = jax.jit(make_predict(model, uses_box_mask_prompt(config), bool(config.data.peak_point)),
                            in_shardings=(repl, data_sharding, data_sharding, data_sharding), out_shardings=data_sharding)
     embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
                          out_shardings=data_sharding)
@@ -586,7 +608,8 @@ def _source(config, step: int, rep: dict) -> dict:
             "peak_box_prompts": {"share": float(config.data.peak_box_share),
                                  "fraction": float(config.data.peak_box_fraction),
                                  "fraction_max": float(config.data.peak_box_fraction_max),
-                                 "offset": float(config.data.peak_box_offset)},
+                                 "offset": float(config.data.peak_box_offset),
+                                 "peak_point": bool(config.data.peak_point)},
             "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
             "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}

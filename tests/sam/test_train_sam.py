@@ -430,3 +430,46 @@ def test_exported_best_loads_and_predicts(cli_run, data_root):
     plain = train_sam.make_predict(model, box_mask=False)(variables, jnp.asarray(canvas[None]), jnp.asarray(sizes),
                                                           jnp.asarray(boxes))
     assert float(np.abs(np.asarray(plain) - np.asarray(trained)).max()) > 1e-3  # the mask prompt matters
+
+
+def test_peak_points_are_the_map_box_centres_with_the_same_draws(train_examples):
+    """data.peak_point: the point of a map-shaped prompt is its centre (clipped into the image), drawn
+    with the same random numbers as the box (so configs without points train exactly as before)."""
+    b = sam_data.gather_batch(train_examples, np.arange(4))
+    masks, sizes = jnp.asarray(b["masks"]), jnp.asarray(b["input_sizes"])
+    key = jax.random.PRNGKey(5)
+    boxes = train_sam.peak_like_boxes(key, masks, sizes, 0.3, 0.03)
+    same, points = train_sam.peak_like_boxes(key, masks, sizes, 0.3, 0.03, return_points=True)
+    np.testing.assert_array_equal(np.asarray(boxes), np.asarray(same))
+    pts, bx = np.asarray(points), np.asarray(boxes)
+    h, w = b["input_sizes"][:, 0, None], b["input_sizes"][:, 1, None]
+    assert (pts[..., 0] >= 0).all() and (pts[..., 0] <= w).all() and (pts[..., 1] <= h).all()
+    inside = (bx[..., 0] > 0) & (bx[..., 2] < w) & (bx[..., 1] > 0) & (bx[..., 3] < h)  # not slid
+    assert inside.any()
+    np.testing.assert_allclose(pts[inside], ((bx[..., :2] + bx[..., 2:]) / 2)[inside], atol=1e-4)
+    given = jnp.asarray([[True, False]] * 4)
+    p, lab = samfn.peak_point_prompts(points, given)
+    assert p.shape == (4, 2, 1, 2) and lab.shape == (4, 2, 1)
+    np.testing.assert_array_equal(np.asarray(lab)[..., 0], np.where(np.asarray(given), 1, -1))
+    np.testing.assert_array_equal(np.asarray(p)[:, 1], 0.0)
+
+
+def test_peak_point_config_trains_and_is_recorded(train_examples, data_root, tmp_path):
+    config = _small(_load_config("sam_synthetic_map_points"), data_root)
+    assert config.data.peak_point and config.data.peak_box_share > 0
+    bad = _small(_load_config("sam_synthetic_map_points"), data_root)
+    bad.data.peak_box_share = 0.0
+    with pytest.raises(ConfigError, match="data.peak_point"):
+        validate_sam(bad, 1)
+    losses = {}
+    for points in (True, False):
+        config.data.peak_point = points
+        _, state, step = _state_and_step(config)
+        batch = sam_data.gather_batch(train_examples, np.arange(2))
+        state, m = step(state, batch)  # the state is donated: keep the returned one
+        losses[points] = float(m["loss"])
+    assert np.isfinite(list(losses.values())).all()
+    assert losses[True] != losses[False]  # the point tokens reach the decoder
+    config.data.peak_point = True
+    train_sam.export_sam(tmp_path / "ck", train_sam.merge_variables(state["params"], state["frozen"]), config, {})
+    assert checkpoint.load_sam(tmp_path / "ck")[2]["peak_point"] is True
