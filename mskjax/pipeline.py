@@ -48,6 +48,18 @@ from mskjax.data.preprocess import preprocess
 from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
+MULTIMASK = ("single", "best_iou")  # PipelineConfig.multimask
+
+
+def chosen_masks(dec: dict, multimask: str) -> tuple[jax.Array, jax.Array]:
+    """(low-res logits (B, P, L, L), predicted IoU (B, P)) from `mskjax.sam.decode` output: its only
+    mask ("single"), or of its M masks the one with the highest predicted IoU ("best_iou")."""
+    low, iou = dec["low_res_logits"], dec["iou_predictions"]
+    if multimask == "single":
+        return low[:, :, 0], iou[:, :, 0]
+    best = jnp.argmax(iou, axis=-1)  # (B, P)
+    return (jnp.take_along_axis(low, best[:, :, None, None, None], axis=2)[:, :, 0],
+            jnp.take_along_axis(iou, best[:, :, None], axis=2)[:, :, 0])
 
 
 class PipelineError(ValueError):
@@ -78,6 +90,9 @@ class PipelineConfig:
       leaves the point out (a padding point instead). Ground-truth boxes, refine passes and
       "threshold" boxes always get the padding point from such a SAM (as it was trained for tight
       boxes). No effect on a SAM trained without points.
+    multimask: "single" (SAM's single-mask output, as the project's SAMs are trained) or "best_iou"
+      (SAM's three multimask outputs, the one with the highest predicted IoU: SAM's own choice for
+      an ambiguous prompt), for every prompt and pass.
     """
 
     cam: str = "grad_cam"
@@ -90,6 +105,7 @@ class PipelineConfig:
     refine: int = 0
     subtract_baseline: bool = False
     peak_point: bool = True
+    multimask: str = "single"
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -104,6 +120,8 @@ class PipelineConfig:
             raise PipelineError("subtract_baseline takes a single-stage gradient map, not score_cam or fused stages")
         if self.refine < 0:
             raise PipelineError(f"refine must be >= 0, got {self.refine}")
+        if self.multimask not in MULTIMASK:
+            raise PipelineError(f"unknown multimask choice {self.multimask!r}: expected one of {list(MULTIMASK)}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
 
@@ -183,6 +201,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
     cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
     target = abnormal_class(classifier.num_classes)
     img_size = sam_model.config.img_size
+    multi = config.multimask != "single"
 
     def cam_maps(variables, x3, targets):
         if config.cam_layer and "+" in config.cam_layer:  # stages fused (mskjax.cam.fused_maps)
@@ -245,9 +264,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                 where = where.at[:, :1].set(peaks_sam)
             points, labels = samfn.peak_point_prompts(where, given)
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
-                           mask_input=mask_input, multimask=False, prompt_valid=pvalid)
-        low = dec["low_res_logits"][:, :, 0]
-        iou = dec["iou_predictions"][:, :, 0]
+                           mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
+        low, iou = chosen_masks(dec, config.multimask)
         k = boxes_in.shape[1]
         cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
         for _ in range(config.refine):
@@ -260,8 +278,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                 none = jnp.zeros(cam_prompts.shape[:2], bool)
                 pts, lbl = samfn.peak_point_prompts(jnp.zeros(none.shape + (2,)), none)
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
-                               multimask=False, prompt_valid=bvalid)
-            cam_low, cam_iou = dec["low_res_logits"][:, :, 0], dec["iou_predictions"][:, :, 0]
+                               multimask=multi, prompt_valid=bvalid)
+            cam_low, cam_iou = chosen_masks(dec, config.multimask)
         out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
                "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
                "box_valid": bvalid, "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}

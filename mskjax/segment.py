@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peak-point", dest="peak_point", action="store_false",
                     help="with a SAM trained with peak points (configs/sam_synthetic_map_points.py), leave the "
                          "map's peak out of its prompt (a padding point instead)")
+    ap.add_argument("--multimask", choices=["single", "best_iou"], default="single",
+                    help="SAM's single-mask output (default), or its three masks and the one with the highest "
+                         "predicted IoU (best_iou)")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
@@ -397,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side, refine=args.refine,
-                                subtract_baseline=args.subtract_baseline, peak_point=args.peak_point)
+                                subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
+                                multimask=args.multimask)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

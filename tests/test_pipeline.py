@@ -345,3 +345,25 @@ def test_peak_point_goes_with_the_peak_box_of_a_point_trained_sam(setup):
                        boxes=jnp.asarray(refined["prompts_sam"][i, 0])[None, None],
                        points=jnp.zeros((1, 1, 1, 2)), point_labels=jnp.full((1, 1, 1), -1, jnp.int32), multimask=False)
     np.testing.assert_allclose(refined["mask_logits"][i, 0], np.asarray(ref["low_res_logits"][0, 0, 0]), atol=2e-3)
+
+
+def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
+    pipe, records, cls_dir, sam_dir = setup
+    multi = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.5, multimask="best_iou"))
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    out = multi.step(batch)
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[:3], boxes=jnp.asarray(out["boxes_sam"][:3]),
+                       multimask=True)
+    iou, low = np.asarray(ref["iou_predictions"]), np.asarray(ref["low_res_logits"])
+    assert low.shape[2] == 3
+    best = iou.argmax(-1)
+    for i in range(3):
+        np.testing.assert_allclose(out["mask_iou"][i, 0], iou[i, 0, best[i, 0]], atol=1e-4)
+        np.testing.assert_allclose(out["mask_logits"][i, 0], low[i, 0, best[i, 0]], atol=2e-3)
+    gt = out["gt_mask_logits"]  # ground-truth prompts take the same choice
+    assert gt.shape[2:] == out["mask_logits"].shape[2:]
+    with pytest.raises(PipelineError, match="multimask"):
+        PipelineConfig(multimask="largest")
