@@ -47,6 +47,10 @@ from pathlib import Path
 
 # JAX and torch share the GPU in this one process: JAX takes a fixed part, torch the rest.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+# Cold compile times on both sides: JAX runs here without its persistent cache, and torch.compile
+# must not reuse inductor's on-disk caches from an earlier run (they cut its compile from minutes
+# to seconds on a rerun).
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -288,11 +292,19 @@ def _torch_encoder(rec, key, build, batch, side, steps):
 
 
 def section_sam(rec, deadline):
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if GPU:  # TF32 matmuls on the torch side too (JAX's default on GPU): like for like
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return _section_sam(rec, deadline)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _section_sam(rec, deadline):
     from mskjax.models.sam import build_lite_medsam, init_lite_medsam_variables
     from mskjax.models.sam.sam import build_sam, init_sam_variables
-    if GPU:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     steps = ARGS.sam_steps
     s, b = ARGS.sam_size, ARGS.sam_batch
     rec["vit_b"] = {"side": s, "batch": b, "precision": "float32 (TF32 matmuls allowed both sides on GPU)"}
@@ -450,12 +462,12 @@ def table(result: dict) -> str:
                 lines.append(f"| {enc} encoder @ {x.get('side')}, batch {x.get('batch')}, fp32 (img/s) | "
                              f"{_f(x.get('jax', {}).get('img_s'))} | {_f(t.get('img_s'))} | | "
                              f"{_f(x.get('ratio_jax_over_torch'), '{:.2f}x')} | | "
-                             f"{_f(x.get('jax', {}).get('compile_and_first_s'))} (compile + first) / | | "
+                             f"{_f(x.get('jax', {}).get('compile_and_first_s'))} (compile + first) / - | | "
                              f"{t.get('skipped', tkey)} |")
         elif name == "pipeline":
             lines.append(f"| pipeline {r.get('classifier')} -> {r.get('cam')} -> box -> {r.get('sam')}, batch "
                          f"{r.get('batch')} (img/s) | {_f(r.get('img_s'))} | | | | | "
-                         f"{_f(r.get('compile_and_first_s'))} (compile + first) / | | mskjax only, host prep included |")
+                         f"{_f(r.get('compile_and_first_s'))} (compile + first) / - | | mskjax only, host prep included |")
         elif name == "loader":
             rows = {(x["contender"], x["work"], x["workers"]): x for x in r.get("rows", [])}
             w = r.get("workers")
@@ -504,7 +516,9 @@ def main():
                      "peak_bf16_tflops": peak_tflops(tname or kind) if GPU or jax.default_backend() == "gpu" else None,
                      "peak_source": "PEAK_BF16_TFLOPS (dense bf16, vendor datasheets)",
                      "python": platform.python_version(), "cpu_count": os.cpu_count(), "loadavg": loadavg(),
-                     "deadline_s": a.deadline}
+                     "deadline_s": a.deadline,
+                     "torchinductor_force_disable_caches": os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES"),
+                     "jax_persistent_cache": jax.config.jax_compilation_cache_dir}
     if RESULT["env"]["peak_bf16_tflops"] is None:
         RESULT["env"]["peak_bf16_tflops"] = "unknown"
     print(RESULT["env"], flush=True)
