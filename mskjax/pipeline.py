@@ -275,8 +275,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             mi = samfn.box_mask_prompt(cam_prompts, img_size, sam_model.config.low_res_size) if box_mask else None
             pts = lbl = None
             if point_trained:  # tight boxes: the padding point, as such a SAM was trained
-                none = jnp.zeros(cam_prompts.shape[:2], bool)
-                pts, lbl = samfn.peak_point_prompts(jnp.zeros(none.shape + (2,)), none)
+                pts, lbl = samfn.padding_point_prompts(cam_prompts.shape[:2])
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
                                multimask=multi, prompt_valid=bvalid)
             cam_low, cam_iou = chosen_masks(dec, config.multimask)

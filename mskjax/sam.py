@@ -357,6 +357,13 @@ def peak_point_prompts(points: jax.Array, given: jax.Array) -> tuple[jax.Array, 
     return jnp.where(given[..., None], points, 0.0)[:, :, None, :].astype(jnp.float32), labels
 
 
+def padding_point_prompts(prompt_shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """`peak_point_prompts` with no point given: (B, P) -> padding points (B, P, 1, 2) and labels
+    (B, P, 1) = -1, what a SAM trained with `data.peak_point` saw beside every tight box."""
+    none = jnp.zeros(tuple(prompt_shape), bool)
+    return peak_point_prompts(jnp.zeros(none.shape + (2,), jnp.float32), none)
+
+
 def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool,
                  points: jax.Array | None = None, point_labels: jax.Array | None = None) -> jax.Array:
     """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,

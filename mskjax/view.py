@@ -133,9 +133,15 @@ class Viewer:
         self._datasets: dict[str, tuple] = {}  # spec -> (items, skips, description), listed once
         self._datasets_lock = threading.Lock()
         self._lock = threading.Lock()  # one model call at a time
-        model, box_mask = pipeline.sam_model, pipeline.box_mask_prompt
+        model, box_mask, point_trained = pipeline.sam_model, pipeline.box_mask_prompt, pipeline.point_trained
+
+        def decode(svars, emb, boxes):
+            # A drawn box is a tight box: a SAM trained with peak points saw a padding point beside those.
+            pts, lbl = samfn.padding_point_prompts(boxes.shape[:2]) if point_trained else (None, None)
+            return samfn.decode_boxes(model, svars, emb, boxes, box_mask, pts, lbl)
+
         self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x))
-        self._decode = jax.jit(lambda svars, emb, boxes: samfn.decode_boxes(model, svars, emb, boxes, box_mask))
+        self._decode = jax.jit(decode)
 
     # -- maps --------------------------------------------------------------------------------
     @property

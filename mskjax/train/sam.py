@@ -333,7 +333,7 @@ def make_predict(model, box_mask: bool = False, pad_point: bool = False):
             emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
         points = labels = None
         if pad_point:
-            points, labels = peak_point_prompts(jnp.zeros(boxes.shape[:-1] + (2,)), jnp.zeros(boxes.shape[:-1], bool))
+            points, labels = samfn.padding_point_prompts(boxes.shape[:-1])
         return decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
     return predict
 
