@@ -9,6 +9,8 @@ width, the usual CAM layer); "features" is "top". Head: global average pool -> d
 Variants are configuration: `padding` ("symmetric" for torchvision/timm, "same" for TF/Keras
 weights), BatchNorm epsilon and momentum (torchvision uses 1e-5/0.1 for B0-B4 and 1e-3/0.01 for
 B5-B7: `torchvision_bn` gives them), compute `dtype`, and the depthwise implementation.
+`scan_blocks` runs each stage's repeated blocks as one `nn.scan` (a program about half the size:
+faster to compile) with their variables stacked (`mskjax.models.scan` converts).
 """
 from __future__ import annotations
 
@@ -84,23 +86,57 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        expanded = make_divisible(self.in_channels * self.expand_ratio)
-        y = x
-        if expanded != self.in_channels:
-            y = nn.silu(self.bn(name="expand_bn")(self.conv(expanded, 1, 1, name="expand_conv")(y), train))
-        y = DepthwiseConv(self.kernel, self.stride, padding=self.padding, impl=self.depthwise_impl,
-                          dtype=self.dtype, name="dw_conv")(y)
-        y = nn.silu(self.bn(name="dw_bn")(y, train))
-        # Squeeze-excitation: squeeze width is a quarter of the block's *input* channels.
-        squeeze = max(1, self.in_channels // 4)
-        s = jnp.mean(y.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = nn.silu(Conv(squeeze, 1, use_bias=True, dtype=self.dtype, name="se_reduce")(s))
-        s = nn.sigmoid(Conv(expanded, 1, use_bias=True, dtype=self.dtype, name="se_expand")(s))
-        y = y * s
-        y = self.bn(name="project_bn")(self.conv(self.out_channels, 1, 1, name="project_conv")(y), train)
-        if self.stride == 1 and self.in_channels == self.out_channels:
-            y = StochasticDepth(self.drop_rate)(y, train) + x.astype(y.dtype)
-        return y
+        return _mbconv(self, x, train, None)
+
+
+class MBConvScanBody(MBConv):
+    """One step of `nn.scan` over a stage's blocks after its first (input channels = output
+    channels, stride 1, so every step has the same shapes): (x, rate) -> (x, None).
+
+    x (B, H, W, C) in `dtype`; rate a float32 scalar, this block's stochastic-depth rate (the
+    rates rise block by block, so they are scanned over instead of being one static attribute).
+    `train` is static; `stochastic` False skips stochastic depth (all rates of the stage are 0)."""
+
+    train: bool = False
+    stochastic: bool = True
+
+    @nn.compact
+    def __call__(self, x, rate):
+        return _mbconv(self, x, self.train, rate if self.stochastic else None), None
+
+
+def _traced_stochastic_depth(y: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """`StochasticDepth` with a traced rate: y (B, H, W, C), rate float32 scalar in [0, 1)."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (y.shape[0], 1, 1, 1))
+    return y * mask.astype(y.dtype) / keep.astype(y.dtype)
+
+
+def _mbconv(m: MBConv, x: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
+    """The block's computation, shared by `MBConv` (rate None: its static `drop_rate`) and
+    `MBConvScanBody` (rate: a traced scalar). Submodules are created in `m`; their names are
+    the same in both, so one block's variables have the same tree in both layouts."""
+    expanded = make_divisible(m.in_channels * m.expand_ratio)
+    y = x
+    if expanded != m.in_channels:
+        y = nn.silu(m.bn(name="expand_bn")(m.conv(expanded, 1, 1, name="expand_conv")(y), train))
+    y = DepthwiseConv(m.kernel, m.stride, padding=m.padding, impl=m.depthwise_impl,
+                      dtype=m.dtype, name="dw_conv")(y)
+    y = nn.silu(m.bn(name="dw_bn")(y, train))
+    # Squeeze-excitation: squeeze width is a quarter of the block's *input* channels.
+    squeeze = max(1, m.in_channels // 4)
+    s = jnp.mean(y.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(m.dtype)
+    s = nn.silu(Conv(squeeze, 1, use_bias=True, dtype=m.dtype, name="se_reduce")(s))
+    s = nn.sigmoid(Conv(expanded, 1, use_bias=True, dtype=m.dtype, name="se_expand")(s))
+    y = y * s
+    y = m.bn(name="project_bn")(m.conv(m.out_channels, 1, 1, name="project_conv")(y), train)
+    if m.stride == 1 and m.in_channels == m.out_channels:
+        if rate is None:
+            y = StochasticDepth(m.drop_rate)(y, train)
+        elif train:
+            y = _traced_stochastic_depth(y, rate, m.make_rng("dropout"))
+        y = y + x.astype(y.dtype)
+    return y
 
 
 class EfficientNet(SplitModel):
@@ -109,6 +145,12 @@ class EfficientNet(SplitModel):
     Variables named "stem_conv", "stem_bn", "stage{s}_block{b}/{expand,dw,project}_{conv,bn}",
     ".../se_reduce", ".../se_expand", "top_conv", "top_bn", "classifier". Logits (B, num_classes)
     float32. Dropout and stochastic depth use the 'dropout' RNG stream in training.
+
+    With `scan_blocks`, "stage{s}_block{b}" for b >= 1 become "stage{s}_blocks" with every leaf
+    stacked on a new leading axis (`scan_groups()` names them). Logits and gradients are the same
+    on converted variables; in training the stochastic-depth masks of the scanned blocks are drawn
+    from other keys of the 'dropout' stream (same rates, same distribution, different draws), the
+    head's dropout mask is the same.
     """
 
     variant: str = "b0"
@@ -120,6 +162,10 @@ class EfficientNet(SplitModel):
     dropout: float | None = None  # None: the variant's own rate
     depthwise_impl: str | None = None  # None: per backend
     dtype: Any = jnp.float32
+    # True: each stage's blocks after its first run as one `nn.scan` step (`MBConvScanBody`), their
+    # variables stacked under "stage{s}_blocks" (leading axis: block 1..n-1). Same function, a
+    # smaller program to compile; `mskjax.models.scan` maps variables between the layouts.
+    scan_blocks: bool = False
 
     @property
     def segments(self) -> Sequence[str]:
@@ -129,6 +175,13 @@ class EfficientNet(SplitModel):
         if self.variant not in SCALING:
             raise ValueError(f"unknown EfficientNet variant {self.variant!r}: expected one of {sorted(SCALING)}")
         return SCALING[self.variant]
+
+    def scan_groups(self) -> dict[str, tuple[str, ...]]:
+        """{"stage{s}_blocks": ("stage{s}_block1", ..., "stage{s}_block{n-1}")} for every stage
+        with more than one block: the blocks `scan_blocks` stacks, in order."""
+        width, depth, _, _ = self._scaling()
+        return {f"stage{s + 1}_blocks": tuple(f"stage{s + 1}_block{b}" for b in range(1, st[5]))
+                for s, st in enumerate(stage_settings(width, depth)) if st[5] > 1}
 
     def run_segment(self, name: str, x: jax.Array, train: bool) -> jax.Array:
         width, depth, _, _ = self._scaling()
@@ -148,11 +201,17 @@ class EfficientNet(SplitModel):
         total = sum(st[5] for st in stages)
         block_id = sum(st[5] for st in stages[:s])
         e, k, stride, cin, cout, n = stages[s]
-        for b in range(n):
+        for b in range(1 if self.scan_blocks else n):
             x = MBConv(cin if b == 0 else cout, cout, e, k, stride if b == 0 else 1,
                        self.stochastic_depth * block_id / total, bn, conv, self.padding,
                        self.depthwise_impl, self.dtype, name=f"{name}_block{b}")(x, train)
             block_id += 1
+        if self.scan_blocks and n > 1:
+            rates = jnp.asarray([self.stochastic_depth * (block_id + b) / total for b in range(n - 1)], jnp.float32)
+            body = nn.scan(MBConvScanBody, variable_axes={"params": 0, "batch_stats": 0},
+                           split_rngs={"params": True, "dropout": True}, in_axes=0, length=n - 1)
+            x, _ = body(cout, cout, e, k, 1, 0.0, bn, conv, self.padding, self.depthwise_impl, self.dtype,
+                        train=train, stochastic=self.stochastic_depth > 0, name=f"{name}_blocks")(x, rates)
         return x
 
     def run_head(self, x: jax.Array, train: bool) -> jax.Array:

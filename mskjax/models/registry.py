@@ -60,7 +60,9 @@ def create(name: str, num_classes: int = 1, **variant: Any):
 
     `variant` overrides `default_variant(name)`: bn_epsilon, bn_momentum, padding
     ("symmetric" | "same"), dtype (jnp dtype or "float32" / "bfloat16"), and for EfficientNet
-    stochastic_depth, dropout, depthwise_impl ("grouped" | "shifted" | None). Unknown keys are an error.
+    stochastic_depth, dropout, depthwise_impl ("grouped" | "shifted" | None); for ResNet and
+    EfficientNet scan_blocks (bool: each stage's repeated blocks as one `nn.scan`, variables stacked;
+    `mskjax.models.scan` converts to and from the usual layout). Unknown keys are an error.
     "tiny_vit_medsam" (`TinyViTClassifier`, LiteMedSAM's encoder) takes its own fields instead:
     head_type ("linear" | "mil"), mil_hidden, mil_attention_dim and the TinyViT sizes (not img_size).
     """

@@ -4,7 +4,8 @@
 Input NHWC float, already normalised as the checkpoint expects (torchvision: [0, 1] then ImageNet
 mean/std). Segments, each a split point for CAM methods: "stem" (conv-bn-relu-maxpool, stride 4),
 "layer1".."layer4" (strides 4, 8, 16, 32); "features" is "layer4"; the head is
-global average pool -> "fc".
+global average pool -> "fc". `scan_blocks` runs each stage's blocks after its first as one
+`nn.scan` with stacked variables (faster to compile; `mskjax.models.scan` converts).
 """
 from __future__ import annotations
 
@@ -37,15 +38,19 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        residual = x
-        y = self.conv(self.features, 3, self.stride, name="conv1")(x)
-        y = nn.relu(self.bn(name="bn1")(y, train))
-        y = self.conv(self.features, 3, 1, name="conv2")(y)
-        y = self.bn(name="bn2")(y, train)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            residual = self.conv(self.features, 1, self.stride, name="downsample_conv")(x)
-            residual = self.bn(name="downsample_bn")(residual, train)
-        return nn.relu(y + residual.astype(y.dtype))
+        return _basic(self, x, train)
+
+
+def _basic(m, x: jax.Array, train: bool) -> jax.Array:
+    residual = x
+    y = m.conv(m.features, 3, m.stride, name="conv1")(x)
+    y = nn.relu(m.bn(name="bn1")(y, train))
+    y = m.conv(m.features, 3, 1, name="conv2")(y)
+    y = m.bn(name="bn2")(y, train)
+    if m.stride != 1 or x.shape[-1] != m.features:
+        residual = m.conv(m.features, 1, m.stride, name="downsample_conv")(x)
+        residual = m.bn(name="downsample_bn")(residual, train)
+    return nn.relu(y + residual.astype(y.dtype))
 
 
 class Bottleneck(nn.Module):
@@ -60,16 +65,38 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        out = self.features * 4
-        residual = x
-        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-        y = nn.relu(self.bn(name="bn1")(self.conv(self.features, 1, s1, name="conv1")(x), train))
-        y = nn.relu(self.bn(name="bn2")(self.conv(self.features, 3, s3, name="conv2")(y), train))
-        y = self.bn(name="bn3")(self.conv(out, 1, 1, name="conv3")(y), train)
-        if self.stride != 1 or x.shape[-1] != out:
-            residual = self.conv(out, 1, self.stride, name="downsample_conv")(x)
-            residual = self.bn(name="downsample_bn")(residual, train)
-        return nn.relu(y + residual.astype(y.dtype))
+        return _bottleneck(self, x, train)
+
+
+def _bottleneck(m, x: jax.Array, train: bool) -> jax.Array:
+    out = m.features * 4
+    residual = x
+    s1, s3 = (m.stride, 1) if m.stride_in_1x1 else (1, m.stride)
+    y = nn.relu(m.bn(name="bn1")(m.conv(m.features, 1, s1, name="conv1")(x), train))
+    y = nn.relu(m.bn(name="bn2")(m.conv(m.features, 3, s3, name="conv2")(y), train))
+    y = m.bn(name="bn3")(m.conv(out, 1, 1, name="conv3")(y), train)
+    if m.stride != 1 or x.shape[-1] != out:
+        residual = m.conv(out, 1, m.stride, name="downsample_conv")(x)
+        residual = m.bn(name="downsample_bn")(residual, train)
+    return nn.relu(y + residual.astype(y.dtype))
+
+
+class BlockScanBody(nn.Module):
+    """One step of `nn.scan` over a stage's blocks after its first (stride 1, input channels =
+    output channels: every step has the same shapes): x (B, H, W, C) -> (x, None). `kind` "basic"
+    or "bottleneck"; submodule names as in `BasicBlock` / `Bottleneck`."""
+
+    kind: str
+    features: int
+    bn: Any
+    conv: Any
+    stride_in_1x1: bool = False
+    train: bool = False
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, _):
+        return (_basic if self.kind == "basic" else _bottleneck)(self, x, self.train), None
 
 
 class ResNet(SplitModel):
@@ -87,6 +114,9 @@ class ResNet(SplitModel):
     stride_in_1x1: bool = False  # True: ResNet v1 (Keras' ResNet50): bottleneck stride on the first 1x1
     conv_bias: bool = False  # True: every conv has a bias (Keras' ResNet50)
     dtype: Any = jnp.float32
+    # True: each stage's blocks after its first run as one `nn.scan` (`BlockScanBody`), their
+    # variables stacked under "layer{i}_blocks" (`scan_groups()`; `mskjax.models.scan` converts).
+    scan_blocks: bool = False
 
     @property
     def segments(self) -> Sequence[str]:
@@ -99,6 +129,15 @@ class ResNet(SplitModel):
             return Conv(features, kernel, stride, use_bias=self.conv_bias, padding=self.padding, dtype=self.dtype,
                         name=name)
         return bn, conv
+
+    def scan_groups(self) -> dict[str, tuple[str, ...]]:
+        """{"layer{i}_blocks": ("layer{i}_block1", ..., "layer{i}_block{n-1}")} for every stage
+        with more than one block: the blocks `scan_blocks` stacks, in order."""
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"unknown ResNet depth {self.depth}: expected one of {sorted(STAGE_SIZES)}")
+        _, sizes = STAGE_SIZES[self.depth]
+        return {f"layer{i + 1}_blocks": tuple(f"layer{i + 1}_block{j}" for j in range(1, n))
+                for i, n in enumerate(sizes) if n > 1}
 
     def run_segment(self, name: str, x: jax.Array, train: bool) -> jax.Array:
         if self.depth not in STAGE_SIZES:
@@ -113,9 +152,15 @@ class ResNet(SplitModel):
         block = BasicBlock if kind == "basic" else partial(Bottleneck, stride_in_1x1=self.stride_in_1x1)
         i = int(name[len("layer"):]) - 1
         features = 64 * 2 ** i
-        for j in range(sizes[i]):
+        n = sizes[i]
+        for j in range(1 if self.scan_blocks else n):
             stride = 2 if (j == 0 and i > 0) else 1
             x = block(features, stride, bn, conv, name=f"{name}_block{j}")(x, train)
+        if self.scan_blocks and n > 1:
+            body = nn.scan(BlockScanBody, variable_axes={"params": 0, "batch_stats": 0},
+                           split_rngs={"params": True}, in_axes=0, length=n - 1)
+            x, _ = body(kind, features, bn, conv, self.stride_in_1x1, train, name=f"{name}_blocks")(
+                x, jnp.arange(n - 1))
         return x
 
     def run_head(self, x: jax.Array, train: bool) -> jax.Array:
