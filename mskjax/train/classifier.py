@@ -29,6 +29,7 @@ from mskjax.data import augment as aug
 from mskjax.data.loader import Loader
 from mskjax.data.splits import load_splits
 from mskjax.models import create
+from mskjax.models.scan import groups_of, to_scanned, unstack_blocks
 from mskjax.train import loop, optim
 from mskjax.train.config import ConfigError, augment_config, validate
 from mskjax.train.localization import localization_report, normal_mean_map
@@ -51,6 +52,16 @@ def model_variant(config) -> dict[str, Any]:
         if m.depthwise_impl:
             v["depthwise_impl"] = m.depthwise_impl
     return v
+
+
+def step_model(config):
+    """The module the train and evaluation steps run: the model `model_variant` describes, built
+    with `scan_blocks=config.model.scan_blocks` (each stage's repeated blocks as one `nn.scan`: the
+    same function, a program faster to compile). The steps convert the state's variables, always in
+    the unscanned layout, to the module's inside the jitted function (`mskjax.models.scan`), so run
+    checkpoints, exports and everything that reads them see one layout whatever the option."""
+    return create(config.model.arch, num_classes=config.model.num_classes, scan_blocks=config.model.scan_blocks,
+                  **model_variant(config))
 
 
 def normalization(config) -> dict[str, Any]:
@@ -114,9 +125,15 @@ def loss_fn(logits: jax.Array, labels: jax.Array, valid: jax.Array, *, num_class
 # ---------------------------------------------------------------------------------------------
 # Steps
 
-def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn):
+def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_layout: bool = True):
+    """(state, batch) -> (state, {"loss", "grad_norm"}). The state's params and batch_stats are in
+    the unscanned layout; a `model` built with scan_blocks (`step_model`) gets them stacked inside
+    the step (gradients flow back through the stacking, so they come out unscanned too).
+    `convert_layout` False: the state is in `model`'s own layout (tools/compile_time.py measures
+    that variant; the trainer does not use it)."""
     ema_decay = config.train.ema_decay
     channels = config.model.in_channels
+    groups = groups_of(model) if convert_layout else {}
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -127,11 +144,14 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn):
         images = prepare_images(images, norm, channels)
 
         def compute(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, images,
-                                          train=True, rngs={"dropout": k_drop}, mutable=["batch_stats"])
+            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            if groups:
+                variables = to_scanned(variables, groups)
+            logits, updates = model.apply(variables, images, train=True, rngs={"dropout": k_drop},
+                                          mutable=["batch_stats"])
             loss = loss_fn(logits, batch["label"], batch["valid"], num_classes=config.model.num_classes,
                            w_pos=w_pos, w_neg=w_neg, label_smoothing=config.train.label_smoothing)
-            return loss, updates["batch_stats"]
+            return loss, unstack_blocks(updates["batch_stats"], groups) if groups else updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -145,9 +165,13 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn):
 
 
 def make_eval_step(model, config, norm):
+    """(variables, images) -> probabilities; variables in the unscanned layout whatever `model`."""
     channels = config.model.in_channels
+    groups = groups_of(model)
 
     def step(variables, images):
+        if groups:
+            variables = to_scanned(variables, groups)
         logits = model.apply(variables, prepare_images(images, norm, channels), train=False)
         return probabilities(logits)
 
@@ -291,9 +315,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         state = jax.jit(init_state, out_shardings=repl)()
 
     augment_fn = partial(aug.augment, config=augment_config(config.data)) if config.data.augment else None
-    train_step = jax.jit(make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn),
+    run_model = step_model(config)  # `model`, or its scan_blocks form; the state keeps `model`'s layout
+    train_step = jax.jit(make_train_step(run_model, tx, config, norm, w_pos, w_neg, augment_fn),
                          in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, config, norm), in_shardings=(repl, data_sharding), out_shardings=data_sharding)
+    eval_step = jax.jit(make_eval_step(run_model, config, norm), in_shardings=(repl, data_sharding),
+                        out_shardings=data_sharding)
 
     def eval_variables(state):
         return {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}

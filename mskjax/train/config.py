@@ -20,7 +20,7 @@ from mskjax.models import ARCHITECTURES, create
 from mskjax.models.sam import ARCHS, LITE_MEDSAM_ARCH, LITE_MEDSAM_IMAGE_SIZE
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
-                "depthwise_impl")
+                "depthwise_impl", "scan_blocks")
 
 
 def _add_run_sections(c: ml_collections.ConfigDict) -> None:
@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.stochastic_depth = 0.2  # EfficientNet only
     c.model.padding = "symmetric"
     c.model.depthwise_impl = ""  # EfficientNet: "" picks per backend
+    # The train/eval steps run each stage's repeated blocks as one nn.scan (same results, a program
+    # faster to compile: docs/BENCHMARKS.md "Compile time"); state and checkpoints keep the usual layout.
+    c.model.scan_blocks = False
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "synthetic"  # synthetic | mura | fracatlas
@@ -142,6 +145,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.model.num_classes >= 1, "model.num_classes", "must be >= 1")
     need(c.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
     need(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    need(isinstance(c.model.scan_blocks, bool), "model.scan_blocks", f"must be True or False, got {c.model.scan_blocks!r}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
     need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
