@@ -1,0 +1,274 @@
+"""Lower and compile time of the trainer's steps, per model, with the persistent cache off.
+
+    .venv/bin/python tools/compile_time.py --out compile_time.json
+    .venv/bin/python tools/compile_time.py --models efficientnet_b3@300 --variants plain,scan --steps 3
+
+For each model ("arch@side") and variant ("plain": the usual module; "scan": built with
+`scan_blocks=True`, `mskjax.train.classifier.step_model`, the state in the unscanned layout as the
+trainer keeps it; "scan_state": the same module with the state, optimizer included, in the stacked
+layout), one fresh worker process (so no compile
+cache in memory carries over) builds the classifier trainer's own steps
+(`mskjax.train.classifier.make_train_step` / `make_eval_step`: forward + backward + the trainer's
+optimizer, here SGD momentum 0.9 with its weight decay and gradient clipping, BatchNorm in train
+mode, dropout and stochastic depth on; the state in the unscanned layout, as the trainer keeps it)
+and times, separately, `jax.jit(step).lower(*abstract args)` and `.compile()`. The persistent
+compilation cache is disabled in the worker. Batch `--batch` (8), one input channel (the
+trainer's default), augmentation off unless `--augment`. `--steps N` also runs the compiled train
+step N times on zeros and reports the median wall time of a step (after one untimed call).
+
+`--sam` adds SAM encoders' forward (`embed_images`): vit_b at 512, vit_tiny at 256, and LiteMedSAM's
+TinyViT at 256, batch 1.
+
+Prints a table; `--out` writes JSON with the machine, date, jax version and the load average
+before and after every worker.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_MODELS = "resnet18@224,resnet50@224,efficientnet_b0@224,efficientnet_b3@224,efficientnet_b3@300"
+SAM_MODELS = ("sam_vit_b@512", "sam_vit_tiny@256", "lite_medsam@256")
+
+
+def loadavg() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one model, one variant, in its own process
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _lower_compile(fn, args, donate=()) -> tuple[dict, object]:
+    import jax
+    lowered, t_lower = _timed(lambda: jax.jit(fn, donate_argnums=donate).lower(*args))
+    n_hlo = len(lowered.as_text().splitlines())
+    compiled, t_compile = _timed(lowered.compile)
+    return {"lower_s": round(t_lower, 3), "compile_s": round(t_compile, 3), "stablehlo_lines": n_hlo}, compiled
+
+
+def classifier_worker(arch: str, side: int, variant: str, batch: int, modes: list[str], steps: int,
+                      augment: bool, depthwise: str = "") -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from functools import partial
+
+    from mskjax.data import augment as aug
+    from mskjax.train import classifier, optim
+    from mskjax.train.config import augment_config, base_config
+
+    config = base_config()
+    config.model.arch = arch
+    config.model.scan_blocks = variant in ("scan", "scan_state")
+    config.data.image_size = side
+    config.train.optimizer = "sgd"
+    config.train.batch_size = batch
+    if arch.startswith("efficientnet"):
+        config.model.depthwise_impl = depthwise
+    model = classifier.create(arch, num_classes=config.model.num_classes, **classifier.model_variant(config))
+    run_model = classifier.step_model(config)
+    norm = classifier.normalization(config)
+    lr = optim.schedule(config.train.learning_rate, 1000, 100)
+    tx = optim.make_optimizer("sgd", lr, config.train.weight_decay, config.train.momentum, config.train.grad_clip)
+    c = config.model.in_channels
+
+    state_model = run_model if variant == "scan_state" else model
+
+    def init_state():
+        v = classifier.init_variables(state_model, config, jax.random.PRNGKey(0))
+        return {"step": jnp.zeros((), jnp.int32), "params": v["params"], "batch_stats": v.get("batch_stats", {}),
+                "opt_state": tx.init(v["params"]), "rng": jax.random.PRNGKey(1)}
+
+    state_abs = jax.eval_shape(init_state)
+    batch_abs = {"image": jax.ShapeDtypeStruct((batch, side, side, 1), jnp.float32),
+                 "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
+                 "valid": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
+    out: dict = {"params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(state_abs["params"]))),
+                 "in_channels": c}
+    if "train" in modes:
+        augment_fn = partial(aug.augment, config=augment_config(config.data)) if augment else None
+        step = classifier.make_train_step(run_model, tx, config, norm, 1.0, 1.0, augment_fn,
+                                          convert_layout=variant != "scan_state")
+        out["train"], compiled = _lower_compile(step, (state_abs, batch_abs), donate=(0,))
+        if steps > 0:
+            state = jax.jit(init_state)()
+            rng = np.random.default_rng(0)
+            data = {"image": jnp.asarray(rng.random((batch, side, side, 1), np.float32)),
+                    "label": jnp.asarray(rng.integers(0, 2, batch).astype(np.int32)),
+                    "valid": jnp.ones((batch,), jnp.bool_)}
+            state, m = compiled(state, data)  # untimed first call
+            jax.block_until_ready(m)
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                state, m = compiled(state, data)
+                jax.block_until_ready((state, m))
+                times.append(time.perf_counter() - t)
+            out["train"]["step_s"] = round(statistics.median(times), 3)
+            out["train"]["step_times_s"] = [round(t, 3) for t in times]
+            out["train"]["loss"] = float(m["loss"])
+    if "eval" in modes:
+        variables_abs = {"params": state_abs["params"], "batch_stats": state_abs["batch_stats"]}
+        step = classifier.make_eval_step(run_model, config, norm)
+        out["eval"], _ = _lower_compile(step, (variables_abs, batch_abs["image"]))
+    return out
+
+
+def sam_worker(name: str, side: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mskjax.models.sam import build_lite_medsam, build_sam, segmenter_variable_shapes
+
+    if name == "lite_medsam":
+        model = build_lite_medsam()
+    else:
+        model = build_sam(name[len("sam_"):], side)
+    variables_abs = segmenter_variable_shapes(model)
+    images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+
+    def embed(variables, images):
+        return model.apply(variables, images, method="embed_images")
+
+    res, _ = _lower_compile(embed, (variables_abs, images))
+    return {"embed": res}
+
+
+def worker_main(spec: dict) -> None:
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
+    name, side = spec["model"].split("@")
+    t0 = time.perf_counter()
+    if spec["kind"] == "sam":
+        res = sam_worker(name, int(side))
+    else:
+        res = classifier_worker(name, int(side), spec["variant"], spec["batch"], spec["modes"], spec["steps"],
+                                spec["augment"], spec.get("depthwise", ""))
+    res["worker_s"] = round(time.perf_counter() - t0, 2)
+    res["jax"] = jax.__version__
+    res["backend"] = jax.default_backend()
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    before = loadavg()
+    env = dict(os.environ, MSKJAX_CACHE_DIR="off")
+    t = time.time()
+    try:
+        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            res = {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:300]}
+        else:
+            res = json.loads(lines[-1][len("RESULT "):])
+    except subprocess.TimeoutExpired:
+        res = {"error": f"timed out after {timeout:.0f} s"}
+    res.update(spec)
+    res["load_before"], res["load_after"] = before, loadavg()
+    res["wall_s"] = round(time.time() - t, 1)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | variant | step | lower s | compile s | lower+compile s | StableHLO lines | step s | load before / after |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        load = f"{r['load_before'][0]:.2f} / {r['load_after'][0]:.2f}" if r.get("load_before") and r.get("load_after") else "?"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r.get('variant', '')} | error: {r['error']} | | | | | | {load} |")
+            continue
+        for step in ("train", "eval", "embed"):
+            if step in r:
+                s = r[step]
+                lines.append(f"| {r['model']} | {r.get('variant', '-')} | {step} | {s['lower_s']:.2f} | {s['compile_s']:.2f} | "
+                             f"{s['lower_s'] + s['compile_s']:.2f} | {s['stablehlo_lines']} | "
+                             f"{s.get('step_s', '')} | {load} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@side (classifier registry names)")
+    ap.add_argument("--variants", default="plain,scan",
+                    help="plain (usual modules), scan (scan_blocks=True, state unscanned: the trainer's option), "
+                         "scan_state (scan_blocks=True with the state and optimizer in the stacked layout)")
+    ap.add_argument("--modes", default="train,eval")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=0, help="also time N train steps (median)")
+    ap.add_argument("--augment", action="store_true", help="include the trainer's augmentation in the train step")
+    ap.add_argument("--depthwise", default="", help="EfficientNet depthwise_impl: '' (per backend), grouped, shifted")
+    ap.add_argument("--sam", action="store_true", help=f"also SAM encoders: {', '.join(SAM_MODELS)}")
+    ap.add_argument("--repeats", type=int, default=1, help="workers per (model, variant); variants interleaved")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per worker")
+    ap.add_argument("--out", help="write JSON here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return 0
+
+    import jax
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "jax": jax.__version__, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "batch": args.batch, "load_before": loadavg()}
+    specs = []
+    for _ in range(args.repeats):
+        for m in [m for m in args.models.split(",") if m]:
+            for v in [v for v in args.variants.split(",") if v]:
+                if v not in ("plain", "scan", "scan_state"):
+                    ap.error(f"unknown variant {v!r}")
+                specs.append({"kind": "classifier", "model": m, "variant": v, "batch": args.batch,
+                              "modes": args.modes.split(","), "steps": args.steps, "augment": args.augment,
+                              "depthwise": args.depthwise})
+        if args.sam:
+            specs += [{"kind": "sam", "model": m} for m in SAM_MODELS]
+    results = []
+    for spec in specs:
+        r = run_worker(spec, args.timeout)
+        results.append(r)
+        print(table([r]).splitlines()[-1] if "error" not in r else r, flush=True)
+    meta["load_after"] = loadavg()
+    print()
+    print(table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+            f.write("\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
