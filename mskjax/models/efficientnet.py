@@ -9,8 +9,9 @@ width, the usual CAM layer); "features" is "top". Head: global average pool -> d
 Variants are configuration: `padding` ("symmetric" for torchvision/timm, "same" for TF/Keras
 weights), BatchNorm epsilon and momentum (torchvision uses 1e-5/0.1 for B0-B4 and 1e-3/0.01 for
 B5-B7: `torchvision_bn` gives them), compute `dtype`, and the depthwise implementation.
-`scan_blocks` runs each stage's repeated blocks as one `nn.scan` (a program about half the size:
-faster to compile) with their variables stacked (`mskjax.models.scan` converts).
+`scan_blocks` runs each stage's repeated blocks as one `nn.scan` with their variables stacked
+(`mskjax.models.scan` converts); on XLA:CPU it does not compile faster (docs/BENCHMARKS.md,
+"Compile time").
 """
 from __future__ import annotations
 
@@ -163,8 +164,8 @@ class EfficientNet(SplitModel):
     depthwise_impl: str | None = None  # None: per backend
     dtype: Any = jnp.float32
     # True: each stage's blocks after its first run as one `nn.scan` step (`MBConvScanBody`), their
-    # variables stacked under "stage{s}_blocks" (leading axis: block 1..n-1). Same function, a
-    # smaller program to compile; `mskjax.models.scan` maps variables between the layouts.
+    # variables stacked under "stage{s}_blocks" (leading axis: block 1..n-1). Same function, each
+    # repeated block traced once; `mskjax.models.scan` maps variables between the layouts.
     scan_blocks: bool = False
 
     @property

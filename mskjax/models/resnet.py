@@ -5,7 +5,8 @@ Input NHWC float, already normalised as the checkpoint expects (torchvision: [0,
 mean/std). Segments, each a split point for CAM methods: "stem" (conv-bn-relu-maxpool, stride 4),
 "layer1".."layer4" (strides 4, 8, 16, 32); "features" is "layer4"; the head is
 global average pool -> "fc". `scan_blocks` runs each stage's blocks after its first as one
-`nn.scan` with stacked variables (faster to compile; `mskjax.models.scan` converts).
+`nn.scan` with stacked variables (`mskjax.models.scan` converts; on XLA:CPU not faster to compile,
+docs/BENCHMARKS.md "Compile time").
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def model_variant(config) -> dict[str, Any]:
 def step_model(config):
     """The module the train and evaluation steps run: the model `model_variant` describes, built
     with `scan_blocks=config.model.scan_blocks` (each stage's repeated blocks as one `nn.scan`: the
-    same function, a program faster to compile). The steps convert the state's variables, always in
+    same function; on XLA:CPU it compiles slower, docs/BENCHMARKS.md "Compile time"). The steps convert the state's variables, always in
     the unscanned layout, to the module's inside the jitted function (`mskjax.models.scan`), so run
     checkpoints, exports and everything that reads them see one layout whatever the option."""
     return create(config.model.arch, num_classes=config.model.num_classes, scan_blocks=config.model.scan_blocks,

@@ -52,8 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.stochastic_depth = 0.2  # EfficientNet only
     c.model.padding = "symmetric"
     c.model.depthwise_impl = ""  # EfficientNet: "" picks per backend
-    # The train/eval steps run each stage's repeated blocks as one nn.scan (same results, a program
-    # faster to compile: docs/BENCHMARKS.md "Compile time"); state and checkpoints keep the usual layout.
+    # The train/eval steps run each stage's repeated blocks as one nn.scan (same results; off by default
+    # because on XLA:CPU it compiles slower: docs/BENCHMARKS.md "Compile time"); state and checkpoints
+    # keep the usual layout either way.
     c.model.scan_blocks = False
 
     c.data = ml_collections.ConfigDict()
