@@ -24,13 +24,15 @@ def get_config():
     c.data.dataset = "fracatlas"
     c.data.root = "../shared/data/fracatlas"
     c.data.valid_fraction = 0.15
-    c.data.max_prompts = 4
+    # One prompt per example: LiteMedSAM's decoder works at 64 x 64 tokens and 256 x 256 low-res
+    # masks per prompt, so padded prompt slots would cost as much as real ones.
+    c.data.max_prompts = 1
     c.train.train_image_encoder = False
     c.train.cache_embeddings = True
     c.train.embedding_cache_dir = "runs/embedding_cache"
     c.train.box_mask_prompt = False
     c.train.batch_size = 8
-    c.train.epochs = 6
+    c.train.epochs = 4
     c.train.learning_rate = 1e-4  # MedSAM's fine-tuning rate
     c.train.weight_decay = 0.01
     c.train.warmup_epochs = 0.0

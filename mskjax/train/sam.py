@@ -257,12 +257,14 @@ def sam_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array, dice_weigh
     return dice_weight * dice_m + bce_weight * bce_m, {"dice_loss": dice_m, "bce": bce_m}
 
 
-def _loss_targets(masks_u8: jax.Array, frame: str) -> jax.Array:
-    """(B, P, S, S) uint8 0..255 -> float targets in the loss frame (S x S, or S/4 by 4x4 means)."""
+def _loss_targets(masks_u8: jax.Array, frame: str, low_res: int) -> jax.Array:
+    """(B, P, S, S) uint8 0..255 -> float targets in the loss frame: S x S, or the model's low-res
+    grid L (L = S/4 for SAM by (S/L) x (S/L) means; LiteMedSAM's L is S, so nothing changes)."""
     t = masks_u8.astype(jnp.float32) / 255.0
-    if frame == "low_res":
-        b, p, s, _ = t.shape
-        t = t.reshape(b, p, s // 4, 4, s // 4, 4).mean(axis=(3, 5))
+    b, p, s, _ = t.shape
+    if frame == "low_res" and low_res != s:
+        k = s // low_res
+        t = t.reshape(b, p, low_res, k, low_res, k).mean(axis=(3, 5))
     return t
 
 
@@ -296,7 +298,7 @@ def make_train_step(model, tx, config):
             boxes, taken = mix_prompts(k_mix, boxes, peak, peak_share, return_taken=True)
             if peak_point:
                 points, labels = peak_point_prompts(centres, taken)
-        targets = _loss_targets(masks, frame)
+        targets = _loss_targets(masks, frame, model.config.low_res_size)
 
         def compute(params):
             variables = merge_variables(params, state["frozen"])
@@ -305,7 +307,7 @@ def make_train_step(model, tx, config):
             else:
                 emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe))
             logits = decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
-            if frame == "input":
+            if frame == "input" and logits.shape[-1] != s:  # LiteMedSAM's low-res logits are already S x S
                 logits = samfn.upscale_logits(logits, s)
             return sam_loss(logits, targets, batch["valid"], wd, wb)
 
@@ -381,9 +383,11 @@ def embed_all(embed_step, variables, ex: sam_data.SamExamples, batch_size: int, 
 def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
              embeddings: np.ndarray | None = None, per_lesion: bool = False) -> dict:
     """Dice and IoU of every lesion (ground-truth box, no jitter) in the original image frame:
-    {"dice", "iou", "n", "by_type": {type: {...}}, ["lesions": [{"path", "type", "dice", "iou"}]]}."""
+    {"dice", "iou", "n", "by_type": {type: {...}}, "fill_box": {...}, ["lesions": [{"path", "type",
+    "dice", "iou", "fill_box_dice"}]]}. "fill_box" scores the baseline that fills each lesion's box
+    (every pixel it touches), the bar a box-prompted segmenter has to clear."""
     truth = {(l.example, l.prompt): l for l in ex.lesions}
-    scores, rows = [], []
+    scores, filled, rows = [], [], []
     n = len(ex)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
@@ -401,16 +405,21 @@ def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int,
             for j in np.flatnonzero(ex.valid[e]):
                 t = truth[(int(e), int(j))]
                 d, u = sam_data.lesion_dice(masks[j], t)
+                fd, fu = sam_data.fill_box_dice(t)
                 scores.append((t.type, d, u))
-                rows.append({"path": t.path, "type": t.type, "box_px": list(t.box_px), "dice": d, "iou": u})
+                filled.append((t.type, fd, fu))
+                rows.append({"path": t.path, "type": t.type, "box_px": list(t.box_px), "dice": d, "iou": u,
+                             "fill_box_dice": fd})
     report = sam_data.dice_report(scores)
+    report["fill_box"] = sam_data.dice_report(filled)
     if per_lesion:
         report["lesions"] = rows
     return report
 
 
 def _format_report(name: str, rep: dict) -> str:
-    lines = [f"{name}: mean Dice {rep['dice']:.4f}, IoU {rep['iou']:.4f} over {rep['n']} lesions"]
+    fill = f" (filling the box: {rep['fill_box']['dice']:.4f})" if "fill_box" in rep else ""
+    lines = [f"{name}: mean Dice {rep['dice']:.4f}, IoU {rep['iou']:.4f} over {rep['n']} lesions{fill}"]
     for t, r in rep["by_type"].items():
         lines.append(f"  {t:<10} Dice {r['dice']:.4f}  IoU {r['iou']:.4f}  n {r['n']}")
     return "\n".join(lines)

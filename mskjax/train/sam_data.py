@@ -287,6 +287,15 @@ def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:
     return dice, (inter / union if union > 0 else 1.0)
 
 
+def fill_box_dice(truth: LesionTruth) -> tuple[float, float]:
+    """(Dice, IoU) of the baseline that fills the lesion's box: every pixel of box_px (the box
+    rounded outward, i.e. every pixel it touches) against the lesion's mask."""
+    x0, y0, x1, y1 = truth.box_px
+    area, g = float((x1 - x0) * (y1 - y0)), float(truth.crop.sum())
+    dice = 2 * g / (area + g) if area + g > 0 else 1.0
+    return dice, (g / area if area > 0 else 1.0)
+
+
 def dice_report(scores: list[tuple[str, float, float]]) -> dict:
     """[(type, dice, iou)] -> {"dice", "iou", "n", "by_type": {type: {"dice", "iou", "n"}}} (means)."""
     def summary(rows):

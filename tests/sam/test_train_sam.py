@@ -277,6 +277,16 @@ def test_scoring_frames_agree_with_training_frames(data_root):
     assert np.mean(good) > 0.75 and np.mean(shifted) < 0.5 * np.mean(good), (np.mean(good), np.mean(shifted))
 
 
+def test_fill_box_baseline_is_the_dice_of_the_filled_box(train_examples):
+    """sam_data.fill_box_dice equals lesion_dice of a mask that fills box_px, and evaluate reports it."""
+    for t in train_examples.lesions[:6]:
+        x0, y0, x1, y1 = t.box_px
+        pred = np.zeros((y1 + 3, x1 + 3), bool)
+        pred[y0:y1, x0:x1] = True
+        np.testing.assert_allclose(sam_data.fill_box_dice(t), sam_data.lesion_dice(pred, t), atol=1e-12)
+    assert 0 < sam_data.fill_box_dice(train_examples.lesions[0])[0] < 1
+
+
 def test_epoch_iterator_resumes_exactly():
     a = sam_data.EpochIterator(10, 3, seed=5)
     first = [next(a) for _ in range(4)]  # crosses an epoch (3 batches per epoch)
@@ -391,6 +401,7 @@ def test_cli_run_writes_results_and_exports_best(cli_run):
         rep = results[split]
         assert rep["n"] > 0 and 0.0 <= rep["dice"] <= 1.0
         assert set(rep["by_type"]) <= {"fracture", "hardware", "lesion"}
+        assert 0.0 < rep["fill_box"]["dice"] < 1.0 and rep["fill_box"]["n"] == rep["n"]
     assert len(results["test"]["lesions"]) == results["test"]["n"]
     assert results["time"]["cpu_s"] > 0
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
