@@ -12,6 +12,12 @@ per annotated fracture, MedSAM's outward jitter (5 px at 256), Dice + BCE on log
 256 x 256 input; "valid" is a 15% stratified tuning split carved from FracAtlas' train split (best
 checkpoint), "test" is FracAtlas' official valid split, scored once with ground-truth boxes in the
 original frame. No box-as-mask prompt: LiteMedSAM was trained on sparse box prompts alone.
+
+Measured 2026-12-05 on this project's 2-core CPU (load 3-8, shared with other jobs), mean Dice per
+fracture with ground-truth boxes: official valid (test) 0.590 zero-shot -> 0.734 fine-tuned (best
+at step 243 of 324, by the tuning split), filling the box 0.763; tuning split 0.527 -> 0.703 (fill
+0.731). 15 min 11 s with the embeddings read from the disk cache; computing them the first time
+(657 images) took over an hour at load 5-8 (about 2.5 s per image idle).
 """
 from mskjax.train.config import sam_base_config
 
