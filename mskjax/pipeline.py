@@ -93,6 +93,9 @@ class PipelineConfig:
     multimask: "single" (SAM's single-mask output, as the project's SAMs are trained) or "best_iou"
       (SAM's three multimask outputs, the one with the highest predicted IoU: SAM's own choice for
       an ambiguous prompt), for every prompt and pass.
+    box_margin: grow every box SAM is first prompted with (map-derived and ground-truth) by this
+      many original-frame pixels on each side, clipped to the image. A decoder fine-tuned on
+      outward-jittered boxes (MedSAM's recipe) expects boxes a little larger than tight ones.
     """
 
     cam: str = "grad_cam"
@@ -106,6 +109,7 @@ class PipelineConfig:
     subtract_baseline: bool = False
     peak_point: bool = True
     multimask: str = "single"
+    box_margin: float = 0.0
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -120,6 +124,8 @@ class PipelineConfig:
             raise PipelineError("subtract_baseline takes a single-stage gradient map, not score_cam or fused stages")
         if self.refine < 0:
             raise PipelineError(f"refine must be >= 0, got {self.refine}")
+        if not (self.box_margin >= 0.0 and np.isfinite(self.box_margin)):
+            raise PipelineError(f"box_margin must be a finite number >= 0, got {self.box_margin}")
         if self.multimask not in MULTIMASK:
             raise PipelineError(f"unknown multimask choice {self.multimask!r}: expected one of {list(MULTIMASK)}")
         if not 0.0 < self.box_fraction <= 1.0:
@@ -240,14 +246,15 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
         hw = batch["original_hw"]
         boxes_orig = geo.clip_boxes(geo.boxes_to_original(boxes_in, geom), hw)
+        grow = jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32) * config.box_margin
         nonempty = (boxes_orig[..., 2] > boxes_orig[..., 0]) & (boxes_orig[..., 3] > boxes_orig[..., 1])
         bvalid = bvalid & nonempty & abnormal[:, None]
-        boxes_sam = samfn.transform_boxes(boxes_orig, hw, img_size)
+        boxes_sam = samfn.transform_boxes(geo.clip_boxes(boxes_orig + grow, hw), hw, img_size)
         emb = samfn.embed(sam_model, svars, batch["sam_images"])
         prompts, pvalid = boxes_sam, bvalid
         g = batch["gt_boxes"].shape[1]
         if g:
-            gt_sam = samfn.transform_boxes(batch["gt_boxes"], hw, img_size)
+            gt_sam = samfn.transform_boxes(geo.clip_boxes(batch["gt_boxes"] + grow, hw), hw, img_size)
             gvalid = batch["gt_valid"] & valid[:, None]
             prompts = jnp.concatenate([boxes_sam, gt_sam], axis=1)
             pvalid = jnp.concatenate([bvalid, gvalid], axis=1)

@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--multimask", choices=["single", "best_iou"], default="single",
                     help="SAM's single-mask output (default), or its three masks and the one with the highest "
                          "predicted IoU (best_iou)")
+    ap.add_argument("--box-margin", type=float, default=0.0,
+                    help="grow every box SAM is prompted with by this many original pixels per side, clipped to the "
+                         "image (default 0; 4 suits configs/litemedsam_fracatlas.py's decoder, chosen on its tuning split)")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
@@ -401,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side, refine=args.refine,
                                 subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
-                                multimask=args.multimask)
+                                multimask=args.multimask, box_margin=args.box_margin)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

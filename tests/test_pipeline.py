@@ -367,3 +367,21 @@ def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
     assert gt.shape[2:] == out["mask_logits"].shape[2:]
     with pytest.raises(PipelineError, match="multimask"):
         PipelineConfig(multimask="largest")
+
+
+def test_box_margin_grows_every_first_prompt_inside_the_image(setup):
+    pipe, records, cls_dir, sam_dir = setup
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    grown = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.5, box_margin=4.0)).step(batch)
+    plain = pipe.step(batch)
+    hw = batch["original_hw"]
+    for key, orig in (("boxes_sam", plain["boxes"]), ("gt_boxes_sam", batch["gt_boxes"])):
+        want = samfn.transform_boxes(geometry.clip_boxes(np.asarray(orig, np.float64) + [-4, -4, 4, 4], hw), hw, SAM_SIZE)
+        np.testing.assert_allclose(grown[key], want, atol=1e-3)
+        assert not np.allclose(grown[key], plain[key])
+    np.testing.assert_array_equal(grown["boxes"], plain["boxes"])  # the reported box is the map's own
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(PipelineError, match="box_margin"):
+            PipelineConfig(box_margin=bad)
