@@ -9,6 +9,10 @@ the demo's own tiny SAM (configs/sam_synthetic_map_prompts.py). The run prints t
 (before training), the fine-tuned ones and filling the box, on valid and on test, ground-truth boxes.
 Everything else is configs/litemedsam_fracatlas.py: decoder only, embeddings cached on disk
 (runs/embedding_cache), no box-as-mask prompt.
+
+Measured 2026-12-05 on this project's 2-core CPU with nothing else running: 30 min 7 s (750
+embeddings included); test, 140 lesions, per lesion: zero-shot 0.673 -> fine-tuned 0.844 (best at
+step 210 of 280 by valid), filling the box 0.716; valid 0.615 -> 0.849 (fill 0.686).
 """
 import importlib.util
 from pathlib import Path
