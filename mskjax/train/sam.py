@@ -535,6 +535,14 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         log(f"cached {sum(len(c) for c in cache.values())} image embeddings in {time.time() - t0:.1f}s"
             + (f" ({disk.hits} read from {disk.folder}, {disk.misses} computed)" if disk else ""))
 
+    def split_embeddings(split: str, variables) -> np.ndarray | None:
+        """A split's cached embeddings (embedded once, on first use); None when nothing is cached."""
+        if not config.train.cache_embeddings:
+            return None
+        if split not in cache:  # the encoder is frozen: any of the run's variables embed alike
+            cache[split] = embed_all(embed_step, variables, examples[split], config.eval.batch_size, data_sharding, disk)
+        return cache[split]
+
     def validation(state) -> loop.Evaluation:
         variables = merge_variables(state["params"], state["frozen"])
         rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
@@ -552,14 +560,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         v0 = merge_variables(state["params"], state["frozen"])
         for split in ("valid", config.eval.test_split):
             if split and len(examples.get(split, [])):
-                emb = None
-                if config.train.cache_embeddings:
-                    if split not in cache:
-                        cache[split] = embed_all(embed_step, v0, examples[split], config.eval.batch_size,
-                                                 data_sharding, disk)
-                    emb = cache[split]
                 initial[split] = evaluate(predict_step, v0, examples[split], config.eval.batch_size, data_sharding,
-                                          emb)
+                                          split_embeddings(split, v0))
                 log("\n" + _format_report(f"{split} before training (init_from {config.init_from}, "
                                           "ground-truth boxes)", initial[split]))
 
@@ -589,13 +591,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
         for split in ("valid", config.eval.test_split):
             if split and len(examples.get(split, [])):
-                emb = None
-                if config.train.cache_embeddings:
-                    emb = cache.get(split)
-                    if emb is None:
-                        emb = embed_all(embed_step, bv, examples[split], config.eval.batch_size, data_sharding, disk)
-                rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding, emb,
-                               per_lesion=split != "valid")
+                rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding,
+                               split_embeddings(split, bv), per_lesion=split != "valid")
                 result[split] = rep
                 title = f"{split} (best checkpoint, step {best['step']}, ground-truth boxes)"
                 log("\n" + _format_report(title, rep))
