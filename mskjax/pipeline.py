@@ -30,6 +30,8 @@ marked invalid: SAM still runs on it (static shapes) but its masks come out empt
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -45,6 +47,7 @@ from mskjax import sam as samfn
 from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
 from mskjax.data.images import decode_image
 from mskjax.data.preprocess import preprocess
+from mskjax.embedding_cache import EmbeddingCache, encoder_fingerprint
 from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
@@ -175,13 +178,16 @@ def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray
 
 
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
-              box_mask: bool = False, baseline: np.ndarray | None = None, point_trained: bool = False):
+              box_mask: bool = False, baseline: np.ndarray | None = None, point_trained: bool = False,
+              embedded: bool = False):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
 
     step(classifier_variables, sam_variables, batch) with batch a dict of
       images (B, S, S, 1) float32 in [0, 1] (classifier input frame, before normalisation);
       geometry: batched `Geometry` original -> classifier input;
-      sam_images (B, T, T, 3) float32 (`mskjax.sam.preprocess` output);
+      sam_images (B, T, T, 3) float32 (`mskjax.sam.preprocess` output), or, when `embedded`,
+        sam_embeddings (B, e, e, C) float32: SAM's image embeddings of those images, computed
+        outside (`Pipeline` with an embedding cache);
       original_hw (B, 2) float32 (H0, W0);
       valid (B,) bool (False for padding);
       threshold () float32: abnormal when probability >= threshold (an input, so changing it does
@@ -250,7 +256,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         nonempty = (boxes_orig[..., 2] > boxes_orig[..., 0]) & (boxes_orig[..., 3] > boxes_orig[..., 1])
         bvalid = bvalid & nonempty & abnormal[:, None]
         boxes_sam = samfn.transform_boxes(geo.clip_boxes(boxes_orig + grow, hw), hw, img_size)
-        emb = samfn.embed(sam_model, svars, batch["sam_images"])
+        emb = batch["sam_embeddings"] if embedded else samfn.embed(sam_model, svars, batch["sam_images"])
         prompts, pvalid = boxes_sam, bvalid
         g = batch["gt_boxes"].shape[1]
         if g:
@@ -369,10 +375,19 @@ def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
 
 
 class Pipeline:
-    """Models, settings and the compiled step. Build with `from_directories` or the constructor."""
+    """Models, settings and the compiled step. Build with `from_directories` or the constructor.
+
+    embedding_cache: a folder (`mskjax.embedding_cache`, the trainer's `train.embedding_cache_dir`
+    layout and keys): SAM's image embeddings are read from it and the missing ones computed and
+    written, so that a second run over the same images (another CAM, box or threshold) skips the
+    image encoder, the pipeline's heaviest part. The step then takes embeddings instead of SAM
+    inputs; what it computes is otherwise the same. A SAM fine-tuned with its encoder frozen shares
+    the folder with its training run (same weights, same inputs, same keys).
+    """
 
     def __init__(self, classifier, classifier_variables, classifier_meta: dict, sam_model, sam_variables,
-                 sam_meta: dict | None = None, config: PipelineConfig = PipelineConfig()):
+                 sam_meta: dict | None = None, config: PipelineConfig = PipelineConfig(),
+                 embedding_cache: str | os.PathLike | None = None):
         self.classifier, self.sam_model, self.config = classifier, sam_model, config
         self.classifier_meta = dict(classifier_meta)
         self.sam_meta = dict(sam_meta or {})
@@ -393,15 +408,28 @@ class Pipeline:
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
         self.point_trained = bool(self.sam_meta.get("peak_point", False))
         self.baseline = stored_baseline(self.classifier_meta, config) if config.subtract_baseline else None
+        self.embeddings = None
+        if embedding_cache:
+            arch = self.sam_meta.get("arch")
+            if not arch:
+                raise PipelineError("embedding_cache: the SAM checkpoint's metadata names no arch, which the cache's "
+                                    "key needs")
+            c = sam_model.config
+            host = jax.tree.map(np.asarray, sam_variables)
+            self.embeddings = EmbeddingCache(
+                embedding_cache, encoder_fingerprint(host, arch, self.sam_img_size, self.sam_preprocessing),
+                (c.embedding_size, c.embedding_size, c.prompt_embed_dim))
+            self._embed = jax.jit(functools.partial(samfn.embed, sam_model))
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
                                        box_mask=self.box_mask_prompt, baseline=self.baseline,
-                                       point_trained=self.point_trained))
+                                       point_trained=self.point_trained, embedded=self.embeddings is not None))
 
     @classmethod
-    def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig()) -> "Pipeline":
+    def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig(),
+                         embedding_cache: str | os.PathLike | None = None) -> "Pipeline":
         model, variables, meta = checkpoint.load_classifier(classifier_dir)
         smodel, svars, smeta = checkpoint.load_sam(sam_dir)
-        return cls(model, variables, meta, smodel, svars, smeta, config)
+        return cls(model, variables, meta, smodel, svars, smeta, config, embedding_cache)
 
     # -- host-side preparation ------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray], batch_size: int,
@@ -433,13 +461,40 @@ class Pipeline:
             gb[i, :len(boxes)] = boxes
             gv[i, :len(boxes)] = True
         valid = np.arange(batch_size) < n
-        return {"images": x, "geometry": geo.stack_geometries(geoms), "sam_images": sam_images,
+        extra = {}
+        if self.embeddings is not None:  # the cache's keys: the uint8 canvas SAM's input is made from
+            extra["sam_canvases"] = [samfn.resize_into_canvas(_to_uint8(im), t, self.sam_preprocessing)
+                                     for im in images]
+        return {**extra, "images": x, "geometry": geo.stack_geometries(geoms), "sam_images": sam_images,
                 "original_hw": hw, "valid": valid, "threshold": np.float32(self.config.threshold), "gt_boxes": gb, "gt_valid": gv,
                 "sam_input_sizes": np.concatenate([sam_in.input_sizes, np.ones((batch_size - n, 2), np.int32)])}
 
+    def image_embeddings(self, batch: dict) -> np.ndarray:
+        """(B, e, e, C) float32 SAM embeddings of a prepared batch from the embedding cache; the
+        missing ones are computed (one encoder call on the whole padded batch) and written. Padding
+        rows are zero (their prompts are invalid)."""
+        cache = self.embeddings
+        emb = np.zeros((len(batch["valid"]),) + cache.shape, np.float32)
+        missing = []
+        for i, (canvas, hw) in enumerate(batch["sam_canvases"]):
+            got = cache.get(canvas, hw)
+            if got is None:
+                missing.append(i)
+            else:
+                emb[i] = got
+        if missing:
+            computed = np.asarray(self._embed(self.sam_variables, batch["sam_images"]))
+            for i in missing:
+                emb[i] = computed[i]
+                cache.put(*batch["sam_canvases"][i], computed[i])
+        return emb
+
     def step(self, batch: dict) -> dict:
         """Runs the jitted step on a prepared batch; numpy outputs."""
-        args = {k: v for k, v in batch.items() if k != "sam_input_sizes"}
+        args = {k: v for k, v in batch.items() if k not in ("sam_input_sizes", "sam_canvases")}
+        if self.embeddings is not None:
+            args["sam_embeddings"] = self.image_embeddings(batch)
+            del args["sam_images"]
         out = self._step(self.classifier_variables, self.sam_variables, args)
         return jax.tree.map(np.asarray, out)
 
@@ -536,7 +591,8 @@ def describe(pipe: Pipeline) -> dict:
                                           ("arch", "input_size", "in_channels", "data", "source")},
             "sam": {**{k: pipe.sam_meta.get(k) for k in ("arch", "img_size", "source")},
                     "preprocessing": pipe.sam_preprocessing},
-            "classifier_input": {"size": pipe.input_size, "mode": pipe.mode}}
+            "classifier_input": {"size": pipe.input_size, "mode": pipe.mode},
+            "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",

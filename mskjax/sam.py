@@ -38,6 +38,7 @@ from PIL import Image
 from mskjax.geometry import validate_boxes
 from mskjax.models.sam.common import linear_resize_matrix
 from mskjax.models.sam import is_lite_medsam, lite_medsam_preprocess
+from mskjax.models.sam.lite_medsam import area_resize
 from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
 
 # Logit given to every pixel of a padded (invalid) prompt: far below the threshold, still finite
@@ -131,6 +132,25 @@ def preprocess(images_uint8, img_size: int = 1024, preprocessing: str = "sam") -
         input_sizes[i] = (h, w)
         original_sizes[i] = rgb.shape[:2]
     return SamInputs(out, input_sizes, original_sizes)
+
+
+def resize_into_canvas(image_u8: np.ndarray, img_size: int, preprocessing: str = "sam"
+                       ) -> tuple[np.ndarray, tuple[int, int]]:
+    """(H, W) uint8 -> ((S, S) uint8 with the image resized into the top-left (h, w), (h, w)).
+
+    The resize of `mskjax.sam.preprocess` with the same recipe, on uint8 (per channel, and the three
+    channels of a gray image are equal): "sam" PIL's antialiased bilinear; "lite_medsam" cv2's
+    INTER_AREA (`area_resize`, rounded to uint8 as cv2 does)."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
+    h, w = sam_input_size(image_u8.shape[:2], img_size)
+    if preprocessing == "lite_medsam":
+        resized = area_resize(image_u8[..., None], h, w)[..., 0]
+    else:
+        resized = np.asarray(Image.fromarray(image_u8).resize((w, h), Image.BILINEAR))
+    canvas = np.zeros((img_size, img_size), np.uint8)
+    canvas[:h, :w] = resized
+    return canvas, (h, w)
 
 
 def _preprocess_lite_medsam(imgs: list[np.ndarray], img_size: int) -> SamInputs:

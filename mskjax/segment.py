@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
+    ap.add_argument("--embedding-cache", default=None, metavar="DIR",
+                    help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
+                         "the trainer's train.embedding_cache_dir), so a second run skips the image encoder")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="only the first N inputs")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs (0: none)")
@@ -405,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 box_side=args.box_side, refine=args.refine,
                                 subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
                                 multimask=args.multimask, box_margin=args.box_margin)
-        pipe = Pipeline.from_directories(args.classifier, args.sam, config)
+        pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -418,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cls:
         s = cls["overall"]["study"]
         print(f"study AUROC {s['auroc']['value']:.4f}  kappa {s['kappa']['value']:.4f}")
+    if pipe.embeddings is not None:
+        print(f"SAM embeddings: {pipe.embeddings.hits} read from {pipe.embeddings.folder}, "
+              f"{pipe.embeddings.misses} computed and written")
     seg, loc = report["segmentation"], report["localization"]
     pg, pg15 = loc["pointing_game"], loc["pointing_game_15px"]
     print(f"pointing game {pg['accuracy']:.4f} (chance {pg['chance']:.4f}) / 15 px {pg15['accuracy']:.4f} "

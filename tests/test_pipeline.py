@@ -21,7 +21,7 @@ from mskjax.data.mura import read_mura
 from mskjax.models import create
 from mskjax.models.sam import build_sam, sam_variable_shapes
 from mskjax.checkpoint import load_classifier, load_sam
-from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, content_bounds, content_mask
+from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, content_bounds, content_mask, describe
 from mskjax.weights.mapping import CheckpointMismatch
 from mskjax.weights.sam import sam_metadata
 
@@ -385,3 +385,32 @@ def test_box_margin_grows_every_first_prompt_inside_the_image(setup):
     for bad in (-1.0, float("nan")):
         with pytest.raises(PipelineError, match="box_margin"):
             PipelineConfig(box_margin=bad)
+
+
+def test_embedding_cache_gives_the_same_results_and_skips_the_encoder_the_second_time(setup, tmp_path):
+    pipe, records, _, _ = setup
+    cached = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                      pipe.sam_variables, pipe.sam_meta, pipe.config, embedding_cache=tmp_path / "emb")
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    plain = pipe.step(batch)
+    _, _, batch = _batch_of(cached, records, 3, 4)
+    first = cached.step(batch)
+    assert (cached.embeddings.hits, cached.embeddings.misses) == (0, 3)
+    assert len(list(cached.embeddings.folder.glob("*.npy"))) == 3
+    for k in ("probability", "boxes", "mask_iou", "gt_mask_logits"):
+        np.testing.assert_allclose(first[k], plain[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    # The second time the encoder is not called at all.
+    cached._embed = None
+    second = cached.step(batch)
+    assert (cached.embeddings.hits, cached.embeddings.misses) == (3, 3)
+    for k in ("mask_logits", "gt_mask_logits", "mask_iou"):
+        np.testing.assert_array_equal(second[k], first[k], err_msg=k)
+    # The key is the encoder's weights: other weights, another folder.
+    other = jax.tree.map(lambda v: v * 1.01, pipe.sam_variables)
+    moved = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model, other,
+                     pipe.sam_meta, pipe.config, embedding_cache=tmp_path / "emb")
+    assert moved.embeddings.folder != cached.embeddings.folder
+    assert describe(cached)["embedding_cache"] == str(cached.embeddings.folder)
+    with pytest.raises(PipelineError, match="names no arch"):
+        Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                 pipe.sam_variables, {}, pipe.config, embedding_cache=tmp_path / "emb")

@@ -249,7 +249,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.train.train_image_encoder = True  # False: only the mask decoder learns (prompt encoder: never)
     c.train.cache_embeddings = False  # frozen encoder only: embed every image once, keep in memory
     # With cache_embeddings: also keep them on disk here, keyed by the encoder's weights and each
-    # input image (mskjax.train.embedding_cache), so that a later run with the same encoder skips
+    # input image (mskjax.embedding_cache), so that a later run with the same encoder skips
     # the encoder entirely. "" = memory only.
     c.train.embedding_cache_dir = ""
     c.train.dice_weight = 1.0

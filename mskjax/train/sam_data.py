@@ -32,9 +32,8 @@ from PIL import Image
 
 from mskjax.data.images import ImageDecodeError, decode_image
 from mskjax.data.records import Record, SkipReport
-from mskjax.models.sam.lite_medsam import area_resize
 from mskjax.models.sam.sam import PIXEL_MEAN, PIXEL_STD
-from mskjax.sam import PREPROCESSING, sam_input_size
+from mskjax.sam import PREPROCESSING, resize_into_canvas
 
 
 class SamDataError(ValueError):
@@ -97,25 +96,6 @@ class SamExamples:
 def to_uint8(image01: np.ndarray) -> np.ndarray:
     """float [0, 1] (H, W) -> uint8 (round to nearest)."""
     return np.clip(np.rint(np.asarray(image01, np.float64) * 255.0), 0, 255).astype(np.uint8)
-
-
-def resize_into_canvas(image_u8: np.ndarray, img_size: int, preprocessing: str = "sam"
-                       ) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W) uint8 -> ((S, S) uint8 with the image resized into the top-left (h, w), (h, w)).
-
-    The resize of `mskjax.sam.preprocess` with the same recipe, on uint8 (per channel, and the three
-    channels of a gray image are equal): "sam" PIL's antialiased bilinear; "lite_medsam" cv2's
-    INTER_AREA (`area_resize`, rounded to uint8 as cv2 does)."""
-    if preprocessing not in PREPROCESSING:
-        raise ValueError(f"unknown preprocessing {preprocessing!r}: expected one of {PREPROCESSING}")
-    h, w = sam_input_size(image_u8.shape[:2], img_size)
-    if preprocessing == "lite_medsam":
-        resized = area_resize(image_u8[..., None], h, w)[..., 0]
-    else:
-        resized = np.asarray(Image.fromarray(image_u8).resize((w, h), Image.BILINEAR))
-    canvas = np.zeros((img_size, img_size), np.uint8)
-    canvas[:h, :w] = resized
-    return canvas, (h, w)
 
 
 def _inside(images, input_sizes):

@@ -1,5 +1,5 @@
 """LiteMedSAM through the SAM trainer (mskjax.train.sam with model.arch "lite_medsam") and the
-on-disk embedding cache (mskjax.train.embedding_cache).
+on-disk embedding cache (mskjax.embedding_cache).
 
 The training run uses a reduced LiteMedSam (same module, small widths and depths, 256 px as
 LiteMedSAM requires) so that it takes seconds; the packaged pretrained weights are only read (their
@@ -22,7 +22,7 @@ from mskjax.models.sam import build_lite_medsam, lite_medsam_variable_shapes
 from mskjax.train import sam as train_sam
 from mskjax.train import sam_data
 from mskjax.train.config import ConfigError, validate_sam
-from mskjax.train.embedding_cache import EmbeddingCache, encoder_fingerprint, input_fingerprint
+from mskjax.embedding_cache import EmbeddingCache, encoder_fingerprint, input_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"

@@ -2,7 +2,9 @@
 
 With `train.cache_embeddings` the trainer embeds every image once per run; an encoder as heavy as
 LiteMedSAM's TinyViT (a 64 x 64 token grid at 256 px: about 2.5 s per image on a 2-core CPU) makes
-that the longest part of a short fine-tuning run. `train.embedding_cache_dir` keeps them:
+that the longest part of a short fine-tuning run, and of every pipeline run over a dataset.
+`train.embedding_cache_dir` (the trainer) and `Pipeline(..., embedding_cache=DIR)` / `segment
+--embedding-cache DIR` (the pipeline) keep them, with the same keys, so the two share a folder:
 
     DIR/<encoder fingerprint>/<input fingerprint>.npy    float32 (e, e, 256), one per image
 
