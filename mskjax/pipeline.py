@@ -42,6 +42,7 @@ from PIL import Image
 from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import checkpoint
+from mskjax import deletion_choice as dchoice
 from mskjax import geometry as geo
 from mskjax import sam as samfn
 from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_metadata, prepare_images, probabilities
@@ -52,6 +53,7 @@ from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
 MULTIMASK = ("single", "best_iou")  # PipelineConfig.multimask
+CHOICES = ("first", "deletion")  # PipelineConfig.choose
 
 
 def chosen_masks(dec: dict, multimask: str) -> tuple[jax.Array, jax.Array]:
@@ -99,6 +101,12 @@ class PipelineConfig:
     box_margin: grow every box SAM is first prompted with (map-derived and ground-truth) by this
       many original-frame pixels on each side, clipped to the image. A decoder fine-tuned on
       outward-jittered boxes (MedSAM's recipe) expects boxes a little larger than tight ones.
+    choose: "first" (the mask SAM gives for the map's box) or "deletion" ("peak" boxes only): SAM
+      is also prompted with sub-boxes tiling the map's box (`choice_scales`,
+      `mskjax.deletion_choice.candidate_boxes`), each candidate mask is removed from the
+      classifier's input (filled in from around it) and the classifier run again; the mask whose
+      removal lowers the abnormal probability most, less `choice_area_penalty` times its share of
+      the input, is kept (then refined, when asked).
     """
 
     cam: str = "grad_cam"
@@ -113,6 +121,9 @@ class PipelineConfig:
     peak_point: bool = True
     multimask: str = "single"
     box_margin: float = 0.0
+    choose: str = "first"
+    choice_scales: tuple = (1.0, 0.5, 0.33)
+    choice_area_penalty: float = 1.0
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -131,6 +142,14 @@ class PipelineConfig:
             raise PipelineError(f"box_margin must be a finite number >= 0, got {self.box_margin}")
         if self.multimask not in MULTIMASK:
             raise PipelineError(f"unknown multimask choice {self.multimask!r}: expected one of {list(MULTIMASK)}")
+        if self.choose not in CHOICES:
+            raise PipelineError(f"unknown mask choice {self.choose!r}: expected one of {list(CHOICES)}")
+        if self.choose == "deletion" and self.boxes != "peak":
+            raise PipelineError("choose='deletion' tiles the map's peak box: it needs boxes='peak'")
+        if not self.choice_scales or not all(0.0 < float(v) <= 1.0 for v in self.choice_scales):
+            raise PipelineError(f"choice_scales must be fractions in (0, 1], got {self.choice_scales}")
+        if not (self.choice_area_penalty >= 0.0 and np.isfinite(self.choice_area_penalty)):
+            raise PipelineError(f"choice_area_penalty must be a finite number >= 0, got {self.choice_area_penalty}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
 
@@ -226,6 +245,32 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                                    baseline=baseline)[config.cam]
         return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
 
+    def choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam, bvalid, geom, hw):
+        """The peak box's candidates (sub-boxes), their masks, and the one whose removal costs the
+        classifier most (PipelineConfig.choose == "deletion"); (low (B, 1, L, L), iou (B, 1),
+        prompts (B, 1, 4), outputs "choice_scores" (B, C) and "choice_index" (B,))."""
+        cands = dchoice.candidate_boxes(boxes_sam[:, 0], config.choice_scales)  # (B, C, 4) SAM frame
+        b, c = cands.shape[:2]
+        cvalid = jnp.broadcast_to(bvalid[:, :1], (b, c))
+        mi = samfn.box_mask_prompt(cands, img_size, sam_model.config.low_res_size) if box_mask else None
+        pts = lbl = None
+        if point_trained:  # sub-boxes are not the map's box: the padding point
+            pts, lbl = samfn.padding_point_prompts((b, c))
+        dec = samfn.decode(sam_model, svars, emb, boxes=cands, points=pts, point_labels=lbl, mask_input=mi,
+                           multimask=multi, prompt_valid=cvalid)
+        low, iou = chosen_masks(dec, config.multimask)
+        inside = dchoice.logits_in_input_frame(low, geom, hw, img_size) > 0.0
+        inside = inside & content_mask(geom)[:, None]
+        s = inside.shape[-1]
+        filled = dchoice.fill_masked(batch["images"][..., 0], inside)
+        xf = prepare_images(filled.reshape(b * c, s, s, 1), normalization, channels)
+        removed = probabilities(classifier.apply(cvars, xf, train=False).astype(jnp.float32)).reshape(b, c)
+        scores = dchoice.deletion_scores(prob, removed, inside, config.choice_area_penalty)
+        scores = jnp.where(inside.any(axis=(2, 3)) & cvalid, scores, -jnp.inf)
+        best = jnp.argmax(scores, axis=1)
+        pick = lambda a: jnp.take_along_axis(a, best.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        return pick(low), pick(iou), pick(cands), {"choice_scores": scores, "choice_index": best}
+
     def step(cvars, svars, batch):
         x = prepare_images(batch["images"], normalization, channels)
         logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
@@ -281,6 +326,10 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         low, iou = chosen_masks(dec, config.multimask)
         k = boxes_in.shape[1]
         cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
+        extra = {}
+        if config.choose == "deletion":
+            cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam,
+                                                                      bvalid, geom, hw)
         for _ in range(config.refine):
             # The tight box of the mask in the SAM input frame, at the upscaled logits' resolution.
             tight, nonempty_mask = masks_to_boxes(samfn.upscale_logits(cam_low, img_size) > 0.0)
@@ -292,7 +341,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
                                multimask=multi, prompt_valid=bvalid)
             cam_low, cam_iou = chosen_masks(dec, config.multimask)
-        out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
+        out = {**extra, "logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
                "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
                "box_valid": bvalid, "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
         if point_trained:  # the first pass's point per map prompt (SAM frame) and its label (1 | -1)

@@ -328,6 +328,14 @@ def gallery_order(results, measures) -> tuple[list[int], str]:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'1,0.5,0.33' -> (1.0, 0.5, 0.33); InputError naming the option when it is not a number list."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--choice-scales {text!r}: expected a comma list of numbers in (0, 1]") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mskjax.segment", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "image (default 0; 4 suits configs/litemedsam_fracatlas.py's decoder, chosen on its tuning split)")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
+    ap.add_argument("--choose", choices=["first", "deletion"], default="first",
+                    help="'deletion': also prompt SAM with sub-boxes of the map's box and keep the mask whose removal "
+                         "lowers the classifier's probability most (less an area penalty); --boxes peak only")
+    ap.add_argument("--choice-scales", default="1,0.5,0.33",
+                    help="with --choose deletion: sub-box sides as fractions of the map's box, comma list")
+    ap.add_argument("--choice-area-penalty", type=float, default=1.0,
+                    help="with --choose deletion: subtracted times the mask's share of the classifier input")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
@@ -407,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side, refine=args.refine,
                                 subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
-                                multimask=args.multimask, box_margin=args.box_margin)
+                                multimask=args.multimask, box_margin=args.box_margin, choose=args.choose,
+                                choice_scales=parse_scales(args.choice_scales),
+                                choice_area_penalty=args.choice_area_penalty)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

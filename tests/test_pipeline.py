@@ -14,6 +14,7 @@ import pytest
 from mskjax import boxes as boxlib
 from mskjax import cam as camlib
 from mskjax import checkpoint, geometry
+from mskjax import deletion_choice as dc
 from mskjax import sam as samfn
 from mskjax.classifier import GrayAsRGB
 from mskjax.data.images import decode_image
@@ -414,3 +415,29 @@ def test_embedding_cache_gives_the_same_results_and_skips_the_encoder_the_second
     with pytest.raises(PipelineError, match="names no arch"):
         Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
                  pipe.sam_variables, {}, pipe.config, embedding_cache=tmp_path / "emb")
+
+
+def test_deletion_choice_keeps_the_candidate_whose_removal_costs_most(setup):
+    pipe, records, _, _ = setup
+    scales = (1.0, 0.5)
+    chooser = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                       pipe.sam_variables, pipe.sam_meta,
+                       PipelineConfig(threshold=0.0, choose="deletion", choice_scales=scales))
+    _, _, batch = _batch_of(chooser, records, 3, 4)
+    out = chooser.step(batch)
+    scores, index = out["choice_scores"], out["choice_index"]
+    assert scores.shape == (4, 10) and index.shape == (4,)
+    for i in range(3):  # real images: the chosen candidate is the best-scoring one, and its box is the prompt
+        assert np.isfinite(scores[i]).any()
+        assert index[i] == np.argmax(scores[i])
+        cands = np.asarray(dc.candidate_boxes(out["boxes_sam"][i:i + 1, 0], scales))[0]
+        np.testing.assert_allclose(out["prompts_sam"][i, 0], cands[index[i]], rtol=1e-5, atol=1e-4)
+    assert not np.isfinite(scores[3]).any()  # the padding image: no candidate
+    # The first candidate is the map's box itself: with choose="first" that is the mask given.
+    first = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.0)).step(batch)
+    for i in range(3):
+        if index[i] == 0:
+            np.testing.assert_allclose(out["mask_logits"][i], first["mask_logits"][i], atol=1e-4)
+    with pytest.raises(PipelineError, match="boxes='peak'"):
+        PipelineConfig(choose="deletion", boxes="threshold")

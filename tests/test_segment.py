@@ -123,6 +123,12 @@ def test_errors_name_the_path(ckpts, tmp_path, capsys):
     assert str(sam_dir) in err and "not a classifier" in err
     assert segment.main(["--classifier", str(cls_dir), "--sam", str(cls_dir), *args]) == 2
     assert "not a SAM" in capsys.readouterr().err
+    assert segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), *args, "--choose", "deletion",
+                         "--choice-scales", "1,half"]) == 2
+    assert "--choice-scales '1,half'" in capsys.readouterr().err
+    assert segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), *args, "--choose", "deletion",
+                         "--boxes", "threshold"]) == 2
+    assert "needs boxes='peak'" in capsys.readouterr().err
     assert segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", "kaggle:/x",
                          "--out", str(tmp_path / "o")]) == 2
     assert "--dataset must be" in capsys.readouterr().err
