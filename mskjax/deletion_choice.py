@@ -14,12 +14,10 @@ function here is traceable (static shapes; jit-able).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mskjax import geometry as geo
 from mskjax import sam as samfn
@@ -80,43 +78,6 @@ def logits_in_input_frame(low_res_logits: jax.Array, geom: geo.Geometry, origina
     return sampled.reshape(b, low_res_logits.shape[1], s_h, s_w)
 
 
-def _gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
-    """(N, H, W) separable Gaussian blur, zero outside (normalised convolution divides that out)."""
-    r = max(1, int(math.ceil(3.0 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = jnp.asarray(k / k.sum(), jnp.float32)
-    # Rows, then columns.
-    y = jax.lax.conv_general_dilated(x[:, None], k[None, None, None, :], (1, 1), [(0, 0), (r, r)])
-    y = jax.lax.conv_general_dilated(y, k[None, None, :, None], (1, 1), [(r, r), (0, 0)])
-    return y[:, 0]
-
-
-def fill_masked(images: jax.Array, masks: jax.Array, dilate: int = 1) -> jax.Array:
-    """Images (B, S, S) in [0, 1] and masks (B, C, S, S) bool -> (B, C, S, S): each image with its
-    c-th mask (grown by `dilate` pixels) filled in from the pixels around it.
-
-    The fill is a normalised convolution: blur(image * keep) / blur(keep) at a fine scale (sigma
-    S/32) where enough kept pixels are near, else at a coarse one (S/8), else the kept pixels' mean,
-    so a removed structure is replaced by its surroundings rather than by a smear of itself."""
-    b, c, h, w = masks.shape
-    m = masks.astype(jnp.float32)
-    if dilate > 0:
-        m = jax.lax.reduce_window(m, 0.0, jax.lax.max, (1, 1, 2 * dilate + 1, 2 * dilate + 1), (1, 1, 1, 1), "SAME")
-    keep = 1.0 - m
-    x = jnp.broadcast_to(images[:, None].astype(jnp.float32), (b, c, h, w))
-    flat_x, flat_k = (x * keep).reshape(b * c, h, w), keep.reshape(b * c, h, w)
-    side = float(max(h, w))
-    fills = []
-    for sigma in (side / 32.0, side / 8.0):
-        num, den = _gaussian_blur(flat_x, sigma), _gaussian_blur(flat_k, sigma)
-        fills.append((num / jnp.maximum(den, 1e-6), den))
-    (fine, w_fine), (coarse, w_coarse) = fills
-    mean = (flat_x.sum((1, 2)) / jnp.maximum(flat_k.sum((1, 2)), 1.0))[:, None, None]
-    fill = jnp.where(w_fine > 0.1, fine, jnp.where(w_coarse > 1e-3, coarse, mean))
-    out = flat_x + (1.0 - flat_k) * fill
-    return out.reshape(b, c, h, w)
-
-
 def deletion_scores(probability: jax.Array, removed_probability: jax.Array, masks: jax.Array,
                     area_penalty: float) -> jax.Array:
     """(B, C) score of each candidate: probability (B,) minus the probability with the candidate
@@ -126,4 +87,4 @@ def deletion_scores(probability: jax.Array, removed_probability: jax.Array, mask
     return probability[:, None] - removed_probability - area_penalty * area
 
 
-__all__ = ["candidate_boxes", "deletion_scores", "fill_masked", "grid_counts", "logits_in_input_frame"]
+__all__ = ["candidate_boxes", "deletion_scores", "grid_counts", "logits_in_input_frame"]

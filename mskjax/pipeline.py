@@ -49,6 +49,7 @@ from mskjax.classifier import GrayAsRGB, abnormal_class, normalization_from_meta
 from mskjax.data.images import decode_image
 from mskjax.data.preprocess import preprocess
 from mskjax.embedding_cache import EmbeddingCache, encoder_fingerprint
+from mskjax.fill import fill_masked
 from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
@@ -262,7 +263,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         inside = dchoice.logits_in_input_frame(low, geom, hw, img_size) > 0.0
         inside = inside & content_mask(geom)[:, None]
         s = inside.shape[-1]
-        filled = dchoice.fill_masked(batch["images"][..., 0], inside)
+        filled = fill_masked(batch["images"][..., 0], inside)
         xf = prepare_images(filled.reshape(b * c, s, s, 1), normalization, channels)
         removed = probabilities(classifier.apply(cvars, xf, train=False).astype(jnp.float32)).reshape(b, c)
         scores = dchoice.deletion_scores(prob, removed, inside, config.choice_area_penalty)

@@ -1,4 +1,4 @@
-"""mskjax.deletion_choice: candidate boxes, SAM logits in the classifier frame, the fill, the score."""
+"""mskjax.deletion_choice (candidate boxes, SAM logits in the classifier frame, the score) and mskjax.fill."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 from mskjax import deletion_choice as dc
 from mskjax import geometry as G
+from mskjax.fill import fill_masked
 
 
 def test_candidate_boxes_tile_the_box_at_each_scale():
@@ -51,7 +52,7 @@ def test_fill_replaces_the_masked_structure_by_its_surroundings():
     mask = np.zeros((1, 2, 64, 64), bool)
     mask[0, 0, 28:36, 28:36] = True          # candidate 0: the square
     mask[0, 1, 0:8, 0:8] = True              # candidate 1: background only
-    out = np.asarray(dc.fill_masked(jnp.asarray(img), jnp.asarray(mask)))
+    out = np.asarray(fill_masked(jnp.asarray(img), jnp.asarray(mask)))
     assert out.shape == (1, 2, 64, 64)
     np.testing.assert_allclose(out[0, 0, 28:36, 28:36], 0.3, atol=1e-4)  # the square is gone
     keep = np.ones((64, 64), bool)
@@ -59,7 +60,7 @@ def test_fill_replaces_the_masked_structure_by_its_surroundings():
     np.testing.assert_array_equal(out[0, 0][keep], img[0][keep])  # nothing else changes
     np.testing.assert_allclose(out[0, 1][28:36, 28:36], 1.0)  # the other candidate leaves the square
     # A mask over the whole image falls back to nothing left to fill from: finite, not NaN.
-    full = np.asarray(dc.fill_masked(jnp.asarray(img), jnp.ones((1, 1, 64, 64), bool)))
+    full = np.asarray(fill_masked(jnp.asarray(img), jnp.ones((1, 1, 64, 64), bool)))
     assert np.isfinite(full).all()
 
 

@@ -29,6 +29,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mskjax.fill import fill_masked
+
 __all__ = [
     "AugmentConfig",
     "augment",
@@ -40,6 +42,8 @@ __all__ = [
     "adjust_gamma",
     "adjust_contrast",
     "adjust_brightness",
+    "ellipse_masks",
+    "random_fill",
 ]
 
 
@@ -60,6 +64,11 @@ class AugmentConfig:
       gamma_prob, gamma_range: x -> x ** g.
       contrast_prob, contrast_range: x -> mean + f * (x - mean), mean over the image's pixels.
       brightness_prob, max_brightness: x -> x + U(-b, b).
+      fill_prob, fill_size_range: one ellipse at a uniform position, semi-axes U(lo, hi) * size
+        each, at a uniform angle, filled in from its surroundings (`mskjax.fill.fill_masked`),
+        after the geometric transforms and before the photometric ones; the label is kept, so the
+        classifier learns that a filled-in patch is not evidence (what
+        `mskjax.deletion_choice` relies on). Off by default.
     """
 
     flip_prob: float = 0.5
@@ -75,6 +84,8 @@ class AugmentConfig:
     contrast_range: tuple[float, float] = (0.9, 1.1)
     brightness_prob: float = 0.5
     max_brightness: float = 0.1
+    fill_prob: float = 0.0
+    fill_size_range: tuple[float, float] = (0.03, 0.15)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -93,6 +104,8 @@ class AugmentConfig:
                 object.__setattr__(self, f.name, v)
         if self.scale_range[0] <= 0:
             raise ValueError(f"AugmentConfig.scale_range must be positive; got {self.scale_range}")
+        if self.fill_size_range[0] <= 0:
+            raise ValueError(f"AugmentConfig.fill_size_range must be positive; got {self.fill_size_range}")
         if self.gamma_range[0] <= 0:
             raise ValueError(f"AugmentConfig.gamma_range must be positive; got {self.gamma_range}")
 
@@ -255,6 +268,38 @@ def random_photometric(key, images, config: AugmentConfig):
     return jnp.clip(x, 0.0, 1.0)
 
 
+def ellipse_masks(centres, semi_axes, angles, height: int, width: int):
+    """(B, H, W) bool: pixel centres inside each image's ellipse. centres (B, 2) (x, y) and
+    semi_axes (B, 2) (a, b) in pixels, angles (B,) radians (counter-clockwise on screen)."""
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) + 0.5,
+                          jnp.arange(width, dtype=jnp.float32) + 0.5, indexing="ij")
+    dx = xs[None] - centres[:, 0, None, None]
+    dy = ys[None] - centres[:, 1, None, None]
+    cos, sin = jnp.cos(angles)[:, None, None], jnp.sin(angles)[:, None, None]
+    u = (dx * cos - dy * sin) / semi_axes[:, 0, None, None]
+    v = (dx * sin + dy * cos) / semi_axes[:, 1, None, None]
+    return u * u + v * v <= 1.0
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def random_fill(key, images, config: AugmentConfig):
+    """Each image, with probability `config.fill_prob`, gets one random ellipse filled in from
+    its surroundings (`mskjax.fill.fill_masked`; every channel alike). (B, H, W, C) -> same."""
+    _check_batch(images)
+    b, h, w, c = images.shape
+    kf, kc, ka, kt = jax.random.split(key, 4)
+    fires = _fires(kf, b, config.fill_prob)
+    centres = jax.random.uniform(kc, (b, 2)) * jnp.asarray([w, h], jnp.float32)
+    lo, hi = config.fill_size_range
+    axes = jax.random.uniform(ka, (b, 2), minval=lo, maxval=hi) * float(max(h, w))
+    angles = jax.random.uniform(kt, (b,), minval=0.0, maxval=math.pi)
+    masks = ellipse_masks(centres, axes, angles, h, w) & fires[:, None, None]
+    per_channel = jnp.moveaxis(images, -1, 1).reshape(b * c, h, w)
+    filled = fill_masked(per_channel, jnp.repeat(masks, c, axis=0)[:, None], dilate=0)[:, 0]
+    out = jnp.moveaxis(filled.reshape(b, c, h, w), 1, -1).astype(images.dtype)
+    return jnp.where(fires[:, None, None, None], out, images)
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def augment(key, images, config: AugmentConfig = AugmentConfig()):
     """All augmentations of `config`: one affine resample, then the photometric ones.
@@ -272,6 +317,8 @@ def augment(key, images, config: AugmentConfig = AugmentConfig()):
     x = images
     if config.geometric:
         x = random_affine(kgeo, x, config)
+    if config.fill_prob > 0:  # its own key, so the other draws stay those of a config without it
+        x = random_fill(jax.random.fold_in(key, 2), x, config)
     if config.gamma_prob > 0 or config.contrast_prob > 0 or config.brightness_prob > 0:
         x = random_photometric(kphoto, x, config)
     return x

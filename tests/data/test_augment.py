@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mskjax.data.augment import (
-    AugmentConfig, augment, random_affine, random_flip, random_photometric, sample_affine, warp_affine)
+    AugmentConfig, augment, ellipse_masks, random_affine, random_fill, random_flip, random_photometric, sample_affine,
+    warp_affine)
 
 GEOMETRIC_ONLY = dataclasses.replace(AugmentConfig(), gamma_prob=0.0, contrast_prob=0.0, brightness_prob=0.0)
 NOTHING = AugmentConfig.identity()
@@ -134,7 +135,8 @@ def test_gamma_contrast_brightness():
 
 
 @pytest.mark.parametrize("kwargs", [dict(flip_prob=1.5), dict(scale_range=(1.1, 0.9)), dict(gamma_range=(0.0, 1.0)),
-                                    dict(max_brightness=-0.1), dict(scale_range=(1.0,))])
+                                    dict(max_brightness=-0.1), dict(scale_range=(1.0,)), dict(fill_size_range=(0.0, 0.1)),
+                                    dict(fill_prob=2.0)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         AugmentConfig(**kwargs)
@@ -144,3 +146,31 @@ def test_config_is_hashable_and_rejects_bad_rank():
     assert hash(AugmentConfig()) == hash(AugmentConfig())
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         augment(jax.random.key(0), jnp.zeros((8, 8, 1)), AugmentConfig())
+
+
+def test_ellipse_mask_hand_case():
+    m = np.asarray(ellipse_masks(jnp.asarray([[20.0, 10.0]]), jnp.asarray([[6.0, 3.0]]), jnp.asarray([0.0]), 24, 40))
+    assert m.shape == (1, 24, 40)
+    assert m[0, 9, 19] and m[0, 9, 14] and not m[0, 9, 13] and not m[0, 6, 19]  # x half-axis 6, y half-axis 3
+    assert abs(int(m.sum()) - np.pi * 18) < 8
+    r = np.asarray(ellipse_masks(jnp.asarray([[20.0, 10.0]]), jnp.asarray([[6.0, 3.0]]), jnp.asarray([np.pi / 2]),
+                                 24, 40))
+    assert r[0, 5, 19] and not r[0, 9, 14]  # turned a quarter: the long axis is vertical
+
+
+def test_fill_changes_one_patch_and_leaves_the_other_draws_alone():
+    x = _images(b=8, h=32, w=32, c=1, seed=3)
+    key = jax.random.key(5)
+    with_fill = dataclasses.replace(GEOMETRIC_ONLY, fill_prob=1.0)
+    a = np.asarray(augment(key, x, GEOMETRIC_ONLY))
+    b = np.asarray(augment(key, x, with_fill))
+    changed = np.abs(a - b)[..., 0] > 0
+    for i in range(8):  # each image: one connected patch changed, well short of the whole image
+        assert 0 < changed[i].sum() < 0.5 * 32 * 32
+        ys, xs = np.nonzero(changed[i])
+        assert (ys.max() - ys.min()) <= 2 * 0.15 * 32 + 2 and (xs.max() - xs.min()) <= 2 * 0.15 * 32 + 2
+    assert np.array_equal(a[~changed], b[~changed])  # everything else is the draw without fill
+    half = np.asarray(random_fill(jax.random.key(1), _images(b=64, h=16, w=16, c=1), dataclasses.replace(NOTHING, fill_prob=0.5)))
+    hit = (np.abs(half - np.asarray(_images(b=64, h=16, w=16, c=1))) > 0).any(axis=(1, 2, 3))
+    assert 16 < hit.sum() < 48  # per image, about half
+    assert np.array_equal(np.asarray(augment(key, x, NOTHING)), np.asarray(x))
