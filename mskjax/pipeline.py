@@ -108,6 +108,11 @@ class PipelineConfig:
       classifier's input (filled in from around it) and the classifier run again; the mask whose
       removal lowers the abnormal probability most, less `choice_area_penalty` times its share of
       the input, is kept (then refined, when asked).
+    map_mask_prompt: 0 (off) or t in (0, 1]: for a SAM trained with boxes also given as mask
+      prompts (checkpoint metadata "box_mask_prompt"), the map-derived box's mask prompt keeps only
+      the low-res cells where the map is at least t times its maximum (`map_in_sam_frame`), so the
+      dense prompt says where in the box the map points. Ground-truth boxes and refine passes keep
+      the plain box mask.
     """
 
     cam: str = "grad_cam"
@@ -125,6 +130,7 @@ class PipelineConfig:
     choose: str = "first"
     choice_scales: tuple = (1.0, 0.5, 0.33)
     choice_area_penalty: float = 1.0
+    map_mask_prompt: float = 0.0
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -151,6 +157,8 @@ class PipelineConfig:
             raise PipelineError(f"choice_scales must be fractions in (0, 1], got {self.choice_scales}")
         if not (self.choice_area_penalty >= 0.0 and np.isfinite(self.choice_area_penalty)):
             raise PipelineError(f"choice_area_penalty must be a finite number >= 0, got {self.choice_area_penalty}")
+        if not (0.0 <= self.map_mask_prompt <= 1.0):
+            raise PipelineError(f"map_mask_prompt must be 0 (off) or in (0, 1], got {self.map_mask_prompt}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
 
@@ -181,6 +189,30 @@ def content_bounds(geom: geo.Geometry) -> jax.Array:
     top = jnp.asarray(geom.top, jnp.float32)
     left = jnp.asarray(geom.left, jnp.float32)
     return jnp.stack([left, top, left + jnp.asarray(cw, jnp.float32), top + jnp.asarray(ch, jnp.float32)], axis=-1)
+
+
+def map_in_sam_frame(maps: jax.Array, geom: geo.Geometry, original_hw: jax.Array, img_size: int,
+                     low_res_size: int) -> jax.Array:
+    """Maps (B, S, S) in the classifier frame -> (B, L, L) on SAM's low-res grid (cell k covers SAM
+    input pixels [k c, (k + 1) c), c = img_size / L), sampled bilinearly at each cell's centre;
+    0 where the cell's centre lies outside the original image (SAM's padding). Traceable."""
+    cell = img_size / low_res_size
+    centres = (jnp.arange(low_res_size, dtype=jnp.float32) + 0.5) * cell
+    ys, xs = jnp.meshgrid(centres, centres, indexing="ij")
+    pts = jnp.stack([xs.ravel(), ys.ravel()], axis=-1)  # (L*L, 2) SAM frame
+    hw = jnp.asarray(original_hw, jnp.float32)
+    # SAM frame -> original: the inverse of mskjax.sam.transform_points' per-axis factors.
+    factors = samfn.transform_points(jnp.ones((hw.shape[0], 1, 2), jnp.float32), hw, img_size)  # (B, 1, 2)
+    orig = pts[None] / factors
+    inside = ((orig[..., 0] >= 0) & (orig[..., 0] < hw[:, None, 1]) & (orig[..., 1] >= 0)
+              & (orig[..., 1] < hw[:, None, 0]))
+    grid = geo.points_to_input(orig, geom) - 0.5  # classifier pixel centres -> array coordinates
+
+    def one(m, g):
+        return jax.scipy.ndimage.map_coordinates(m, [g[:, 1], g[:, 0]], order=1, mode="nearest")
+
+    sampled = jax.vmap(one)(maps.astype(jnp.float32), grid)
+    return jnp.where(inside, sampled, 0.0).reshape(maps.shape[0], low_res_size, low_res_size)
 
 
 def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray:
@@ -313,6 +345,14 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
         # is decoded the way it was trained.
         mask_input = samfn.box_mask_prompt(prompts, img_size, sam_model.config.low_res_size) if box_mask else None
+        if box_mask and config.map_mask_prompt > 0:  # the map's box: only where the map is high
+            low_size = sam_model.config.low_res_size
+            in_sam = map_in_sam_frame(maps, geom, hw, img_size, low_size)  # (B, L, L)
+            high = in_sam >= config.map_mask_prompt * jnp.max(in_sam, axis=(1, 2), keepdims=True)
+            nk = boxes_in.shape[1]  # the map-derived prompts come first
+            cov = (mask_input[:, :nk] / samfn.BOX_MASK_LOGIT + 1.0) / 2.0  # each box's coverage per cell
+            mask_input = mask_input.at[:, :nk].set(
+                samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
         points = labels = None
         if point_trained:
             given = jnp.zeros(prompts.shape[:2], bool)
@@ -458,6 +498,9 @@ class Pipeline:
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
         self.point_trained = bool(self.sam_meta.get("peak_point", False))
         self.baseline = stored_baseline(self.classifier_meta, config) if config.subtract_baseline else None
+        if config.map_mask_prompt > 0 and not self.box_mask_prompt:
+            raise PipelineError("map_mask_prompt: this SAM was not trained with boxes as mask prompts "
+                                "(checkpoint metadata box_mask_prompt), so it takes no dense prompt")
         self.embeddings = None
         if embedding_cache:
             arch = self.sam_meta.get("arch")

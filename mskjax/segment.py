@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --choose deletion: sub-box sides as fractions of the map's box, comma list")
     ap.add_argument("--choice-area-penalty", type=float, default=1.0,
                     help="with --choose deletion: subtracted times the mask's share of the classifier input")
+    ap.add_argument("--map-mask-prompt", type=float, default=0.0, metavar="T",
+                    help="for a SAM trained with box mask prompts: the map box's mask prompt keeps only the cells "
+                         "where the map is >= T times its maximum (0: off)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
@@ -424,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
                                 multimask=args.multimask, box_margin=args.box_margin, choose=args.choose,
                                 choice_scales=parse_scales(args.choice_scales),
-                                choice_area_penalty=args.choice_area_penalty)
+                                choice_area_penalty=args.choice_area_penalty,
+                                map_mask_prompt=args.map_mask_prompt)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

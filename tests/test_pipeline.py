@@ -441,3 +441,37 @@ def test_deletion_choice_keeps_the_candidate_whose_removal_costs_most(setup):
             np.testing.assert_allclose(out["mask_logits"][i], first["mask_logits"][i], atol=1e-4)
     with pytest.raises(PipelineError, match="boxes='peak'"):
         PipelineConfig(choose="deletion", boxes="threshold")
+
+
+def test_map_in_sam_frame_puts_each_map_cell_where_the_geometry_does():
+    from mskjax.pipeline import map_in_sam_frame
+    # Original 100 x 200 (H, W) squashed to a 64 x 64 classifier input; SAM 256 (scale 1.28), low-res 64.
+    hw = (100, 200)
+    geom = geometry.stack_geometries([geometry.resize_geometry(hw, (64, 64))])
+    maps = np.zeros((1, 64, 64), np.float32)
+    maps[0, 16:48, 16:32] = 1.0  # classifier frame = original (50, 25)-(100, 75) = SAM (64, 32)-(128, 96)
+    out = np.asarray(map_in_sam_frame(jnp.asarray(maps), geom, jnp.asarray([hw], jnp.float32), 256, 64))
+    assert out.shape == (1, 64, 64)
+    hot = out[0] > 0.5
+    assert hot[10:22, 18:30].all()          # low-res cells 8..24 x 16..32, edges left out
+    assert not hot[:6].any() and not hot[:, :14].any() and not hot[26:].any()
+    assert (out[0, 33:] == 0).all()          # SAM's padding below the image (128 px high in SAM)
+
+
+def test_map_mask_prompt_needs_a_box_mask_sam_and_changes_its_masks(setup):
+    pipe, records, _, _ = setup
+    with pytest.raises(PipelineError, match="mask prompts"):
+        Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                 pipe.sam_variables, {**pipe.sam_meta, "box_mask_prompt": False},
+                 PipelineConfig(threshold=0.0, map_mask_prompt=0.5))
+    with pytest.raises(PipelineError, match="map_mask_prompt"):
+        PipelineConfig(map_mask_prompt=1.5)
+    meta = {**pipe.sam_meta, "box_mask_prompt": True}
+    plain = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, meta, PipelineConfig(threshold=0.0))
+    shaped = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                      pipe.sam_variables, meta, PipelineConfig(threshold=0.0, map_mask_prompt=0.9))
+    _, _, batch = _batch_of(plain, records, 3, 4)
+    a, b = plain.step(batch), shaped.step(batch)
+    assert not np.allclose(a["mask_logits"][:3], b["mask_logits"][:3])  # the map's prompt changed
+    np.testing.assert_allclose(a["gt_mask_logits"], b["gt_mask_logits"], atol=1e-5)  # ground-truth prompts did not
