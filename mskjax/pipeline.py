@@ -257,7 +257,10 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       boxes after `config.refine` passes);
       gt_mask_logits (B, G, L, L) and gt_boxes_sam (B, G, 4) when G > 0 (SAM prompted with the
       ground-truth boxes, whatever the classifier said);
-      points_sam (B, K, 2) and point_labels (B, K) when point_trained (the first pass's points).
+      points_sam (B, K, 2) and point_labels (B, K) when point_trained (the first pass's points);
+      choice_scores (B, C) float32 (-inf for no candidate) and choice_index (B,) int32 when
+      config.choose == "deletion" (C candidates, `mskjax.deletion_choice.candidate_boxes`).
+    embedded: the batch carries sam_embeddings instead of sam_images (the encoder ran outside).
     point_trained: the SAM was trained with `data.peak_point` (metadata "peak_point"): every box
     it decodes carries one point token, the map's peak for a "peak" box when config.peak_point,
     else a padding point.
