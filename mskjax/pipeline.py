@@ -353,7 +353,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             in_sam = map_in_sam_frame(maps, geom, hw, img_size, low_size)  # (B, L, L)
             high = in_sam >= config.map_mask_prompt * jnp.max(in_sam, axis=(1, 2), keepdims=True)
             nk = boxes_in.shape[1]  # the map-derived prompts come first
-            cov = (mask_input[:, :nk] / samfn.BOX_MASK_LOGIT + 1.0) / 2.0  # each box's coverage per cell
+            cov = samfn.box_coverage(prompts[:, :nk], img_size, low_size)
             mask_input = mask_input.at[:, :nk].set(
                 samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
         points = labels = None

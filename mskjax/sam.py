@@ -356,6 +356,12 @@ def box_mask_prompt(boxes: jax.Array, img_size: int, low_res_size: int | None = 
     image embedding the mask upscaler reads (frozen random convolutions, as the rest of the prompt
     encoder), and the decoder learns to use it in minutes (see configs/sam_synthetic.py).
     """
+    return BOX_MASK_LOGIT * (2.0 * box_coverage(boxes, img_size, low_res_size) - 1.0)
+
+
+def box_coverage(boxes: jax.Array, img_size: int, low_res_size: int | None = None) -> jax.Array:
+    """Boxes (..., 4) in the SAM input frame -> (..., L, L) float32 in [0, 1]: the fraction of each
+    low-res cell inside the box (cells as in `box_mask_prompt`, which is this mapped to logits)."""
     low = img_size // 4 if low_res_size is None else int(low_res_size)
     cell = img_size / low
     edges = jnp.arange(low, dtype=jnp.float32) * cell
@@ -365,7 +371,7 @@ def box_mask_prompt(boxes: jax.Array, img_size: int, low_res_size: int | None = 
         return jnp.clip(jnp.minimum(a1[..., None], edges + cell) - jnp.maximum(a0[..., None], edges), 0.0, cell) / cell
 
     fx, fy = coverage(b[..., 0], b[..., 2]), coverage(b[..., 1], b[..., 3])
-    return BOX_MASK_LOGIT * (2.0 * fy[..., :, None] * fx[..., None, :] - 1.0)
+    return fy[..., :, None] * fx[..., None, :]
 
 
 def peak_point_prompts(points: jax.Array, given: jax.Array) -> tuple[jax.Array, jax.Array]:
