@@ -153,7 +153,8 @@ def load_model(directory: str | Path):
     variables, meta = restore(directory)
     model = model_from_metadata(meta)
     c = meta.get("in_channels", 3)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, c)), train=False))
+    side = int(meta.get("input_size", 64))  # shapes only (eval_shape); a TinyViT takes its own size alone
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, c)), train=False))
     check_tree(variables, expected, f"checkpoint {directory}")
     return model, variables, meta
 

@@ -16,7 +16,6 @@ from PIL import Image
 from mskjax import cam
 from mskjax.models import ARCHITECTURES, create, native_resolution
 from mskjax.models.mil import GatedAttentionMIL, masked_softmax
-from mskjax.models.registry import BACKBONES
 from mskjax.models.tiny_vit_classifier import TinyViTClassifier, linear_head_map, mil_outputs
 from mskjax.weights.mapping import CheckpointMismatch
 
@@ -52,7 +51,7 @@ def test_registry_names_it():
     assert m.img_size == native_resolution("tiny_vit_medsam") == 256 and m.embedding_size == 64
     assert list(m.segments) == ["patch_embed", "layers_0", "layers_1", "layers_2", "layers_3", "neck"]
     assert create("tiny_vit_medsam", num_classes=2, head_type="mil").head_type == "mil"
-    assert "tiny_vit_medsam" in BACKBONES and "tiny_vit_medsam" not in ARCHITECTURES  # not a mskjax.train arch
+    assert "tiny_vit_medsam" in ARCHITECTURES  # mskjax.train builds it (data.mode "lite_medsam")
     with pytest.raises(ValueError, match="unknown variant setting"):
         create("tiny_vit_medsam", padding="same")
     with pytest.raises(ValueError, match="head_type"):

