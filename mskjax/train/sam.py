@@ -305,7 +305,10 @@ def make_train_step(model, tx, config):
             if "embeddings" in batch:
                 emb = batch["embeddings"]
             else:
-                emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe))
+                # The whole batch at once: the encoder trains here, and a per-image map's backward
+                # pass has not been measured (vit_tiny's forward gains nothing from it).
+                emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe),
+                                  images_per_pass=0)
             logits = decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
             if frame == "input" and logits.shape[-1] != s:  # LiteMedSAM's low-res logits are already S x S
                 logits = samfn.upscale_logits(logits, s)

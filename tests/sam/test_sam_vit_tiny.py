@@ -48,6 +48,19 @@ def test_embed_and_decode_shapes_under_jit(tiny):
     assert single["low_res_logits"].shape == (2, 3, 1, 64, 64)
 
 
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_embed_in_passes_equals_the_whole_batch(tiny, per_pass):
+    """`embed` mapping the encoder over chunks (1 image: the CPU default; 2 of 3: a padded last
+    chunk) gives each image the embedding the whole batch gives it."""
+    model, variables, images = tiny
+    three = jnp.concatenate([images, images[:1] * 0.5], axis=0)
+    whole = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=0))(variables, three)
+    parts = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=per_pass))(variables, three)
+    assert parts.shape == whole.shape == (3, 16, 16, 256)
+    np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=0, atol=1e-5)
+    assert samfn.default_images_per_pass() == (1 if jax.device_count() == 1 else 0)  # CPU tests
+
+
 def test_prompts_are_independent_of_padding(tiny):
     """A prompt's output does not depend on how many other (padded) prompts share the batch."""
     model, variables, images = tiny

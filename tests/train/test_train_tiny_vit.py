@@ -158,6 +158,22 @@ def test_head_only_step_moves_the_head_alone():
     np.testing.assert_allclose(full, head, rtol=1e-5, atol=1e-5)
 
 
+def test_tiny_vit_inference_one_image_at_a_time_equals_the_batch(tmp_path):
+    """The trainer's eval step and frozen features run a TinyViT one image at a time on one CPU
+    device (faster there); the values are the batch's. A reduced TinyViT keeps this fast."""
+    from mskjax.models.tiny_vit_classifier import TinyViTClassifier
+    model = TinyViTClassifier(img_size=64, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                              window_sizes=(4, 4, 4, 4), out_chans=16)
+    config = _tiny_vit_config(tmp_path)
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)))
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (3, 64, 64, 1)), jnp.float32)
+    infer = jax.jit(train_cls.inference_apply(model, config))
+    np.testing.assert_allclose(np.asarray(infer(v, x)), np.asarray(model.apply(v, x)), rtol=1e-5, atol=1e-5)
+    feats = jax.jit(lambda v, x: train_cls.inference_apply(model, config)(v, x, method="features"))(v, x)
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(model.apply(v, x, method="features")), rtol=1e-5,
+                               atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # A whole run from LiteMedSAM's packaged encoder
 
