@@ -703,7 +703,7 @@ def gap_worker(job: dict) -> dict:
 
     variants = [(v, o, "NHWC", jnp.float32) for v, o in GAP_VARIANTS]
     variants += [("NCHW layout", {}, "NCHW", jnp.float32), ("bfloat16 compute", {}, "NHWC", jnp.bfloat16)]
-    for name, hw, cin, cout, k, s in GAP_CONVS:
+    for name, hw, cin, cout, k, s in ([] if job.get("gap_models_only") else GAP_CONVS):
         x = rng.randn(batch, hw, hw, cin).astype(np.float32)
         w = (rng.randn(k, k, cin, cout) * 0.1).astype(np.float32)
         row, calls = {}, {}
@@ -772,7 +772,7 @@ def gap_torch_worker(job: dict) -> dict:
     batch, reps = job["batches"][0], job["repeats"]
     rng = np.random.RandomState(0)
     out = {"convs": {}, "resnet50": {}}
-    for name, hw, cin, cout, k, s in GAP_CONVS:
+    for name, hw, cin, cout, k, s in ([] if job.get("gap_models_only") else GAP_CONVS):
         x = torch.from_numpy(rng.randn(batch, cin, hw, hw).astype(np.float32))
         conv = torch.nn.Conv2d(cin, cout, k, s, padding=k // 2, bias=False)
         row = {}
@@ -1065,6 +1065,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: workers past it are killed, finished cells are kept")
     p.add_argument("--cpu-gap", action="store_true", help="run the XLA:CPU option/layout/dtype sweep instead")
+    p.add_argument("--gap-models-only", action="store_true",
+                   help="--cpu-gap: only the whole-ResNet50 variants (skip the single-convolution sweep)")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mskjax_jax_cc"),
                    help="JAX persistent compilation cache ('' to disable)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
@@ -1293,7 +1295,7 @@ def main(argv=None) -> dict:
           file=sys.stderr, flush=True)
 
     if args.cpu_gap:
-        job = {**base, "batches": args.batch_list[:1]}
+        job = {**base, "batches": args.batch_list[:1], "gap_models_only": args.gap_models_only}
         results["gap"] = {"jax": run_worker("gap", job, deadline)}
         if not args.no_torch:
             results["gap"]["torch"] = run_worker("gap_torch", job, deadline)
