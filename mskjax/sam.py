@@ -217,10 +217,10 @@ def transform_points(points, original_size, img_size: int = 1024):
 
 def default_images_per_pass() -> int:
     """`embed`'s images per encoder pass when not given: 1 on a single CPU device, 0 (the whole batch)
-    otherwise. On this project's 2-core CPU one image at a time is bit-identical and faster per image
-    than a batch of 8 (LiteMedSAM's TinyViT 1.6x, SAM ViT-B at 512 px 1.3x; vit_tiny at 256 the same;
-    docs/BENCHMARKS.md): the big encoders' activations stay in cache. With several devices the batch
-    is sharded, which a sequential map over it would undo."""
+    otherwise. On this project's 2-core CPU one image at a time is faster per image than a batch of
+    8 (`tools/bench_encoder_passes.py`, idle: LiteMedSAM's TinyViT 1.56x, bit-identical; SAM ViT-B at
+    512 px 1.15x, within 5e-6; vit_tiny at 256 the same speed): the big encoders' activations stay in
+    cache. With several devices the batch is sharded, which a sequential map over it would undo."""
     return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
 
 

@@ -175,7 +175,7 @@ def loss_fn(logits: jax.Array, labels: jax.Array, valid: jax.Array, *, num_class
 def inference_apply(model, config):
     """apply(variables, images, **kwargs) in inference mode (train=False): `model.apply`, or for
     tiny_vit_medsam on one CPU device a `lax.map` over single images, which gives the same values
-    1.5x faster per image there (its 64 x 64-token activations stay in cache at batch 1;
+    about 1.5x faster per image there (its 64 x 64-token activations stay in cache at batch 1;
     `mskjax.sam.default_images_per_pass`, docs/BENCHMARKS.md). Its BatchNorms always use running
     statistics, so an image's output never depends on the rest of the batch."""
     if config.model.arch not in TINY_VITS or default_images_per_pass() != 1:
