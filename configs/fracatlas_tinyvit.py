@@ -13,7 +13,7 @@ encoder too (a GPU's job). "valid" is a stratified tuning split carved from Frac
 "test" FracAtlas' official valid split.
 
 Not run to completion on this project's 2-core CPU: a frozen-encoder step costs the encoder's forward
-pass, about 1.5 s per image there (one image at a time, `mskjax.sam.default_images_per_pass`), so
+pass, about 1.5 s per image there (one image at a time, `mskjax.passes.default_images_per_pass`), so
 an epoch over 1,589 images is estimated at ~40 min plus ~7 min of validation. The frozen encoder's
 figures on FracAtlas (linear head AUROC 0.703 on official valid, trained on a 330-image subsample)
 come from `tools/fracatlas_tinyvit.py` on cached embeddings (README, "LiteMedSAM's encoder as a

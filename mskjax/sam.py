@@ -40,6 +40,7 @@ from mskjax.models.sam.common import linear_resize_matrix
 from mskjax.models.sam import is_lite_medsam, lite_medsam_preprocess
 from mskjax.models.sam.lite_medsam import area_resize
 from mskjax.models.sam.sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD
+from mskjax.passes import default_images_per_pass, in_passes
 
 # Logit given to every pixel of a padded (invalid) prompt: far below the threshold, still finite
 # so that interpolation and losses stay NaN-free.
@@ -215,33 +216,17 @@ def transform_points(points, original_size, img_size: int = 1024):
     return _scale_xy(points, original_size, img_size)
 
 
-def default_images_per_pass() -> int:
-    """`embed`'s images per encoder pass when not given: 1 on a single CPU device, 0 (the whole batch)
-    otherwise. On this project's 2-core CPU one image at a time is faster per image than a batch of
-    8 (`tools/bench_encoder_passes.py`, idle: LiteMedSAM's TinyViT 1.56x, bit-identical; SAM ViT-B at
-    512 px 1.15x, within 5e-6; vit_tiny at 256 the same speed): the big encoders' activations stay in
-    cache. With several devices the batch is sharded, which a sequential map over it would undo."""
-    return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
-
-
 def embed(model, variables: dict, images: jax.Array, images_per_pass: int | None = None) -> jax.Array:
     """Image embeddings (B, e, e, 256) of preprocessed images (B, S, S, 3), e = S/16 for SAM, S/4
     for LiteMedSAM (model.config.embedding_size). model: a Sam or LiteMedSam (anything with an
     `embed_images` method). Jit with static_argnums=0.
 
-    images_per_pass: the encoder runs on this many images at a time, as a `lax.map` over chunks
-    (the batch zero-padded to a multiple, the padding dropped); 0 runs the whole batch at once;
-    None picks per backend (`default_images_per_pass`). The result is the same either way (each
-    image's embedding depends on that image alone)."""
-    k = default_images_per_pass() if images_per_pass is None else int(images_per_pass)
-    n = images.shape[0]
-    if k <= 0 or k >= n:
-        return model.apply(variables, images, method="embed_images")
-    pad = (-n) % k
-    x = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)) if pad else images
-    x = x.reshape((-1, k) + images.shape[1:])
-    out = jax.lax.map(lambda chunk: model.apply(variables, chunk, method="embed_images"), x)
-    return out.reshape((-1,) + out.shape[2:])[:n]
+    images_per_pass: the encoder runs on this many images at a time (`mskjax.passes.in_passes`, a
+    `lax.map` over chunks); 0 runs the whole batch at once; None picks per backend
+    (`mskjax.passes.default_images_per_pass`). The result is the same either way (each image's
+    embedding depends on that image alone)."""
+    k = default_images_per_pass() if images_per_pass is None else images_per_pass
+    return in_passes(lambda x: model.apply(variables, x, method="embed_images"), images, k)
 
 
 def upscale_logits(low_res_logits: jax.Array, img_size: int) -> jax.Array:

@@ -32,7 +32,7 @@ from mskjax.models import create
 from mskjax.models.scan import groups_of, to_scanned, unstack_blocks
 from mskjax.train import loop, optim
 from mskjax.models.registry import TINY_VITS
-from mskjax.sam import default_images_per_pass
+from mskjax.passes import default_images_per_pass, in_passes
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, augment_config, validate
 from mskjax.train.localization import localization_report, normal_mean_map
 from mskjax.train.localization import summary_lines as localization_lines
@@ -91,11 +91,9 @@ def head_modules(model, config) -> tuple[str, ...]:
     return tuple(sorted(head["params"]))
 
 
-def trainable_optimizer(tx: optax.GradientTransformation, heads: tuple[str, ...] | None):
-    """`tx` for every parameter (heads None), or for the top-level modules in `heads` alone with
-    zero updates (no weight decay, no moments) for the rest."""
-    if heads is None:
-        return tx
+def trainable_optimizer(tx: optax.GradientTransformation, heads: tuple[str, ...]):
+    """`tx` for the top-level modules in `heads` alone, zero updates (no weight decay, no moments)
+    for the rest."""
 
     def labels(params):
         return {k: jax.tree.map(lambda _: "train" if k in heads else "frozen", v) for k, v in params.items()}
@@ -176,13 +174,12 @@ def inference_apply(model, config):
     """apply(variables, images, **kwargs) in inference mode (train=False): `model.apply`, or for
     tiny_vit_medsam on one CPU device a `lax.map` over single images, which gives the same values
     about 1.5x faster per image there (its 64 x 64-token activations stay in cache at batch 1;
-    `mskjax.sam.default_images_per_pass`, docs/BENCHMARKS.md). Its BatchNorms always use running
-    statistics, so an image's output never depends on the rest of the batch."""
-    if config.model.arch not in TINY_VITS or default_images_per_pass() != 1:
-        return lambda variables, images, **kw: model.apply(variables, images, train=False, **kw)
+    `mskjax.passes`, docs/BENCHMARKS.md). Its BatchNorms always use running statistics, so an
+    image's output never depends on the rest of the batch."""
+    per_pass = default_images_per_pass() if config.model.arch in TINY_VITS else 0
 
     def apply(variables, images, **kw):
-        return jax.lax.map(lambda x: model.apply(variables, x[None], train=False, **kw)[0], images)
+        return in_passes(lambda x: model.apply(variables, x, train=False, **kw), images, per_pass)
     return apply
 
 

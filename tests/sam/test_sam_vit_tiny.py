@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mskjax import sam as samfn
+from mskjax.passes import default_images_per_pass
 from mskjax.models.sam import build_sam, init_sam_variables, sam_config, sam_variable_shapes
 
 jit_embed = jax.jit(samfn.embed, static_argnums=0)
@@ -58,7 +59,7 @@ def test_embed_in_passes_equals_the_whole_batch(tiny, per_pass):
     parts = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=per_pass))(variables, three)
     assert parts.shape == whole.shape == (3, 16, 16, 256)
     np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=0, atol=1e-5)
-    assert samfn.default_images_per_pass() == (1 if jax.device_count() == 1 else 0)  # CPU tests
+    assert default_images_per_pass() == (1 if jax.device_count() == 1 else 0)  # CPU tests
 
 
 def test_prompts_are_independent_of_padding(tiny):

@@ -1,0 +1,38 @@
+"""Running a per-image function over a batch in passes of a few images (a `lax.map` over chunks).
+
+Big encoders on a CPU are faster one image at a time than on a whole batch: at batch 1 their
+activations stay in cache (`tools/bench_encoder_passes.py`, docs/BENCHMARKS.md). `mskjax.sam.embed`
+and the trainer's TinyViT inference share this. Traceable (static shapes, jit-able).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def default_images_per_pass() -> int:
+    """Images per pass when not given: 1 on a single CPU device, 0 (the whole batch) otherwise. On this
+    project's 2-core CPU one image at a time is faster per image than a batch of 8
+    (`tools/bench_encoder_passes.py`, idle: LiteMedSAM's TinyViT 1.56x, bit-identical; SAM ViT-B at
+    512 px 1.15x, within 5e-6; vit_tiny at 256 the same speed). With several devices the batch is
+    sharded, which a sequential map over it would undo."""
+    return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
+
+
+def in_passes(fn: Callable[[jax.Array], jax.Array], images: jax.Array, images_per_pass: int) -> jax.Array:
+    """fn over `images` (B, ...) -> (B, ...), fn taking and returning a leading batch axis whose
+    rows depend on their own input row alone. images_per_pass k: fn runs on k images at a time as a
+    `lax.map` over chunks (the batch zero-padded to a multiple of k, the padding dropped); k <= 0 or
+    k >= B runs the whole batch in one call."""
+    k, n = int(images_per_pass), images.shape[0]
+    if k <= 0 or k >= n:
+        return fn(images)
+    pad = (-n) % k
+    x = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)) if pad else images
+    out = jax.lax.map(fn, x.reshape((-1, k) + images.shape[1:]))
+    return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+__all__ = ["default_images_per_pass", "in_passes"]
