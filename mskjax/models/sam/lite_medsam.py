@@ -289,7 +289,8 @@ def lite_medsam_preprocess(image: np.ndarray, image_size: int = IMAGE_SIZE
     """One image -> the LiteMedSAM input (image_size, image_size, 3) float32 and its resized (h, w).
 
     image: (H, W), (H, W, 1) or (H, W, 3); uint8 (the official recipe, which asserts values <
-    256) or float (resized in float, no rounding). Grey images are repeated to 3 channels.
+    256) or float (resized in float, no rounding). Grey images are resized once and repeated to 3
+    channels (the official recipe repeats first; each channel is resized alike, so the values agree).
     Steps (CVPR24_LiteMedSAM_infer.py): resize the long side to image_size with cv2 INTER_AREA
     (`area_resize`; side lengths by `lite_medsam_input_size`), min-max normalise over the whole
     resized image, (x - min) / max(max - min, 1e-8) in float64, cast to float32, zero-pad at the
@@ -299,11 +300,9 @@ def lite_medsam_preprocess(image: np.ndarray, image_size: int = IMAGE_SIZE
     float32 rounding.
     """
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
     if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] != 3:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an image (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
     if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"LiteMedSAM preprocessing takes uint8 (official) or float images, got "
@@ -313,7 +312,7 @@ def lite_medsam_preprocess(image: np.ndarray, image_size: int = IMAGE_SIZE
     lo, hi = resized.min(), resized.max()
     normalised = (resized - lo) / max(hi - lo, 1e-8)
     out = np.zeros((image_size, image_size, 3), np.float32)
-    out[:h, :w] = normalised.astype(np.float32)
+    out[:h, :w] = normalised.astype(np.float32)  # a grey image, resized once, fills all three channels
     return out, (h, w)
 
 
