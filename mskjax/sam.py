@@ -159,9 +159,11 @@ def _preprocess_lite_medsam(imgs: list[np.ndarray], img_size: int) -> SamInputs:
     input_sizes = np.zeros((len(imgs), 2), np.int32)
     original_sizes = np.zeros((len(imgs), 2), np.int32)
     for i, im in enumerate(imgs):
-        rgb = _to_rgb(im, i)
-        out[i], input_sizes[i] = lite_medsam_preprocess(rgb, img_size)
-        original_sizes[i] = rgb.shape[:2]
+        _to_rgb(im, i)  # the same dtype / shape checks and messages as "sam"
+        # A grey image goes in as it is: the recipe resizes it once and fills all three channels
+        # (a three-channel copy would be resized three times to the same values).
+        out[i], input_sizes[i] = lite_medsam_preprocess(im, img_size)
+        original_sizes[i] = im.shape[:2]
     return SamInputs(out, input_sizes, original_sizes)
 
 

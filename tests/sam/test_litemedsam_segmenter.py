@@ -142,9 +142,13 @@ def test_preprocess_takes_the_model_s_recipe(shared_data):
     for i, g in enumerate(grays):
         ref, size = lite_medsam_preprocess(g)
         np.testing.assert_array_equal(batch.images[i], ref)
+        # the official recipe repeats a grey image to three channels before resizing: same values
+        np.testing.assert_array_equal(batch.images[i], lite_medsam_preprocess(np.repeat(g[..., None], 3, -1))[0])
         assert tuple(batch.input_sizes[i]) == size == samfn.sam_input_size(g.shape, 256)
         assert tuple(batch.original_sizes[i]) == g.shape
     assert batch.images.min() == 0.0 and batch.images.max() == 1.0
+    np.testing.assert_array_equal(samfn.preprocess([grays[0][..., None]], 256, "lite_medsam").images[0],
+                                  batch.images[0])  # (H, W, 1) as (H, W)
     sam_batch = samfn.preprocess(grays, 256)
     np.testing.assert_array_equal(sam_batch.input_sizes, batch.input_sizes)
     assert sam_batch.images.min() < -1.0  # mean/std normalised
