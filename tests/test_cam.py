@@ -238,7 +238,11 @@ def test_occlusion_finds_the_region_the_score_depends_on():
     far = np.ones((48, 40), bool)
     far[12:44, 0:32] = False  # farther than one patch from the square
     for i in range(2):
-        assert m[i][far].max() == 0.0  # occluding where the score does not look changes nothing
+        # Occluding where the score does not look changes nothing - up to float32 rounding of the
+        # score's 256-pixel sum, which XLA:CPU may order differently for the occluded copies (on
+        # one 2026-12-06 machine 5.4e-6 of the map's maximum; a leak would be of the order of the
+        # inside's 0.05).
+        assert m[i][far].max() <= 1e-5
         assert m[i][inside].mean() > 0.05
     # chunk_size does not change the map (the padded positions of the last chunk count for nothing).
     m2 = np.asarray(C.occlusion(_PatchScore(), None, x, jnp.zeros(2, jnp.int32), patch=8, stride=4,
