@@ -14,16 +14,11 @@ Measured 2026-12-05 on this project's 2-core CPU with nothing else running: 30 m
 embeddings included); test, 140 lesions, per lesion: zero-shot 0.673 -> fine-tuned 0.844 (best at
 step 210 of 280 by valid), filling the box 0.716; valid 0.615 -> 0.849 (fill 0.686).
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("litemedsam_fracatlas", Path(__file__).with_name("litemedsam_fracatlas.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mskjax.train.config import config_beside
 
 
 def get_config():
-    c = _base.get_config()
+    c = config_beside(__file__, "litemedsam_fracatlas.py")
     c.data.dataset = "synthetic"
     c.data.root = "runs/demo/data"
     c.data.synthetic_studies = 600

@@ -11,18 +11,9 @@ lesion pixel moved by up to 3% of the image, slid inside it); the other half are
 jittered ground-truth boxes (what the pipeline's refine pass sends). The embeddings are the same
 as configs/litemedsam_synthetic.py's, read from the disk cache when that run made them.
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("litemedsam_synthetic", Path(__file__).with_name("litemedsam_synthetic.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mskjax.train.config import config_beside, with_map_shaped_prompts
 
 
 def get_config():
-    c = _base.get_config()
-    c.data.peak_box_share = 0.5
-    c.data.peak_box_fraction = 0.2
-    c.data.peak_box_fraction_max = 0.5
-    c.data.peak_box_offset = 0.03
-    return c
+    c = config_beside(__file__, "litemedsam_synthetic.py")
+    return with_map_shaped_prompts(c)

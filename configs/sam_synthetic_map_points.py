@@ -8,16 +8,10 @@ tight ground-truth boxes carry a padding point. The pipeline (`mskjax.segment`) 
 "peak" box the map's peak as the point (checkpoint metadata "peak_point"; `--no-peak-point` leaves
 it out). Everything else is configs/sam_synthetic_map_prompts.py. Issue 18, part 4.
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("sam_synthetic_map_prompts",
-                                               Path(__file__).with_name("sam_synthetic_map_prompts.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mskjax.train.config import config_beside
 
 
 def get_config():
-    c = _base.get_config()
+    c = config_beside(__file__, "sam_synthetic_map_prompts.py")
     c.data.peak_point = True
     return c

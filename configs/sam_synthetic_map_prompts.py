@@ -16,18 +16,9 @@ map-derived prompts on the 130 abnormal test images: 0.288 (configs/sam_syntheti
 default square: 0.200); 0.350 when every image gets its prompt whatever the classifier said
 (0.244). Share 0.75 with boxes of 0.3-0.6 (9 epochs) did no better on valid (0.317 against 0.322).
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("sam_synthetic", Path(__file__).with_name("sam_synthetic.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mskjax.train.config import config_beside, with_map_shaped_prompts
 
 
 def get_config():
-    c = _base.get_config()
-    c.data.peak_box_share = 0.5
-    c.data.peak_box_fraction = 0.2
-    c.data.peak_box_fraction_max = 0.5
-    c.data.peak_box_offset = 0.03
-    return c
+    c = config_beside(__file__, "sam_synthetic.py")
+    return with_map_shaped_prompts(c)

@@ -8,16 +8,11 @@ Why: a classifier that has seen filled-in patches on normal and abnormal images 
 patch's texture as evidence, so what it points at is more likely the abnormality itself. Measured
 on the demo's data (runs/demo/data, the default job's data), README "Fill augmentation".
 """
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).with_name("synthetic.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from mskjax.train.config import config_beside
 
 
 def get_config():
-    c = _base.get_config()
+    c = config_beside(__file__, "synthetic.py")
     c.data.augment = True
     for name in ("flip_prob", "rotate_prob", "scale_prob", "translate_prob", "gamma_prob", "contrast_prob",
                  "brightness_prob"):

@@ -8,6 +8,8 @@ names instead of a silent new field (see `mskjax.train.__main__.check_overrides`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
@@ -23,6 +25,34 @@ from mskjax.models.sam import ARCHS, LITE_MEDSAM_ARCH, LITE_MEDSAM_IMAGE_SIZE
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
                 "depthwise_impl", "scan_blocks", "head_type")
+
+
+# The prompts a class activation map gives, as SAM training draws them (`mskjax.train.sam.peak_like_boxes`):
+# half of the prompts a box 0.2-0.5 of the image's width and height around a lesion pixel moved by up
+# to 3% of the image, the other half tight jittered boxes. The demo's SAM and LiteMedSAM's
+# map-prompt config share them (`with_map_shaped_prompts`).
+MAP_SHAPED_PROMPTS = {"peak_box_share": 0.5, "peak_box_fraction": 0.2, "peak_box_fraction_max": 0.5,
+                      "peak_box_offset": 0.03}
+
+
+def with_map_shaped_prompts(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A SAM config (kind "sam") also trained on map-shaped prompts (`MAP_SHAPED_PROMPTS`); returns c."""
+    for name, value in MAP_SHAPED_PROMPTS.items():
+        c.data[name] = value
+    return c
+
+
+def config_beside(this_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name` in the folder of `this_file`: how a file in configs/
+    extends another (`base = config_beside(__file__, "synthetic.py")`) without configs/ being a
+    package. FileNotFoundError names the missing file."""
+    path = Path(this_file).with_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{this_file} extends {path}, which does not exist")
+    spec = importlib.util.spec_from_file_location(f"_mskjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _add_run_sections(c: ml_collections.ConfigDict) -> None:

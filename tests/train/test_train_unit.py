@@ -116,6 +116,22 @@ def test_every_shipped_config_validates(name):
     (validate_sam if c.get("kind") == "sam" else validate)(c, num_devices=1)
 
 
+def test_config_beside_and_map_shaped_prompts(tmp_path):
+    """configs/ files extend each other through config_beside (a missing base is named); the two
+    map-prompt SAM configs are their bases plus exactly MAP_SHAPED_PROMPTS."""
+    from mskjax.train.config import MAP_SHAPED_PROMPTS, config_beside
+    configs = Path(__file__).parents[2] / "configs"
+    for child, parent in (("sam_synthetic_map_prompts.py", "sam_synthetic.py"),
+                          ("litemedsam_synthetic_map_prompts.py", "litemedsam_synthetic.py")):
+        got, base = config_beside(str(configs / "x.py"), child), config_beside(str(configs / "x.py"), parent)
+        differs = {k: v for k, v in got.data.items() if base.data[k] != v}
+        assert differs == MAP_SHAPED_PROMPTS, child
+        got.data.update(base.data)
+        assert got.to_dict() == base.to_dict()
+    with pytest.raises(FileNotFoundError, match="no_such_base.py"):
+        config_beside(str(tmp_path / "mine.py"), "no_such_base.py")
+
+
 def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatch):
     """A validation loader passed to `evaluate` is rewound each pass: the same probabilities
     every pass, every record exactly once, and its images decoded only on the first pass."""
