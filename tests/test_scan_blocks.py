@@ -5,6 +5,8 @@ scanned blocks, and the trainer's option (state and exports keep the unscanned l
 inputs (32 px); compile time is measured by tools/compile_time.py, not here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,14 +244,9 @@ def test_trainer_option_exports_the_unscanned_layout(tmp_path, capsys):
 
     from mskjax import checkpoint
     from mskjax.train import classifier as train
-    from mskjax.train.config import validate
+    from mskjax.train.config import load_config, validate
 
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("tiny_config", Path(__file__).parent / "train" / "tiny_config.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
+    c = load_config(Path(__file__).parent / "train" / "tiny_config.py")
     c.data.root = str(tmp_path / "data")
     c.train.epochs = 1
     c.model.scan_blocks = True

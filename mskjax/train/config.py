@@ -42,17 +42,26 @@ def with_map_shaped_prompts(c: ml_collections.ConfigDict) -> ml_collections.Conf
     return c
 
 
-def config_beside(this_file: str, name: str) -> ml_collections.ConfigDict:
-    """`get_config()` of the config file `name` in the folder of `this_file`: how a file in configs/
-    extends another (`base = config_beside(__file__, "synthetic.py")`) without configs/ being a
-    package. FileNotFoundError names the missing file."""
-    path = Path(this_file).with_name(name)
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path` (configs/ is not a package; tests and configs
+    that extend another load files this way). FileNotFoundError names the missing file."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{this_file} extends {path}, which does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_mskjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def config_beside(this_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name` in the folder of `this_file`: how a file in configs/
+    extends another (`base = config_beside(__file__, "synthetic.py")`). FileNotFoundError names
+    both files."""
+    path = Path(this_file).with_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{this_file} extends {path}, which does not exist")
+    return load_config(path)
 
 
 def _add_run_sections(c: ml_collections.ConfigDict) -> None:

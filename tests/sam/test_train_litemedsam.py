@@ -7,7 +7,6 @@ shapes checked), never trained here.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from mskjax.data.images import decode_image
 from mskjax.models.sam import build_lite_medsam, lite_medsam_variable_shapes
 from mskjax.train import sam as train_sam
 from mskjax.train import sam_data
-from mskjax.train.config import ConfigError, validate_sam
+from mskjax.train.config import ConfigError, load_config, validate_sam
 from mskjax.embedding_cache import EmbeddingCache, encoder_fingerprint, input_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,10 +28,7 @@ FRACATLAS = REPO.parent / "shared" / "data" / "fracatlas"
 
 
 def _load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(REPO / "configs" / f"{name}.py")
 
 
 def _tiny_lite_medsam(*_args, **_kwargs):

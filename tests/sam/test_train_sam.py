@@ -20,7 +20,7 @@ from mskjax import checkpoint, distributed, sam as samfn
 from mskjax.train import optim, sam_data
 from mskjax.train import sam as train_sam
 from mskjax.train.__main__ import check_overrides
-from mskjax.train.config import ConfigError, validate_sam
+from mskjax.train.config import ConfigError, load_config, validate_sam
 from mskjax.data.mura import read_mura
 from mskjax.models.sam import build_sam
 
@@ -30,11 +30,7 @@ SIDE = 64
 
 
 def _load_config(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(CONFIGS / f"{name}.py")
 
 
 def _small(config, root):

@@ -6,7 +6,6 @@ TinyViT from LiteMedSAM's packaged weights on a few synthetic images (about a mi
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -22,7 +21,7 @@ from mskjax.models import create
 from mskjax.models.sam.lite_medsam import lite_medsam_preprocess
 from mskjax.train import classifier as train_cls
 from mskjax.train import optim
-from mskjax.train.config import ConfigError, base_config, validate
+from mskjax.train.config import ConfigError, base_config, load_config, validate
 from mskjax.weights.litemedsam import load_litemedsam
 
 HERE = Path(__file__).resolve().parent
@@ -30,10 +29,7 @@ REPO = HERE.parents[1]
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("_tiny_config", HERE / "tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(HERE / "tiny_config.py")
 
 
 def _tiny_vit_config(root: Path):

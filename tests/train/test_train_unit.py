@@ -13,7 +13,7 @@ from mskjax.classifier import prepare_images
 from mskjax.train import classifier as train
 from mskjax.train import optim
 from mskjax.train.__main__ import check_overrides
-from mskjax.train.config import ConfigError, base_config, validate, validate_sam
+from mskjax.train.config import ConfigError, base_config, load_config, validate, validate_sam
 from mskjax.models import create
 
 CONFIG_FILE = "tests/train/tiny_config.py"
@@ -107,12 +107,7 @@ def test_loss_decreases_and_same_seed_gives_identical_parameters():
 def test_every_shipped_config_validates(name):
     """Each configs/*.py loads and passes its validator (a typo or an out-of-range value in a shipped
     config would otherwise surface only when a user runs it)."""
-    import importlib.util
-    path = Path(__file__).parents[2] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_shipped_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config(Path(__file__).parents[2] / "configs" / f"{name}.py")
     (validate_sam if c.get("kind") == "sam" else validate)(c, num_devices=1)
 
 
@@ -130,6 +125,8 @@ def test_config_beside_and_map_shaped_prompts(tmp_path):
         assert got.to_dict() == base.to_dict()
     with pytest.raises(FileNotFoundError, match="no_such_base.py"):
         config_beside(str(tmp_path / "mine.py"), "no_such_base.py")
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config(tmp_path / "nope.py")
 
 
 def test_evaluation_loader_is_reused_without_decoding_again(tmp_path, monkeypatch):
