@@ -87,17 +87,22 @@ def _as_image_list(images) -> list[np.ndarray]:
     return [np.asarray(im) for im in images]
 
 
-def _to_rgb(image: np.ndarray, index: int) -> np.ndarray:
+def _check_image(image: np.ndarray, index: int) -> None:
+    """ValueError naming image `index` unless it is uint8 (H, W), (H, W, 1) or (H, W, 3)."""
     if image.dtype != np.uint8:
         raise ValueError(f"image {index}: SAM preprocessing takes uint8 images, got {image.dtype} "
                          "(window/scale 16-bit radiographs to 8 bits first)")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3))):
+        raise ValueError(f"image {index}: expected (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+
+
+def _to_rgb(image: np.ndarray, index: int) -> np.ndarray:
+    _check_image(image, index)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim == 2:  # grayscale radiograph: the same value in R, G and B
         return np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return image
-    raise ValueError(f"image {index}: expected (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    return image
 
 
 def preprocess(images_uint8, img_size: int = 1024, preprocessing: str = "sam") -> SamInputs:
@@ -159,7 +164,7 @@ def _preprocess_lite_medsam(imgs: list[np.ndarray], img_size: int) -> SamInputs:
     input_sizes = np.zeros((len(imgs), 2), np.int32)
     original_sizes = np.zeros((len(imgs), 2), np.int32)
     for i, im in enumerate(imgs):
-        _to_rgb(im, i)  # the same dtype / shape checks and messages as "sam"
+        _check_image(im, i)  # the same checks and messages as "sam", without its RGB copy
         # A grey image goes in as it is: the recipe resizes it once and fills all three channels
         # (a three-channel copy would be resized three times to the same values).
         out[i], input_sizes[i] = lite_medsam_preprocess(im, img_size)
