@@ -227,12 +227,11 @@ def make_train_step(model, tx, config, norm, w_pos, w_neg, augment_fn, convert_l
             return loss, unstack_blocks(updates["batch_stats"], groups) if groups else updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state, grad_norm = optim.apply_gradients(tx, grads, state["opt_state"], state["params"])
         new = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         if ema_decay > 0:
             new["ema"] = optim.ema_update(state["ema"], params, ema_decay)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new, {"loss": loss, "grad_norm": grad_norm}
 
     return step
 

@@ -27,18 +27,19 @@ def schedule(base_lr: float, total_steps: int, warmup_steps: int, end_fraction: 
 
 
 def make_optimizer(name: str, lr: optax.Schedule, weight_decay: float, momentum: float = 0.9,
-                   grad_clip: float = 0.0) -> optax.GradientTransformation:
-    """name "adamw" or "sgd" (Nesterov-free momentum, decoupled L2 added to the gradient)."""
+                   grad_clip: float = 0.0, mask=decay_mask) -> optax.GradientTransformation:
+    """name "adamw" or "sgd" (Nesterov-free momentum, decoupled L2 added to the gradient).
+    mask: which leaves get weight decay (a pytree of bools or a function of the params)."""
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
     if name == "adamw":
-        parts.append(optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask))
+        parts.append(optax.adamw(lr, weight_decay=weight_decay, mask=mask))
     elif name == "sgd":
         if weight_decay:
-            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+            parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
         parts.append(optax.sgd(lr, momentum=momentum))
     else:
         raise ValueError(f"unknown optimizer {name!r}: expected 'adamw' or 'sgd'")
@@ -48,3 +49,14 @@ def make_optimizer(name: str, lr: optax.Schedule, weight_decay: float, momentum:
 def ema_update(ema, params, decay: float):
     """Exponential moving average of parameters: ema <- decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def apply_gradients(tx, grads, opt_state, params):
+    """One optimizer step: (new params, new opt_state, the gradients' global L2 norm as a float32
+    scalar, for the log). A `tx` with its own `apply_gradients(grads, opt_state, params)` method
+    takes the step itself (tools/compile_time.py's ravelled optimizer does)."""
+    own = getattr(tx, "apply_gradients", None)
+    if own is not None:
+        return own(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)

@@ -55,7 +55,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mskjax import checkpoint, distributed
 from mskjax import sam as samfn
@@ -315,10 +314,9 @@ def make_train_step(model, tx, config):
             return sam_loss(logits, targets, batch["valid"], wd, wb)
 
         (loss, parts), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, opt_state, grad_norm = optim.apply_gradients(tx, grads, state["opt_state"], state["params"])
         new = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads)}
+        return new, {"loss": loss, **parts, "grad_norm": grad_norm}
 
     return step
 
