@@ -4,8 +4,8 @@ Checks every `--config.a.b` override against the config file before absl parses 
 error listing the valid fields, never a silent new field), joins the mesh (several processes with
 config.distributed), and runs the config's `kind`: "classifier" (mskjax.train.classifier) or "sam"
 (mskjax.train.sam). Library logging (Orbax, absl) is at WARNING unless `--verbosity=0` (or -v)
-asks for INFO. Exit codes: 0 done, 2 bad config or input, 3 non-finite loss, 4 checkpoint write
-failed.
+asks for INFO. Exit codes: 0 done, 2 bad config or input (a checkpoint of another layout
+included), 3 non-finite loss, 4 checkpoint write failed.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mskjax import compile_cache, distributed
 from mskjax.train import classifier, sam
 from mskjax.train.config import ConfigError
 from mskjax.train.loop import TrainingDiverged
-from mskjax.train.run_checkpoints import CheckpointWriteError
+from mskjax.train.run_checkpoints import CheckpointLayoutError, CheckpointWriteError
 
 KINDS = {"classifier": classifier.train_and_evaluate, "sam": sam.train_and_evaluate}
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         compile_cache.enable()  # one per-user cache: a second run, or a new workdir, compiles from it
         try:
             train_and_evaluate(config, FLAGS.workdir)
-        except (ConfigError, TrainingDiverged, FileNotFoundError, CheckpointWriteError) as e:
+        except (ConfigError, TrainingDiverged, FileNotFoundError, CheckpointWriteError, CheckpointLayoutError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 3 if isinstance(e, TrainingDiverged) else 4 if isinstance(e, CheckpointWriteError) else 2
         return 0

@@ -5,6 +5,9 @@ A checkpoint that cannot be restored (half-written, corrupted) is reported and t
 tried, so a crash during a write never costs more than the steps since the checkpoint before it.
 A write that fails (full disk, permissions, I/O error) raises `CheckpointWriteError` naming the
 step, the directory and the newest complete checkpoint, which the failed write never touches.
+A checkpoint whose state has another layout than the run resuming it (another architecture,
+optimizer, EMA on or off) is not damaged: `CheckpointLayoutError` names the first leaf
+that differs and leaves the checkpoints as they are.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import errno
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from mskjax import distributed
@@ -52,6 +56,30 @@ class CheckpointWriteError(OSError):
         self.step = step
 
 
+class CheckpointLayoutError(ValueError):
+    """The newest checkpoint holds a state of another layout than the one this run builds."""
+
+
+def layout_difference(stored: Any, abstract: Any) -> str | None:
+    """None when `stored` (a checkpoint's tree metadata) has `abstract`'s leaves: the same number,
+    the same shapes in flattening order. Else what differs: the counts when they differ, and the
+    first leaf (by `abstract`'s path) whose shape differs or that has no counterpart."""
+    have = [tuple(getattr(leaf, "shape", ()) or ()) for leaf in jax.tree.leaves(stored)]
+    paths = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    first = None
+    for i, (path, leaf) in enumerate(paths):
+        if i >= len(have) or have[i] != tuple(leaf.shape):
+            got = f"shape {have[i]}" if i < len(have) else "nothing"
+            first = f"{jax.tree_util.keystr(path)}: {got} stored, {tuple(leaf.shape)} in this run's state"
+            break
+    if first is None and len(have) == len(paths):
+        return None
+    counts = f"{len(have)} arrays stored, {len(paths)} in this run's state"
+    if len(have) == len(paths):
+        return first
+    return counts + (f"; first difference {first}" if first else "")
+
+
 class RunCheckpoints:
     def __init__(self, directory: str | Path, keep: int, async_writes: bool = True):
         self.directory = Path(directory).absolute()
@@ -86,6 +114,7 @@ class RunCheckpoints:
         self.wait()
         self.manager.reload()
         for step in sorted(self.manager.all_steps(), reverse=True):
+            self._check_layout(step, abstract_state)
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -97,6 +126,26 @@ class RunCheckpoints:
                 continue
             return step, out["state"], dict(out["data"])
         return None
+
+    def _check_layout(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointLayoutError when `step`'s stored state has other leaves than
+        `abstract_state`; unreadable metadata is left to the restore (a damaged checkpoint)."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                stored = reader.metadata(self.directory / str(step) / "state")
+            stored = getattr(stored, "item_metadata", stored)
+            stored = getattr(stored, "tree", stored)
+        except Exception:  # noqa: BLE001 - half-written or corrupted: restore_latest's fallback handles it
+            return
+        if stored is None:
+            return
+        diff = layout_difference(stored, abstract_state)
+        if diff is not None:
+            raise CheckpointLayoutError(
+                f"the checkpoint at step {step} in {self.directory} holds a training state of another layout "
+                f"than this run's ({diff}): it was written with another config (architecture, optimizer, "
+                f"EMA, ...). Resume with the config it was written with ({self.directory.parent / 'config.json'} "
+                f"for a trainer's workdir) or start in a new --workdir; the checkpoints are left as they are.")
 
     def _set_aside(self, step: int) -> Path:
         """Renames a damaged step directory (kept for inspection; Orbax ignores the new name) so

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from mskjax import distributed
-from mskjax.train.run_checkpoints import CheckpointWriteError, RunCheckpoints
+from mskjax.train.run_checkpoints import CheckpointLayoutError, CheckpointWriteError, RunCheckpoints, layout_difference
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("psum_worker.py")
@@ -136,6 +136,29 @@ def test_full_disk_on_first_checkpoint_says_none_exists(tmp_path, monkeypatch):
     _fill_disk(monkeypatch)
     with pytest.raises(CheckpointWriteError, match=r"step 7 .*full.*no complete checkpoint exists yet"):
         ckpts.save(7, _state(7.0), {})
+
+
+def test_checkpoint_of_another_layout_is_named_not_set_aside(tmp_path):
+    """Restoring into a state of another layout (an extra leaf, a leaf of another shape) raises
+    CheckpointLayoutError naming the step and the leaf; the checkpoint is not renamed as damaged and
+    still restores into its own layout."""
+    directory = tmp_path / "checkpoints"
+    ckpts = RunCheckpoints(directory, keep=3, async_writes=False)
+    ckpts.save(4, _state(4.0), {"loader": {"epoch": 1}})
+    ckpts.close()
+
+    wider = _state(0.0)
+    wider["dense"]["kernel"] = np.zeros((3, 5), np.float32)
+    extra = dict(_state(0.0), ema={"kernel": np.zeros((3, 4), np.float32)})
+    for other, leaf in ((wider, "['dense']['kernel']: shape (3, 4) stored, (3, 5)"), (extra, "arrays stored")):
+        with pytest.raises(CheckpointLayoutError, match=r"step 4 .*another layout") as info:
+            RunCheckpoints(directory, keep=3).restore_latest(_abstract(other))
+        assert leaf in str(info.value), str(info.value)
+    assert sorted(p.name for p in directory.iterdir()) == ["4"]
+    step, state, data = RunCheckpoints(directory, keep=3).restore_latest(_abstract(_state(0.0)))
+    assert step == 4 and data == {"loader": {"epoch": 1}}
+    jax.tree.map(np.testing.assert_array_equal, state, _state(4.0))
+    assert layout_difference(jax.tree.map(lambda x: x, _abstract(_state(0.0))), _abstract(_state(1.0))) is None
 
 
 # ------------------------------------------------------------------------- a process dies

@@ -206,3 +206,19 @@ def test_reference_run_reports_localization_with_chance(reference, data):
         assert got["0px"]["n"] == len(masks)
         assert got["0px"]["chance"] == pytest.approx(want[0]) and got["15px"]["chance"] == pytest.approx(want[1])
         assert 0.0 <= got["0px"]["hit_rate"] <= got["15px"]["hit_rate"] <= 1.0
+
+
+def test_resume_with_another_optimizer_is_refused_and_keeps_the_checkpoints(tmp_path, data):
+    """A workdir resumed with a config whose state has another layout (here AdamW's two moments where
+    SGD kept one): exit 2 naming the checkpoint and the leaf that differs; nothing is set aside as
+    damaged and the original config still resumes."""
+    wd = tmp_path / "run"
+    run(wd, data, *SHORT)
+    before = sorted(p.name for p in (wd / "checkpoints").iterdir())
+    out = run(wd, data, "--config.train.epochs=2", "--config.train.optimizer=adamw", check=False)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"checkpoint at step {SHORT_STEPS}" in out.stderr and "another layout" in out.stderr, out.stderr[-2000:]
+    assert "opt_state" in out.stderr and "config.json" in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before
+    out = run(wd, data, "--config.train.epochs=2")
+    assert f"resumed from the checkpoint at step {SHORT_STEPS}" in out.stdout
