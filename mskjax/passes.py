@@ -1,4 +1,5 @@
-"""Running a per-image function over a batch in passes of a few images (a `lax.map` over chunks).
+"""Running a per-image function over a batch in passes of a few images (a `lax.map` over chunks),
+and the XLA options an image encoder is compiled with on its own.
 
 Big encoders on a CPU are faster one image at a time than on a whole batch: at batch 1 their
 activations stay in cache (`tools/bench_encoder_passes.py`, docs/BENCHMARKS.md). `mskjax.sam.embed`
@@ -6,10 +7,18 @@ and the trainer's TinyViT inference share this. Traceable (static shapes, jit-ab
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+# XLA:CPU hands dots and convolutions to YNNPACK by default (jaxlib 0.10). For an image encoder
+# compiled on its own, Eigen is faster here: SAM ViT-B at 512 px 1.14x per image, and the pipeline
+# with its encoder so compiled 1.22x (ViT-B) and 1.18x (LiteMedSAM), mask logits within 3e-6 / 4e-5
+# (docs/BENCHMARKS.md, "The pipeline's encoder on Eigen"). Not for training steps: on ResNet50's
+# convolution backward YNNPACK is faster overall (the CPU-gap section there).
+CPU_ENCODER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def default_images_per_pass() -> int:
@@ -19,6 +28,25 @@ def default_images_per_pass() -> int:
     512 px 1.15x, within 5e-6; vit_tiny at 256 the same speed). With several devices the batch is
     sharded, which a sequential map over it would undo."""
     return 1 if jax.default_backend() == "cpu" and jax.device_count() == 1 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options_known() -> bool:
+    """Whether this jaxlib's XLA:CPU accepts CPU_ENCODER_OPTIONS (an unknown option is an error)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((2,), jnp.float32)).compile(dict(CPU_ENCODER_OPTIONS))
+    except Exception:  # noqa: BLE001 - XLA raises its own runtime error type for an unknown option
+        return False
+    return True
+
+
+def encoder_compiler_options() -> dict:
+    """XLA compiler options for jitting an image encoder alone (`jax.jit(..., compiler_options=)`):
+    CPU_ENCODER_OPTIONS on CPU when this jaxlib knows them, else none. They change float rounding
+    only (summation order inside the dots)."""
+    if jax.default_backend() != "cpu" or not _cpu_options_known():
+        return {}
+    return dict(CPU_ENCODER_OPTIONS)
 
 
 def in_passes(fn: Callable[[jax.Array], jax.Array], images: jax.Array, images_per_pass: int) -> jax.Array:
@@ -35,4 +63,4 @@ def in_passes(fn: Callable[[jax.Array], jax.Array], images: jax.Array, images_pe
     return out.reshape((-1,) + out.shape[2:])[:n]
 
 
-__all__ = ["default_images_per_pass", "in_passes"]
+__all__ = ["CPU_ENCODER_OPTIONS", "default_images_per_pass", "encoder_compiler_options", "in_passes"]

@@ -62,6 +62,7 @@ from mskjax import metrics
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
+from mskjax.passes import encoder_compiler_options
 from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam, read_mask
 
 log = logging.getLogger("mskjax.view")
@@ -140,7 +141,9 @@ class Viewer:
             pts, lbl = samfn.padding_point_prompts(boxes.shape[:2]) if point_trained else (None, None)
             return samfn.decode_boxes(model, svars, emb, boxes, box_mask, pts, lbl)
 
-        self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x))
+        # The same encoder options as the pipeline's, so a box drawn here meets the same embedding.
+        self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x),
+                              compiler_options=encoder_compiler_options() or None)
         self._decode = jax.jit(decode)
 
     # -- maps --------------------------------------------------------------------------------

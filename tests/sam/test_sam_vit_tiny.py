@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mskjax import sam as samfn
+from mskjax import passes
 from mskjax.passes import default_images_per_pass
 from mskjax.models.sam import build_sam, init_sam_variables, sam_config, sam_variable_shapes
 
@@ -60,6 +61,26 @@ def test_embed_in_passes_equals_the_whole_batch(tiny, per_pass):
     assert parts.shape == whole.shape == (3, 16, 16, 256)
     np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=0, atol=1e-5)
     assert default_images_per_pass() == (1 if jax.device_count() == 1 else 0)  # CPU tests
+
+
+def test_encoder_compiler_options(tiny, monkeypatch):
+    """On CPU the encoder options are given exactly when this jaxlib compiles with them (an unknown
+    option would be an error at every pipeline's first call), and an encoder compiled with them
+    gives the default compile's embeddings to float rounding."""
+    model, variables, images = tiny
+    try:
+        jax.jit(lambda x: x * 2).lower(images).compile(dict(passes.CPU_ENCODER_OPTIONS))
+        known = True
+    except Exception:  # noqa: BLE001 - XLA's own error type for an unknown option
+        known = False
+    opts = passes.encoder_compiler_options()
+    assert opts == (dict(passes.CPU_ENCODER_OPTIONS) if known else {})
+    with_opts = jax.jit(lambda v, x: samfn.embed(model, v, x), compiler_options=opts or None)(variables, images)
+    default = jax.jit(lambda v, x: samfn.embed(model, v, x))(variables, images)
+    scale = float(jnp.abs(default).max())
+    np.testing.assert_allclose(np.asarray(with_opts), np.asarray(default), rtol=0, atol=1e-5 * max(1.0, scale))
+    monkeypatch.setattr(passes, "_cpu_options_known", lambda: False)
+    assert passes.encoder_compiler_options() == {}
 
 
 def test_prompts_are_independent_of_padding(tiny):
