@@ -575,12 +575,13 @@ def jax_pipeline_worker(job: dict) -> dict:
     return {"cells": {f"pipeline@{batch}": r}, "jax": jax.__version__}
 
 
-def torch_pipeline_worker(job: dict) -> dict:
-    """The same composition with the PyTorch stack, as the report ran it: a torchvision classifier on
-    the resized, ImageNet-normalised batch, pytorch_grad_cam.GradCAM of its logit, the 50 px @ 224
-    peak box mapped to the original image, then segment_anything's SamPredictor per image
-    (set_image + predict with that box, single mask)."""
-    torch, gpu = _torch_setup(job["threads"])
+def torch_pipeline_call(torch, gpu: bool, job: dict):
+    """(fn, close): the PyTorch stack's pipeline on `_pipeline_images(job["batch"])`, as the report ran
+    it: a torchvision classifier on the resized, ImageNet-normalised batch, pytorch_grad_cam.GradCAM
+    of its logit, the 50 px @ 224 peak box mapped to the original image, then segment_anything's
+    SamPredictor per image (set_image + predict with that box, single mask), or LiteMedSAM's
+    official recipe per image when job["pipeline_sam"] is "lite_medsam". fn() -> (probs, masks);
+    close() releases the CAM's hooks. Also used in-process by tools/pipeline_encoder_options.py."""
     import numpy as np
     import torchvision
     from pytorch_grad_cam import GradCAM
@@ -592,8 +593,7 @@ def torch_pipeline_worker(job: dict) -> dict:
     model = getattr(torchvision.models, arch)(num_classes=1).to(dev).eval()
     layer = model.layer4[-1] if arch.startswith("resnet") else model.features[-1]
     cam = GradCAM(model=model, target_layers=[layer])
-    lite = job.get("pipeline_sam") == "lite_medsam"
-    if lite:
+    if job.get("pipeline_sam") == "lite_medsam":
         segment_one = _torch_lite_medsam_segmenter(torch, dev)
     else:
         predictor = SamPredictor(_torch_sam_vit_b(torch, sam_size, dev))
@@ -624,10 +624,18 @@ def torch_pipeline_worker(job: dict) -> dict:
             masks.append(segment_one(np.repeat((im * 255).astype(np.uint8)[..., None], 3, -1), box))
         return probs, masks
 
+    return fn, lambda: cam.__exit__(None, None, None)
+
+
+def torch_pipeline_worker(job: dict) -> dict:
+    """The PyTorch stack's pipeline (`torch_pipeline_call`), timed."""
+    torch, gpu = _torch_setup(job["threads"])
+    fn, close = torch_pipeline_call(torch, gpu, job)
+    batch = job["batch"]
     r = _torch_measure(torch, gpu, fn, job["repeats"], job["warmup"])
     r["items_per_s"] = batch / r["step_s"]
     _emit(f"pipeline@{batch}", r)
-    cam.__exit__(None, None, None)
+    close()
     return {"cells": {f"pipeline@{batch}": r}, "torch": torch.__version__}
 
 
