@@ -1,4 +1,5 @@
-"""classify -> CAM -> boxes -> SAM masks: one jitted function per batch, with static shapes.
+"""classify -> CAM -> boxes -> SAM masks: two jitted functions per batch (SAM's image encoder, then
+the rest), with static shapes.
 
     pipe = Pipeline.from_directories("runs/synthetic/best", "runs/sam/best")
     for result in pipe.run(items, batch_size=8):        # items: [Item(path=...), ...]
@@ -17,9 +18,12 @@ Frames (boxes are (x0, y0, x1, y1) float pixels, pixel i covers [i, i + 1)):
   masks back (the one postprocess for both).
 
 Host side (outside the jit): decoding, classifier input and geometry, SAM input, padding a short
-batch, and afterwards mapping maps and masks back to each image's own original size. Inside one
-jit (`make_step`): probability, CAM of the abnormal class, boxes in the classifier frame, the same
-boxes in the original and SAM frames, SAM image embedding and box-prompted masks (multimask off).
+batch, and afterwards mapping maps and masks back to each image's own original size. Jitted: SAM's
+image embeddings (`Pipeline._embed`, compiled alone with `mskjax.passes.encoder_compiler_options`:
+on CPU that is faster for the encoder and not for the rest), then one step (`make_step`):
+probability, CAM of the abnormal class, boxes in the classifier frame, the same boxes in the
+original and SAM frames, and box-prompted masks (multimask off). `make_step(embedded=False)` also
+runs the encoder inside the step, in one executable.
 
 Static shapes: every batch has B images (a short last batch is padded, `valid` False), K CAM
 boxes per image (1 for "peak", `max_boxes` for "threshold", with validity) and G ground-truth
