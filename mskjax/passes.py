@@ -15,9 +15,9 @@ import jax.numpy as jnp
 
 # XLA:CPU hands dots and convolutions to YNNPACK by default (jaxlib 0.10). For an image encoder
 # compiled on its own, Eigen is faster here: SAM ViT-B at 512 px 1.14x per image, and the pipeline
-# with its encoder so compiled 1.22x (ViT-B) and 1.18x (LiteMedSAM), mask logits within 3e-6 / 4e-5
-# (docs/BENCHMARKS.md, "The pipeline's encoder on Eigen"). Not for training steps: on ResNet50's
-# convolution backward YNNPACK is faster overall (the CPU-gap section there).
+# with its encoder so compiled 1.08-1.25x (ViT-B) and 1.14-1.18x (LiteMedSAM) in same-process
+# rounds, mask logits within 3e-6 / 4e-5 (docs/BENCHMARKS.md, "the pipeline's encoder compiled
+# apart"). Not for training steps: ResNet50's training step is slower on Eigen (the CPU-gap section).
 CPU_ENCODER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

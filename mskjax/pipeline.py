@@ -522,7 +522,7 @@ class Pipeline:
                 embedding_cache, encoder_fingerprint(host, arch, self.sam_img_size, self.sam_preprocessing),
                 (c.embedding_size, c.embedding_size, c.prompt_embed_dim))
         # The encoder is compiled apart from the rest of the step, with its own XLA options (Eigen
-        # instead of YNNPACK on CPU: 1.2x on the whole pipeline, `encoder_compiler_options`); the
+        # instead of YNNPACK on CPU: 1.1-1.2x on the whole pipeline, `encoder_compiler_options`); the
         # step takes its embeddings, from here or from the cache.
         self._embed = jax.jit(functools.partial(samfn.embed, sam_model),
                               compiler_options=encoder_compiler_options() or None)
