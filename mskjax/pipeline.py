@@ -595,13 +595,18 @@ class Pipeline:
                 cache.put(*batch["sam_canvases"][i], computed[i])
         return emb
 
-    def step(self, batch: dict) -> dict:
-        """Runs the jitted step on a prepared batch; numpy outputs."""
-        args = {k: v for k, v in batch.items() if k not in ("sam_input_sizes", "sam_canvases", "sam_images")}
+    def sam_embeddings(self, batch: dict):
+        """(B, e, e, C) float32 SAM image embeddings of a prepared batch: from the embedding cache
+        where there is one (`image_embeddings`), else the encoder (`_embed`)."""
         if self.embeddings is not None:
-            args["sam_embeddings"] = self.image_embeddings(batch)
-        else:
-            args["sam_embeddings"] = self._embed(self.sam_variables, batch["sam_images"])
+            return self.image_embeddings(batch)
+        return self._embed(self.sam_variables, batch["sam_images"])
+
+    def step(self, batch: dict, sam_embeddings=None) -> dict:
+        """Runs the jitted step on a prepared batch; numpy outputs. sam_embeddings: the batch's
+        `sam_embeddings`, when the caller has them already (the viewer keeps them); else computed."""
+        args = {k: v for k, v in batch.items() if k not in ("sam_input_sizes", "sam_canvases", "sam_images")}
+        args["sam_embeddings"] = self.sam_embeddings(batch) if sam_embeddings is None else sam_embeddings
         out = self._step(self.classifier_variables, self.sam_variables, args)
         return jax.tree.map(np.asarray, out)
 

@@ -62,7 +62,6 @@ from mskjax import metrics
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
-from mskjax.passes import encoder_compiler_options
 from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam, read_mask
 
 log = logging.getLogger("mskjax.view")
@@ -141,9 +140,6 @@ class Viewer:
             pts, lbl = samfn.padding_point_prompts(boxes.shape[:2]) if point_trained else (None, None)
             return samfn.decode_boxes(model, svars, emb, boxes, box_mask, pts, lbl)
 
-        # The same encoder options as the pipeline's, so a box drawn here meets the same embedding.
-        self._embed = jax.jit(lambda svars, x: samfn.embed(model, svars, x),
-                              compiler_options=encoder_compiler_options() or None)
         self._decode = jax.jit(decode)
 
     # -- maps --------------------------------------------------------------------------------
@@ -194,10 +190,10 @@ class Viewer:
     def _run_map(self, pipe: Pipeline, image: np.ndarray, path: str, embed: bool):
         with self._lock:
             batch = pipe.prepare([image], 1)
-            out = pipe.step(batch)
+            embeddings = pipe.sam_embeddings(batch)  # (1, e, e, C): the step's, kept for dragged boxes
+            out = pipe.step(batch, embeddings)
             result = pipe.finish(batch, out, 0, image, Item(path=path, study="view"), None)
-            embedding = self._embed(pipe.sam_variables, batch["sam_images"][:1]) if embed else None
-        return batch, result, embedding
+        return batch, result, (embeddings if embed else None)
 
     def _map_reply(self, key: str, pipe: Pipeline, image: np.ndarray, result) -> dict:
         h, w = image.shape
