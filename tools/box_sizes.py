@@ -20,8 +20,6 @@ Prints one table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mskjax import metrics  # noqa: E402
-from mskjax.inputs import items_from_dataset  # noqa: E402
 from mskjax.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from probe_record import abnormal_items_with_masks, write_record  # noqa: E402  (tools/)
 
 
 def agreement_choice(masks: list[np.ndarray]) -> int:
@@ -61,7 +59,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     sides = [float(v) for v in args.sides.split(",")]
-    items = [it for it in items_from_dataset(args.dataset)[0] if it.label == 1 and it.mask_path]
+    items = abnormal_items_with_masks(args.dataset)
     runs = []
     for side in sides:
         cfg = PipelineConfig(cam=args.cam, cam_layer=args.cam_layer, box_side=side, refine=args.refine,
@@ -85,16 +83,11 @@ def main() -> int:
         print(f"  {k:32s} {v:.3f}")
     print(f"  oracle on the {hit.sum()} images whose peak is within 15 px of the lesion: "
           f"{dice[hit].max(axis=1).mean():.3f}; on the other {(~hit).sum()}: {dice[~hit].max(axis=1).mean():.3f}")
-    out = {"args": vars(args), "machine": platform.processor() or platform.machine(),
-           "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1), "images": n,
-           "dice": rows, "peak_within_15px": int(hit.sum()),
-           "oracle_peak_within_15px": float(dice[hit].max(axis=1).mean()),
-           "oracle_peak_elsewhere": float(dice[~hit].max(axis=1).mean()),
-           "per_image_dice": np.round(dice, 4).tolist(), "agreement_choice": agree,
-           "paths": [it.path for it in items]}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"{out['seconds']} s; JSON {args.json}")
+    write_record(args, t0, images=n, dice=rows, peak_within_15px=int(hit.sum()),
+                 oracle_peak_within_15px=float(dice[hit].max(axis=1).mean()),
+                 oracle_peak_elsewhere=float(dice[~hit].max(axis=1).mean()),
+                 per_image_dice=np.round(dice, 4).tolist(), agreement_choice=agree,
+                 paths=[it.path for it in items])
     return 0
 
 

@@ -145,11 +145,6 @@ def ravelled_sgd(lr, weight_decay: float, momentum: float, grad_clip: float):
     def init(params):
         return inner.init(to_groups(params, marks(params)))
 
-    def update(grads, state, params):
-        m = marks(params)
-        u, state = inner.update(to_groups(grads, m), state, to_groups(params, m))
-        return from_groups(u, grads, m), state
-
     def apply_gradients(grads, state, params):
         m = marks(params)
         g, p = to_groups(grads, m), to_groups(params, m)
@@ -158,7 +153,7 @@ def ravelled_sgd(lr, weight_decay: float, momentum: float, grad_clip: float):
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in g.values()))
         return from_groups(new, params, m), state, norm
 
-    return types.SimpleNamespace(init=init, update=update, apply_gradients=apply_gradients)
+    return types.SimpleNamespace(init=init, apply_gradients=apply_gradients)
 
 
 def classifier_worker(arch: str, side: int, variant: str, batch: int, modes: list[str], steps: int,

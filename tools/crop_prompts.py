@@ -21,8 +21,6 @@ Prints one table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mskjax import metrics  # noqa: E402
 from mskjax import sam as samfn  # noqa: E402
-from mskjax.inputs import items_from_dataset  # noqa: E402
 from mskjax.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from probe_record import abnormal_items_with_masks, write_record  # noqa: E402  (tools/)
 
 
 def crop_window(box: np.ndarray, factor: float, min_side: float, hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -112,7 +110,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     factors = [float(v) for v in args.factors.split(",")]
-    items = [it for it in items_from_dataset(args.dataset)[0] if it.label == 1 and it.mask_path]
+    items = abnormal_items_with_masks(args.dataset)
     items = items[:args.limit] if args.limit else items
     results = {}
     for refine in (0, 1):
@@ -153,14 +151,9 @@ def main() -> int:
           f"Dice against the lesion masks (0 where judged normal):")
     for k, v in table.items():
         print(f"  {k:55s} {v['mean']:.3f}")
-    out = {"args": vars(args), "machine": platform.processor() or platform.machine(),
-           "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1),
-           "images": len(first), "with_first_mask": len(have), "dice": table,
-           "per_image": {k: [round(float(x), 4) for x in v] for k, v in dice.items()},
-           "paths": [r.item.path for r in first]}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"{out['seconds']} s; JSON {args.json}")
+    write_record(args, t0, images=len(first), with_first_mask=len(have), dice=table,
+                 per_image={k: [round(float(x), 4) for x in v] for k, v in dice.items()},
+                 paths=[r.item.path for r in first])
     return 0
 
 

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import functools
 import json
-import os
 import platform
 import statistics
 import sys
@@ -52,16 +51,8 @@ from mskjax.pipeline import Pipeline, PipelineConfig, make_step  # noqa: E402
 
 
 def _machine() -> dict:
-    name = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-            "backend": jax.default_backend()}
+    return {"cpu": benchmark.cpu_model(), "cores": benchmark.cores(), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def _segmenter(name: str, sam_size: int):
@@ -141,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", *sys.argv]), "machine": _machine(), "load_before": os.getloadavg()}
+            "command": " ".join(["python", *sys.argv]), "machine": _machine(), "load_before": benchmark.load_average()}
     results = []
     for name in [s for s in args.segmenters.split(",") if s]:
         r = measure(name, args.sam_size, args.batch, args.rounds, args.torch, args.threads)
@@ -152,7 +143,7 @@ def main(argv=None) -> int:
                   + (f"  max|mask logit diff| {diff['mask_logits']:.1e}" if diff else ""), flush=True)
         if "mskjax_vs_torch" in r:
             print(f"{name}: mskjax (prepare + step) vs the PyTorch stack, same rounds: {r['mskjax_vs_torch']:.2f}x")
-    meta["load_after"] = os.getloadavg()
+    meta["load_after"] = benchmark.load_average()
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     return 0
