@@ -118,6 +118,11 @@ class PipelineConfig:
       the low-res cells where the map is at least t times its maximum (`map_in_sam_frame`), so the
       dense prompt says where in the box the map points. Ground-truth boxes and refine passes keep
       the plain box mask.
+    map_prompt: for a SAM trained on the classifier's own maps (checkpoint metadata "map_prompt",
+      `data.map_prompts` in mskjax.train.sam), the map-derived box's dense prompt is the map inside
+      that box (`mskjax.sam.map_prompt`), as it was trained; the pipeline's map and box must then
+      be the ones it was trained with (PipelineError otherwise). False gives that box the plain
+      box mask instead. No effect on other SAMs.
     """
 
     cam: str = "grad_cam"
@@ -136,6 +141,7 @@ class PipelineConfig:
     choice_scales: tuple = (1.0, 0.5, 0.33)
     choice_area_penalty: float = 1.0
     map_mask_prompt: float = 0.0
+    map_prompt: bool = True
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -234,9 +240,69 @@ def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray
     return np.asarray(loc["baseline"], np.float32)
 
 
+def make_map_half(classifier, config: PipelineConfig, normalization: dict, channels: int, sam_img_size: int,
+                  baseline: np.ndarray | None = None):
+    """The classifier's half of the step (not yet jitted): probability, map and map-derived boxes.
+
+    map_half(classifier_variables, batch) with batch as `make_step`'s (images, geometry,
+    original_hw, valid, threshold; nothing of SAM's) returns a dict of arrays:
+      logits (B, num_classes); probability (B,); abnormal (B,) bool (valid & p >= threshold);
+      cam (B, S, S) in [0, 1] (classifier frame, zero on letterbox padding); peak_input (B, 2) the
+      pointing game's peak; boxes_input (B, K, 4) classifier frame; boxes (B, K, 4) original frame
+      (clipped); boxes_sam (B, K, 4) SAM frame (grown by config.box_margin, clipped); box_scores
+      (B, K); box_valid (B, K) (a real, non-empty box of an abnormal image); peaks_input (B, K, 2)
+      for "peak" boxes.
+    `make_step` runs it first; `MapPrompter` runs it alone (a SAM trained on the classifier's maps).
+    """
+    cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
+    target = abnormal_class(classifier.num_classes)
+
+    def cam_maps(variables, x3, targets):
+        if config.cam_layer and "+" in config.cam_layer:  # stages fused (mskjax.cam.fused_maps)
+            return camlib.fused_maps(cam_model, variables, x3, targets, tuple(config.cam_layer.split("+")),
+                                     methods=(config.cam,))[config.cam]
+        if config.cam == "score_cam":
+            return camlib.score_cam(cam_model, variables, x3, targets, config.cam_layer)
+        if baseline is not None:  # the stored normal mean, subtracted from the raw map
+            return camlib.cam_maps(cam_model, variables, x3, targets, config.cam_layer, methods=(config.cam,),
+                                   baseline=baseline)[config.cam]
+        return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
+
+    def map_half(cvars, batch):
+        x = prepare_images(batch["images"], normalization, channels)
+        logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
+        prob = probabilities(logits)
+        abnormal = batch["valid"] & (prob >= batch["threshold"])
+        b = x.shape[0]
+        x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
+        targets = jnp.full((b,), target, jnp.int32)
+        geom = batch["geometry"]
+        maps = cam_maps(cvars, x3, targets) * content_mask(geom)
+        side = float(max(maps.shape[1:]))
+        out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps,
+               "peak_input": boxlib.peak_point(maps)}  # the one peak rule (plateau of the first maximum), for the pointing game
+        if config.boxes == "peak":
+            # The peak's plateau centroid (boxes.plateau_peak), the box slid inside the content.
+            pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side, bounds=content_bounds(geom))
+            boxes_in, scores, bvalid = pk.boxes[:, None], pk.scores[:, None], jnp.ones((b, 1), bool)
+            out["peaks_input"] = pk.peaks[:, None]
+        else:
+            tb = boxlib.threshold_boxes(maps, fraction=config.box_fraction, k=config.num_boxes)
+            boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
+        hw = batch["original_hw"]
+        boxes_orig = geo.clip_boxes(geo.boxes_to_original(boxes_in, geom), hw)
+        grow = jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32) * config.box_margin
+        nonempty = (boxes_orig[..., 2] > boxes_orig[..., 0]) & (boxes_orig[..., 3] > boxes_orig[..., 1])
+        out.update(boxes_input=boxes_in, boxes=boxes_orig, box_scores=scores, box_valid=bvalid & nonempty & abnormal[:, None],
+                   boxes_sam=samfn.transform_boxes(geo.clip_boxes(boxes_orig + grow, hw), hw, sam_img_size))
+        return out
+
+    return map_half
+
+
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
               box_mask: bool = False, baseline: np.ndarray | None = None, point_trained: bool = False,
-              embedded: bool = False):
+              embedded: bool = False, map_trained: bool = False):
     """The per-batch function (not yet jitted; `Pipeline` jits it).
 
     step(classifier_variables, sam_variables, batch) with batch a dict of
@@ -269,22 +335,13 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
     point_trained: the SAM was trained with `data.peak_point` (metadata "peak_point"): every box
     it decodes carries one point token, the map's peak for a "peak" box when config.peak_point,
     else a padding point.
+    map_trained: the SAM was trained on the classifier's maps (metadata "map_prompt"): with
+    config.map_prompt the map-derived box's dense prompt is the map inside it (needs box_mask).
     """
-    cam_model = classifier if channels == 3 else GrayAsRGB(classifier, channels)
-    target = abnormal_class(classifier.num_classes)
     img_size = sam_model.config.img_size
+    if map_trained and not box_mask:
+        raise PipelineError("map_trained: a SAM trained on maps takes them as its dense prompt (box_mask must be True)")
     multi = config.multimask != "single"
-
-    def cam_maps(variables, x3, targets):
-        if config.cam_layer and "+" in config.cam_layer:  # stages fused (mskjax.cam.fused_maps)
-            return camlib.fused_maps(cam_model, variables, x3, targets, tuple(config.cam_layer.split("+")),
-                                     methods=(config.cam,))[config.cam]
-        if config.cam == "score_cam":
-            return camlib.score_cam(cam_model, variables, x3, targets, config.cam_layer)
-        if baseline is not None:  # the stored normal mean, subtracted from the raw map
-            return camlib.cam_maps(cam_model, variables, x3, targets, config.cam_layer, methods=(config.cam,),
-                                   baseline=baseline)[config.cam]
-        return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
 
     def choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam, bvalid, geom, hw):
         """The peak box's candidates (sub-boxes), their masks, and the one whose removal costs the
@@ -312,36 +369,14 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         pick = lambda a: jnp.take_along_axis(a, best.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
         return pick(low), pick(iou), pick(cands), {"choice_scores": scores, "choice_index": best}
 
+    map_half = make_map_half(classifier, config, normalization, channels, img_size, baseline)
+
     def step(cvars, svars, batch):
-        x = prepare_images(batch["images"], normalization, channels)
-        logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
-        prob = probabilities(logits)
-        valid = batch["valid"]
-        abnormal = valid & (prob >= batch["threshold"])
-        b = x.shape[0]
-        x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
-        targets = jnp.full((b,), target, jnp.int32)
-        geom = batch["geometry"]
-        maps = cam_maps(cvars, x3, targets) * content_mask(geom)
-        side = float(max(maps.shape[1:]))
-        peak = boxlib.peak_point(maps)  # the one peak rule (plateau of the first maximum), for the pointing game
-        peaks_in = None
-        if config.boxes == "peak":
-            # The peak's plateau centroid (boxes.plateau_peak), the box slid inside the content.
-            pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side, bounds=content_bounds(geom))
-            boxes_in = pk.boxes[:, None]
-            scores = pk.scores[:, None]
-            bvalid = jnp.ones((b, 1), bool)
-            peaks_in = pk.peaks[:, None]
-        else:
-            tb = boxlib.threshold_boxes(maps, fraction=config.box_fraction, k=config.num_boxes)
-            boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
-        hw = batch["original_hw"]
-        boxes_orig = geo.clip_boxes(geo.boxes_to_original(boxes_in, geom), hw)
+        h = map_half(cvars, batch)
+        prob, maps, geom, hw = h["probability"], h["cam"], batch["geometry"], batch["original_hw"]
+        boxes_in, boxes_sam, bvalid, peaks_in = h["boxes_input"], h["boxes_sam"], h["box_valid"], h.get("peaks_input")
         grow = jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32) * config.box_margin
-        nonempty = (boxes_orig[..., 2] > boxes_orig[..., 0]) & (boxes_orig[..., 3] > boxes_orig[..., 1])
-        bvalid = bvalid & nonempty & abnormal[:, None]
-        boxes_sam = samfn.transform_boxes(geo.clip_boxes(boxes_orig + grow, hw), hw, img_size)
+        valid = batch["valid"]
         emb = batch["sam_embeddings"] if embedded else samfn.embed(sam_model, svars, batch["sam_images"])
         prompts, pvalid = boxes_sam, bvalid
         g = batch["gt_boxes"].shape[1]
@@ -361,6 +396,11 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             cov = samfn.box_coverage(prompts[:, :nk], img_size, low_size)
             mask_input = mask_input.at[:, :nk].set(
                 samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
+        if map_trained and config.map_prompt and peaks_in is not None:  # the map inside its box, as trained
+            nk = boxes_in.shape[1]
+            in_sam = map_in_sam_frame(maps, geom, hw, img_size, img_size)  # (B, T, T)
+            mask_input = mask_input.at[:, :nk].set(
+                samfn.map_prompt(in_sam[:, None], prompts[:, :nk], img_size, sam_model.config.low_res_size))
         points = labels = None
         if point_trained:
             given = jnp.zeros(prompts.shape[:2], bool)
@@ -390,9 +430,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
                                multimask=multi, prompt_valid=bvalid)
             cam_low, cam_iou = chosen_masks(dec, config.multimask)
-        out = {**extra, "logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps, "peak_input": peak,
-               "boxes_input": boxes_in, "boxes": boxes_orig, "boxes_sam": boxes_sam, "box_scores": scores,
-               "box_valid": bvalid, "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
+        out = {**extra, **{k: h[k] for k in ("logits", "probability", "abnormal", "cam", "peak_input", "boxes_input",
+                                             "boxes", "boxes_sam", "box_scores", "box_valid")},
+               "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
         if point_trained:  # the first pass's point per map prompt (SAM frame) and its label (1 | -1)
             out["points_sam"], out["point_labels"] = points[:, :k, 0], labels[:, :k, 0]
         if g:
@@ -472,6 +512,46 @@ def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
+def classifier_inputs(images: Sequence[np.ndarray], input_size: int, mode: str, batch_size: int):
+    """Decoded (H0, W0) float32 [0, 1] images -> the classifier half's inputs, padded to batch_size:
+    images (B, S, S, 1) float32 (`mskjax.data.preprocess.preprocess`), batched Geometry, original_hw
+    (B, 2) float32 and valid (B,) bool (padding rows: an all-zero image, identity geometry)."""
+    n = len(images)
+    if not 0 < n <= batch_size:
+        raise ValueError(f"prepare needs 1..{batch_size} images, got {n}")
+    s = input_size
+    x = np.zeros((batch_size, s, s, 1), np.float32)
+    geoms, hw = [], np.ones((batch_size, 2), np.float32)
+    for i, im in enumerate(images):
+        x[i], g = preprocess(im, s, mode, channels=1)
+        geoms.append(g)
+        hw[i] = im.shape
+    geoms += [geo.Geometry(1.0, 1.0, 0.0, 0.0, 1.0, 1.0, input_h=s, input_w=s)] * (batch_size - n)
+    return x, geo.stack_geometries(geoms), hw, np.arange(batch_size) < n
+
+
+def map_prompt_settings(config: PipelineConfig) -> dict:
+    """What a SAM trained on a classifier's maps must be given the same way at inference (its
+    checkpoint's metadata "map_prompt" holds these, with the classifier it was trained on)."""
+    return {"cam": config.cam, "cam_layer": config.cam_layer or None, "boxes": config.boxes,
+            "box_side": None if config.box_side is None else float(config.box_side),
+            "box_margin": float(config.box_margin), "subtract_baseline": bool(config.subtract_baseline)}
+
+
+def check_map_prompt(trained: dict, config: PipelineConfig) -> None:
+    """PipelineError unless `config` gives the map and box a map-trained SAM was trained on."""
+    want = {k: trained.get(k) for k in map_prompt_settings(config)}
+    got = map_prompt_settings(config)
+    diff = [f"{k} {got[k]!r} (trained with {want[k]!r})" for k in got if got[k] != want[k]]
+    if diff:
+        raise PipelineError("this SAM was trained on the classifier's maps as its dense prompt; the pipeline's "
+                            f"map and box differ: {', '.join(diff)}. Use the trained settings, or map_prompt=False "
+                            "(segment --no-map-prompt) for the plain box prompt")
+    if config.map_mask_prompt > 0:
+        raise PipelineError("map_mask_prompt and a map-trained SAM's map prompt both set the map box's dense prompt: "
+                            "use one (map_prompt=False for the thresholded map)")
+
+
 class Pipeline:
     """Models, settings and the compiled step. Build with `from_directories` or the constructor.
 
@@ -507,6 +587,9 @@ class Pipeline:
         self.box_mask_prompt = bool(self.sam_meta.get("box_mask_prompt", False))
         self.point_trained = bool(self.sam_meta.get("peak_point", False))
         self.baseline = stored_baseline(self.classifier_meta, config) if config.subtract_baseline else None
+        self.map_trained = bool(self.sam_meta.get("map_prompt"))
+        if self.map_trained and config.map_prompt:
+            check_map_prompt(self.sam_meta["map_prompt"], config)
         if config.map_mask_prompt > 0 and not self.box_mask_prompt:
             raise PipelineError("map_mask_prompt: this SAM was not trained with boxes as mask prompts "
                                 "(checkpoint metadata box_mask_prompt), so it takes no dense prompt")
@@ -528,7 +611,8 @@ class Pipeline:
                               compiler_options=encoder_compiler_options() or None)
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
                                        box_mask=self.box_mask_prompt, baseline=self.baseline,
-                                       point_trained=self.point_trained, embedded=True))
+                                       point_trained=self.point_trained, embedded=True,
+                                       map_trained=self.map_trained))
 
     @classmethod
     def from_directories(cls, classifier_dir, sam_dir, config: PipelineConfig = PipelineConfig(),
@@ -543,17 +627,7 @@ class Pipeline:
         """Decoded (H0, W0) float32 [0, 1] images -> the step's batch dict, padded to batch_size.
         gt_boxes: per image (n_i, 4) original-frame boxes, n_i <= num_gt."""
         n = len(images)
-        if not 0 < n <= batch_size:
-            raise ValueError(f"prepare needs 1..{batch_size} images, got {n}")
-        s = self.input_size
-        x = np.zeros((batch_size, s, s, 1), np.float32)
-        geoms, hw = [], np.ones((batch_size, 2), np.float32)
-        for i, im in enumerate(images):
-            x[i], g = preprocess(im, s, self.mode, channels=1)
-            geoms.append(g)
-            hw[i] = im.shape
-        pad_geom = geo.Geometry(1.0, 1.0, 0.0, 0.0, 1.0, 1.0, input_h=s, input_w=s)
-        geoms += [pad_geom] * (batch_size - n)
+        x, geometry, hw, valid = classifier_inputs(images, self.input_size, self.mode, batch_size)
         sam_in = samfn.preprocess([_to_uint8(im) for im in images], self.sam_img_size, self.sam_preprocessing)
         t = self.sam_img_size
         sam_images = np.zeros((batch_size, t, t, 3), np.float32)
@@ -566,12 +640,11 @@ class Pipeline:
                 raise ValueError(f"image {i} has {len(boxes)} ground-truth boxes, more than num_gt={num_gt}")
             gb[i, :len(boxes)] = boxes
             gv[i, :len(boxes)] = True
-        valid = np.arange(batch_size) < n
         extra = {}
         if self.embeddings is not None:  # the cache's keys: the uint8 canvas SAM's input is made from
             extra["sam_canvases"] = [samfn.resize_into_canvas(_to_uint8(im), t, self.sam_preprocessing)
                                      for im in images]
-        return {**extra, "images": x, "geometry": geo.stack_geometries(geoms), "sam_images": sam_images,
+        return {**extra, "images": x, "geometry": geometry, "sam_images": sam_images,
                 "original_hw": hw, "valid": valid, "threshold": np.float32(self.config.threshold), "gt_boxes": gb, "gt_valid": gv,
                 "sam_input_sizes": np.concatenate([sam_in.input_sizes, np.ones((batch_size - n, 2), np.int32)])}
 
@@ -684,6 +757,67 @@ class Pipeline:
             progress(done, len(items))
 
 
+class MapPrompter:
+    """The classifier's half of the pipeline alone (`make_map_half`): for each image, the map and
+    the map-derived box as the pipeline would give them to a SAM, for training a SAM on them
+    (`data.map_prompts` in mskjax.train.sam).
+
+        mp = MapPrompter.from_directory("runs/demo/classifier/best", PipelineConfig(cam="layer_cam",
+                                         cam_layer="layer2", box_side=64), sam_img_size=256)
+        out = mp.run(images)   # decoded (H0, W0) float32 [0, 1] images
+
+    Only config.boxes == "peak" (one box per image). Every image gets its box whatever the
+    classifier says (the threshold is not applied: training wants the map of every abnormal image).
+    """
+
+    def __init__(self, classifier, classifier_variables, classifier_meta: dict, config: PipelineConfig,
+                 sam_img_size: int):
+        if config.boxes != "peak":
+            raise PipelineError(f"MapPrompter gives one map box per image: boxes must be 'peak', got {config.boxes!r}")
+        meta = dict(classifier_meta)
+        data = meta.get("data", {})
+        self.input_size = int(data.get("image_size", meta["input_size"]))
+        self.mode = data.get("mode", "resize")
+        channels = int(meta.get("in_channels", 3))
+        norm = meta.get("normalization") or {}
+        if [float(v) for v in norm.get("input_range", [0.0, 1.0])] != [0.0, 1.0]:
+            raise PipelineError(f"classifier expects inputs in {norm.get('input_range')}; the pipeline feeds [0, 1] images")
+        self.config, self.sam_img_size = config, int(sam_img_size)
+        self.variables = jax.tree.map(jnp.asarray, classifier_variables)
+        baseline = stored_baseline(meta, config) if config.subtract_baseline else None
+        half = make_map_half(classifier, config, normalization_from_metadata(norm), channels, self.sam_img_size,
+                             baseline)
+        t = self.sam_img_size
+
+        def prompts(cvars, batch):
+            h = half(cvars, batch)
+            return {"probability": h["probability"], "boxes_sam": h["boxes_sam"][:, 0],
+                    "maps_sam": map_in_sam_frame(h["cam"], batch["geometry"], batch["original_hw"], t, t)}
+
+        self._prompts = jax.jit(prompts)
+
+    @classmethod
+    def from_directory(cls, classifier_dir, config: PipelineConfig, sam_img_size: int) -> "MapPrompter":
+        model, variables, meta = checkpoint.load_classifier(classifier_dir)
+        return cls(model, variables, meta, config, sam_img_size)
+
+    def run(self, images: Sequence[np.ndarray], batch_size: int = 16) -> dict:
+        """Decoded (H0, W0) float32 [0, 1] images -> probability (N,) float32, boxes_sam (N, 4)
+        float32 (the map's box, SAM input frame) and maps_sam (N, T, T) float32 in [0, 1] (the map
+        in the SAM input frame, T = sam_img_size, 0 on SAM's padding)."""
+        t = self.sam_img_size
+        out = {"probability": np.zeros((0,), np.float32), "boxes_sam": np.zeros((0, 4), np.float32),
+               "maps_sam": np.zeros((0, t, t), np.float32)}
+        parts = [out]
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            x, geometry, hw, valid = classifier_inputs(chunk, self.input_size, self.mode, batch_size)
+            batch = {"images": x, "geometry": geometry, "original_hw": hw, "valid": valid, "threshold": np.float32(0.0)}
+            got = jax.tree.map(np.asarray, self._prompts(self.variables, batch))
+            parts.append({k: v[:len(chunk)] for k, v in got.items()})
+        return {k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in out}
+
+
 def default_cam(classifier_meta: dict, cam: str | None, cam_layer: str | None) -> tuple[str, str | None]:
     """(method, layer) for the pipeline: what the user asked for; else the map the classifier's
     training run localized with (checkpoint metadata "localization", written by mskjax.train);
@@ -707,5 +841,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "ImageResult", "Item", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "content_bounds", "content_mask", "default_cam", "describe", "make_step", "read_mask", "stored_baseline"]
+__all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+           "check_map_prompt", "classifier_inputs", "content_bounds", "content_mask", "default_cam", "describe",
+           "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

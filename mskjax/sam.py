@@ -388,6 +388,25 @@ def box_coverage(boxes: jax.Array, img_size: int, low_res_size: int | None = Non
     return fy[..., :, None] * fx[..., None, :]
 
 
+def map_prompt(maps: jax.Array, boxes: jax.Array, img_size: int, low_res_size: int | None = None) -> jax.Array:
+    """The classifier's map inside its box as a dense mask prompt, for a SAM trained on them
+    (`data.map_prompts` in mskjax.train.sam; checkpoint metadata "map_prompt").
+
+    maps (..., T, T) float in [0, 1]: the map in the SAM input frame at full resolution (T =
+    img_size; `mskjax.pipeline.map_in_sam_frame` with low_res_size = img_size), 0 on padding.
+    boxes (..., 4) SAM input frame. Returns logits (..., L, L): BOX_MASK_LOGIT * (2 f m - 1), f the
+    cell's fraction inside the box (`box_coverage`) and m the map's mean over the cell, so a cell
+    inside the box at the map's maximum gets +BOX_MASK_LOGIT, one where the map is half its maximum
+    0, and every cell outside the box -BOX_MASK_LOGIT, as `box_mask_prompt` there. Mean-pooling from
+    T (not sampling at L) so that a map flipped at T in training pools like the pipeline's.
+    """
+    low = img_size // 4 if low_res_size is None else int(low_res_size)
+    t = maps.shape[-1]
+    k = t // low
+    cells = maps.astype(jnp.float32).reshape(maps.shape[:-2] + (low, k, low, k)).mean(axis=(-3, -1))
+    return BOX_MASK_LOGIT * (2.0 * box_coverage(boxes, img_size, low) * cells - 1.0)
+
+
 def peak_point_prompts(points: jax.Array, given: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Point prompts for a SAM trained with `data.peak_point` (mskjax.train.sam): points (B, P, 2)
     (x, y) SAM input frame and given (B, P) bool -> one point per prompt, (B, P, 1, 2) float32,
@@ -405,10 +424,12 @@ def padding_point_prompts(prompt_shape: tuple[int, int]) -> tuple[jax.Array, jax
 
 
 def decode_boxes(model, variables: dict, embeddings: jax.Array, boxes: jax.Array, box_mask: bool,
-                 points: jax.Array | None = None, point_labels: jax.Array | None = None) -> jax.Array:
+                 points: jax.Array | None = None, point_labels: jax.Array | None = None,
+                 mask_input: jax.Array | None = None) -> jax.Array:
     """Single-mask low-res logits (B, P, L, L) for box prompts (B, P, 4) in the SAM input frame,
-    with the boxes also given as dense mask prompts when box_mask, and optional points (B, P, N, 2)
-    with labels (B, P, N) beside them."""
-    mask_input = box_mask_prompt(boxes, model.config.img_size, model.config.low_res_size) if box_mask else None
+    with the boxes also given as dense mask prompts when box_mask (or the given mask_input
+    (B, P, L, L) logits instead), and optional points (B, P, N, 2) with labels (B, P, N) beside them."""
+    if mask_input is None and box_mask:
+        mask_input = box_mask_prompt(boxes, model.config.img_size, model.config.low_res_size)
     return decode(model, variables, embeddings, boxes=boxes, points=points, point_labels=point_labels,
                   mask_input=mask_input, multimask=False)["low_res_logits"][:, :, 0]

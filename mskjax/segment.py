@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--map-mask-prompt", type=float, default=0.0, metavar="T",
                     help="for a SAM trained with box mask prompts: the map box's mask prompt keeps only the cells "
                          "where the map is >= T times its maximum (0: off)")
+    ap.add_argument("--no-map-prompt", dest="map_prompt", action="store_false",
+                    help="for a SAM trained on the classifier's maps (data.map_prompts): give the map's box the plain "
+                         "box mask instead of the map inside it")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
@@ -428,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 multimask=args.multimask, box_margin=args.box_margin, choose=args.choose,
                                 choice_scales=parse_scales(args.choice_scales),
                                 choice_area_penalty=args.choice_area_penalty,
-                                map_mask_prompt=args.map_mask_prompt)
+                                map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

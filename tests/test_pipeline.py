@@ -475,3 +475,67 @@ def test_map_mask_prompt_needs_a_box_mask_sam_and_changes_its_masks(setup):
     a, b = plain.step(batch), shaped.step(batch)
     assert not np.allclose(a["mask_logits"][:3], b["mask_logits"][:3])  # the map's prompt changed
     np.testing.assert_allclose(a["gt_mask_logits"], b["gt_mask_logits"], atol=1e-5)  # ground-truth prompts did not
+
+
+def test_map_prompter_gives_the_pipelines_map_and_box(setup):
+    """MapPrompter (what a SAM is trained on with data.map_prompts) is the pipeline's own first half:
+    the same box in SAM's frame and the same map, sampled into SAM's frame at full resolution."""
+    from mskjax.pipeline import MapPrompter, map_in_sam_frame
+    pipe, records, _, _ = setup
+    config = PipelineConfig(threshold=0.0, box_side=20.0, box_margin=2.0)
+    full = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                    pipe.sam_variables, pipe.sam_meta, config)
+    _, images, batch = _batch_of(full, records, 3, 4)
+    out = full.step(batch)
+    mp = MapPrompter(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, config, SAM_SIZE)
+    got = mp.run(images, batch_size=2)  # two batches, the second padded
+    assert got["maps_sam"].shape == (3, SAM_SIZE, SAM_SIZE) and got["boxes_sam"].shape == (3, 4)
+    np.testing.assert_allclose(got["probability"], out["probability"][:3], atol=1e-6)
+    np.testing.assert_allclose(got["boxes_sam"], out["boxes_sam"][:3, 0], atol=1e-4)
+    want = map_in_sam_frame(jnp.asarray(out["cam"]), batch["geometry"], jnp.asarray(batch["original_hw"]),
+                            SAM_SIZE, SAM_SIZE)
+    np.testing.assert_allclose(got["maps_sam"], np.asarray(want)[:3], atol=1e-5)
+    assert got["maps_sam"].max() > 0.5
+    with pytest.raises(PipelineError, match="'peak'"):
+        MapPrompter(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta,
+                    PipelineConfig(boxes="threshold"), SAM_SIZE)
+
+
+def test_map_trained_sam_gets_the_map_inside_its_box(setup):
+    """A SAM whose metadata says it was trained on the classifier's maps gets, for the map's box, the
+    map inside that box as its dense prompt (mskjax.sam.map_prompt); other prompts keep the box mask;
+    another map or box than the trained one is refused; map_prompt=False is the plain box mask."""
+    from mskjax.pipeline import map_in_sam_frame, map_prompt_settings
+    pipe, records, _, _ = setup
+    config = PipelineConfig(threshold=0.0, box_side=24.0)
+    meta = {**pipe.sam_meta, "box_mask_prompt": True,
+            "map_prompt": {**map_prompt_settings(config), "classifier": "somewhere"}}
+
+    def pipeline(m, c):
+        return Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                        pipe.sam_variables, m, c)
+    mapped = pipeline(meta, config)
+    plain = pipeline({**pipe.sam_meta, "box_mask_prompt": True}, config)
+    off = pipeline(meta, PipelineConfig(threshold=0.0, box_side=24.0, map_prompt=False))
+    _, _, batch = _batch_of(mapped, records, 3, 4)
+    a, b, c = mapped.step(batch), plain.step(batch), off.step(batch)
+    np.testing.assert_array_equal(b["mask_logits"], c["mask_logits"])
+    np.testing.assert_allclose(a["gt_mask_logits"], b["gt_mask_logits"], atol=1e-5)  # ground-truth prompts alike
+    assert not np.allclose(a["mask_logits"][:3], b["mask_logits"][:3])
+
+    in_sam = map_in_sam_frame(jnp.asarray(a["cam"]), batch["geometry"], jnp.asarray(batch["original_hw"]),
+                              SAM_SIZE, SAM_SIZE)
+    low = pipe.sam_model.config.low_res_size
+    dense = samfn.map_prompt(in_sam[:, None], jnp.asarray(a["boxes_sam"]), SAM_SIZE, low)
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=jnp.asarray(a["boxes_sam"]), mask_input=dense,
+                       multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(a["mask_logits"][:3], np.asarray(ref)[:3], atol=2e-3)
+
+    with pytest.raises(PipelineError, match="box_side 30.0 \\(trained with 24.0\\)"):
+        pipeline(meta, PipelineConfig(box_side=30.0))
+    with pytest.raises(PipelineError, match="cam_layer"):
+        pipeline(meta, PipelineConfig(box_side=24.0, cam="layer_cam", cam_layer="layer3"))
+    with pytest.raises(PipelineError, match="map_mask_prompt"):
+        pipeline(meta, PipelineConfig(box_side=24.0, map_mask_prompt=0.5))
+    pipeline(meta, PipelineConfig(box_side=30.0, map_prompt=False))  # the plain box mask: any box

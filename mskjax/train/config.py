@@ -304,6 +304,19 @@ def sam_base_config() -> ml_collections.ConfigDict:
     # Map-shaped prompts also carry their centre (where the map's peak would be) as a positive
     # point; other boxes a padding point. The pipeline then adds the map's peak to its box.
     c.data.peak_point = False
+    # The classifier's own maps as prompts (issue 18 part 4): a classifier checkpoint directory
+    # ("" = off). Its map of each training image, and the box the pipeline would draw around the
+    # map's peak, are computed once (`mskjax.pipeline.MapPrompter`); for this share of the training
+    # examples the first prompt is that box with the map inside it as the dense prompt
+    # (`mskjax.sam.map_prompt`), scored against the union of the image's lesions, which is what
+    # the pipeline's Dice scores. Needs train.box_mask_prompt. The pipeline must then use the same
+    # map and box (checkpoint metadata "map_prompt").
+    c.data.map_prompts = ""
+    c.data.map_prompt_share = 0.5
+    c.data.map_cam = "layer_cam"
+    c.data.map_cam_layer = "layer2"  # "" = the classifier's last feature map
+    c.data.map_box_side = 64.0  # classifier-input pixels; 0 = the pipeline's default (50 px at 224)
+    c.data.map_box_margin = 0.0  # original-frame pixels, as segment --box-margin
 
     c.train = ml_collections.ConfigDict()
     c.train.box_mask_prompt = False  # each box also as a dense mask prompt (mskjax.sam.box_mask_prompt)
@@ -366,6 +379,15 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(0.0 <= c.data.peak_box_offset < 0.5, "data.peak_box_offset", f"must be in [0, 0.5), got {c.data.peak_box_offset}")
     need(not c.data.peak_point or c.data.peak_box_share > 0, "data.peak_point",
          "needs map-shaped prompts to carry the point (set data.peak_box_share > 0)")
+    if c.data.map_prompts:
+        need(0.0 < c.data.map_prompt_share <= 1.0, "data.map_prompt_share",
+             f"must be in (0, 1] with data.map_prompts, got {c.data.map_prompt_share}")
+        need(bool(c.train.box_mask_prompt), "data.map_prompts",
+             "the map goes in as the dense mask prompt: set train.box_mask_prompt=True")
+        need(not c.data.peak_point, "data.map_prompts", "is not combined with data.peak_point")
+        need(c.data.map_cam in CAM_METHODS, "data.map_cam", f"{c.data.map_cam!r} is not one of {list(CAM_METHODS)}")
+        need(c.data.map_box_side >= 0 and c.data.map_box_margin >= 0, "data.map_box_side",
+             "map_box_side and map_box_margin must be >= 0")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

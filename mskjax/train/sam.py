@@ -16,6 +16,12 @@
 - optionally (`data.peak_point`) each map-shaped prompt also carries its centre, the lesion pixel
   moved by the offset, as a positive point (where the map's peak would be), and every other box a
   padding point; the pipeline then gives its map box the map's peak as that point;
+- optionally (`data.map_prompts`, a classifier checkpoint) a share of the training images
+  (`data.map_prompt_share`) have their first prompt replaced by what the pipeline will give: the
+  box around that classifier's map peak with the map inside it as the dense prompt
+  (`mskjax.pipeline.MapPrompter`, `mskjax.sam.map_prompt`; computed once per image before
+  training), scored against the union of the image's lesions (what the pipeline's Dice scores).
+  Checkpoints record the map and box (metadata "map_prompt"); the pipeline then prompts alike;
 - single-mask output (multimask=False);
 - optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
   as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
@@ -61,6 +67,7 @@ from mskjax import sam as samfn
 from mskjax.data.splits import load_splits
 from mskjax.models.sam import (LiteMedSam, build_segmenter, init_lite_medsam_variables, init_sam_variables,
                                is_lite_medsam)
+from mskjax.pipeline import MapPrompter, PipelineConfig, map_prompt_settings
 from mskjax.sam import decode_boxes, peak_point_prompts, preprocessing_of, uses_box_mask_prompt
 from mskjax.train import loop, optim, sam_data
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, validate_sam
@@ -85,6 +92,8 @@ def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
         meta = sam_metadata(config.model.arch, config.model.img_size)
     meta["box_mask_prompt"] = uses_box_mask_prompt(config)
     meta["peak_point"] = bool(config.data.peak_point)  # map prompts take the peak as a point (pipeline)
+    if config.data.map_prompts:  # trained on this classifier's maps: the pipeline must prompt alike
+        meta["map_prompt"] = {**map_prompt_settings(map_pipeline_config(config)), "classifier": str(config.data.map_prompts)}
     meta["source"] = source
     checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)
 
@@ -210,6 +219,32 @@ def peak_like_boxes(key: jax.Array, masks: jax.Array, input_sizes: jax.Array, fr
     return boxes, jnp.stack([jnp.clip(cx, 0.0, w), jnp.clip(cy, 0.0, h)], axis=-1)
 
 
+def map_pipeline_config(config) -> PipelineConfig:
+    """The pipeline settings whose map and box a SAM with `data.map_prompts` trains on."""
+    side = float(config.data.map_box_side)
+    return PipelineConfig(cam=config.data.map_cam, cam_layer=config.data.map_cam_layer or None, boxes="peak",
+                          box_side=side if side > 0 else None, box_margin=float(config.data.map_box_margin))
+
+
+def with_map_prompt(key: jax.Array, boxes, masks, valid, mask_input, maps, map_boxes, share: float,
+                    img_size: int, low_res: int):
+    """A `share` of the examples get the classifier's map prompt in their first slot.
+
+    boxes (B, P, 4), masks (B, P, S, S) uint8, valid (B, P), mask_input (B, P, L, L) logits;
+    maps (B, S, S) uint8 (the map in the SAM input frame, 255 = 1), map_boxes (B, 4) SAM frame.
+    A chosen example's slot 0 takes the map's box, `mskjax.sam.map_prompt` as its dense prompt and
+    the union of the example's valid lesion masks as its target. Returns (boxes, masks, mask_input).
+    """
+    take = jax.random.bernoulli(key, share, boxes.shape[:1])
+    union = jnp.max(jnp.where(valid[:, :, None, None], masks, 0), axis=1)  # (B, S, S) uint8
+    dense = samfn.map_prompt(maps.astype(jnp.float32) / 255.0, map_boxes, img_size, low_res)  # (B, L, L)
+    t = take[:, None]
+    boxes = boxes.at[:, 0].set(jnp.where(t, map_boxes, boxes[:, 0]))
+    masks = masks.at[:, 0].set(jnp.where(t[..., None], union, masks[:, 0]))
+    mask_input = mask_input.at[:, 0].set(jnp.where(t[..., None], dense, mask_input[:, 0]))
+    return boxes, masks, mask_input
+
+
 def mix_prompts(key: jax.Array, boxes: jax.Array, other: jax.Array, share: float, return_taken: bool = False):
     """Each prompt independently takes `other` with probability `share`. (B, P, 4) each; with
     return_taken also which did, (B, P) bool."""
@@ -280,14 +315,25 @@ def make_train_step(model, tx, config):
     box_mask = uses_box_mask_prompt(config)
     peak_share = float(config.data.peak_box_share)
     peak_point = bool(config.data.peak_point)
+    map_share = float(config.data.map_prompt_share) if config.data.map_prompts else 0.0
+    low = model.config.low_res_size
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         k_flip, k_jit, k_peak, k_mix = jax.random.split(key, 4)
         boxes, masks, sizes = batch["boxes"], batch["masks"], batch["input_sizes"]
         images = batch.get("images")
+        maps = map_boxes = None
+        if map_share > 0:
+            maps, map_boxes = batch["maps"], batch["map_boxes"]
         if flip:
-            images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
+            if map_share > 0:  # the map and its box flip with the image (one more slot, the same draw)
+                p = boxes.shape[1]
+                images, both, bb = hflip(k_flip, images, jnp.concatenate([masks, maps[:, None]], 1),
+                                         jnp.concatenate([boxes, map_boxes[:, None]], 1), sizes)
+                masks, maps, boxes, map_boxes = both[:, :p], both[:, p], bb[:, :p], bb[:, p]
+            else:
+                images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
         boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)
         points = labels = None
         if peak_share > 0:
@@ -297,6 +343,11 @@ def make_train_step(model, tx, config):
             boxes, taken = mix_prompts(k_mix, boxes, peak, peak_share, return_taken=True)
             if peak_point:
                 points, labels = peak_point_prompts(centres, taken)
+        mask_input = None
+        if map_share > 0:
+            mask_input = samfn.box_mask_prompt(boxes, s, low)
+            boxes, masks, mask_input = with_map_prompt(jax.random.fold_in(key, 7), boxes, masks, batch["valid"],
+                                                       mask_input, maps, map_boxes, map_share, s, low)
         targets = _loss_targets(masks, frame, model.config.low_res_size)
 
         def compute(params):
@@ -308,7 +359,7 @@ def make_train_step(model, tx, config):
                 # pass has not been measured (vit_tiny's forward gains nothing from it).
                 emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, sizes, recipe),
                                   images_per_pass=0)
-            logits = decode_boxes(model, variables, emb, boxes, box_mask, points, labels)
+            logits = decode_boxes(model, variables, emb, boxes, box_mask, points, labels, mask_input)
             if frame == "input" and logits.shape[-1] != s:  # LiteMedSAM's low-res logits are already S x S
                 logits = samfn.upscale_logits(logits, s)
             return sam_loss(logits, targets, batch["valid"], wd, wb)
@@ -435,6 +486,12 @@ def load_examples(config, log=log) -> tuple[dict[str, sam_data.SamExamples], str
     for name, records in splits.records.items():
         out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log,
                                             preprocessing="lite_medsam" if is_lite_medsam(config.model.arch) else "sam")
+    if config.data.map_prompts:  # only training draws them
+        t0 = time.time()
+        prompter = MapPrompter.from_directory(config.data.map_prompts, map_pipeline_config(config), config.model.img_size)
+        out["train"] = sam_data.with_map_prompts(out["train"], prompter, config.eval.batch_size)
+        log(f"map prompts: {config.data.map_cam} at {config.data.map_cam_layer or 'the last feature map'} of "
+            f"{config.data.map_prompts} on {len(out['train'].paths)} training images in {time.time() - t0:.1f}s")
     return out, splits.description
 
 
@@ -617,6 +674,8 @@ def _source(config, step: int, rep: dict) -> dict:
                                  "fraction_max": float(config.data.peak_box_fraction_max),
                                  "offset": float(config.data.peak_box_offset),
                                  "peak_point": bool(config.data.peak_point)},
+            "map_prompts": ({"classifier": str(config.data.map_prompts), "share": float(config.data.map_prompt_share),
+                             **map_prompt_settings(map_pipeline_config(config))} if config.data.map_prompts else None),
             "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
             "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}

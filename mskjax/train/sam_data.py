@@ -70,6 +70,9 @@ class SamExamples:
     types (N, P): lesion type strings ("" for padding).
     lesions: one LesionTruth per valid prompt.
     skipped: what was left out and why.
+    maps (N_img, S, S) uint8 and map_boxes (N_img, 4) float32, when a SAM trains on a classifier's
+    maps (`with_map_prompts`): the map in the SAM input frame (0..255 for [0, 1]) and the box the
+    pipeline draws around its peak, SAM input frame.
     """
 
     img_size: int
@@ -84,6 +87,8 @@ class SamExamples:
     types: np.ndarray
     lesions: list[LesionTruth]
     skipped: SkipReport
+    maps: np.ndarray | None = None
+    map_boxes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
@@ -253,8 +258,25 @@ def gather_batch(ex: SamExamples, indices: np.ndarray, repeat_prompts: bool = Fa
         src = np.arange(p)[None, :] % k  # (B, P)
         rows = np.arange(len(safe))[:, None]
         boxes, masks, valid = boxes[rows, src], masks[rows, src], valid[rows, src]
-    return {"images": ex.images[img], "input_sizes": ex.input_sizes[img], "boxes": boxes,
-            "masks": masks, "valid": valid & real[:, None]}
+    out = {"images": ex.images[img], "input_sizes": ex.input_sizes[img], "boxes": boxes,
+           "masks": masks, "valid": valid & real[:, None]}
+    if ex.maps is not None:  # maps (B, S, S) uint8, map_boxes (B, 4)
+        out["maps"], out["map_boxes"] = ex.maps[img], ex.map_boxes[img]
+    return out
+
+
+def with_map_prompts(ex: SamExamples, prompter, batch_size: int = 16) -> SamExamples:
+    """`ex` with each image's classifier map and map box (`mskjax.pipeline.MapPrompter.run` on the
+    decoded originals of ex.paths), the map quantised to uint8."""
+    if not ex.paths:
+        return dataclasses.replace(ex, maps=np.zeros((0, ex.img_size, ex.img_size), np.uint8),
+                                   map_boxes=np.zeros((0, 4), np.float32))
+    if prompter.sam_img_size != ex.img_size:
+        raise SamDataError(f"map prompts are drawn for a {prompter.sam_img_size} px SAM input, the examples are "
+                           f"{ex.img_size} px")
+    got = prompter.run([decode_image(p).image for p in ex.paths], batch_size)
+    maps = np.round(np.clip(got["maps_sam"], 0.0, 1.0) * 255.0).astype(np.uint8)
+    return dataclasses.replace(ex, maps=maps, map_boxes=got["boxes_sam"].astype(np.float32))
 
 
 def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:

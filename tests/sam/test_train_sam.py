@@ -480,3 +480,118 @@ def test_peak_point_config_trains_and_is_recorded(train_examples, data_root, tmp
     config.data.peak_point = True
     train_sam.export_sam(tmp_path / "ck", train_sam.merge_variables(state["params"], state["frozen"]), config, {})
     assert checkpoint.load_sam(tmp_path / "ck")[2]["peak_point"] is True
+
+
+def test_map_prompt_is_the_map_inside_its_box():
+    """mskjax.sam.map_prompt: BOX_MASK_LOGIT * (2 f m - 1), f the cell's share inside the box, m the
+    map's mean over the cell (16 px input, 4 x 4 low-res cells of 4 px)."""
+    maps = np.zeros((16, 16), np.float32)
+    maps[0:4, 0:4] = 1.0       # cell (0, 0) at the map's maximum
+    maps[4:8, 4:8] = 0.5       # cell (1, 1) at half
+    maps[0:4, 8:10] = 1.0      # cell (0, 2): half its pixels at 1
+    box = jnp.asarray([0.0, 0.0, 12.0, 6.0])  # cells x 0..2 whole, y row 0 whole, row 1 half
+    out = np.asarray(samfn.map_prompt(jnp.asarray(maps), box, 16, 4))
+    L = samfn.BOX_MASK_LOGIT
+    assert out.shape == (4, 4)
+    assert out[0, 0] == pytest.approx(L)                       # f 1, m 1
+    assert out[1, 1] == pytest.approx(L * (2 * 0.5 * 0.5 - 1))  # f 0.5, m 0.5
+    assert out[0, 2] == pytest.approx(0.0)                     # f 1, m 0.5
+    assert out[0, 1] == pytest.approx(-L)                      # inside the box, map 0
+    assert out[3, 3] == pytest.approx(-L) and out[0, 3] == pytest.approx(-L)  # outside the box
+    # A map at 1 everywhere is the plain box mask.
+    np.testing.assert_allclose(np.asarray(samfn.map_prompt(jnp.ones((16, 16)), box, 16, 4)),
+                               np.asarray(samfn.box_mask_prompt(box, 16, 4)), atol=1e-6)
+
+
+def test_with_map_prompt_takes_the_map_box_the_map_and_the_union_of_lesions(train_examples):
+    b = sam_data.gather_batch(train_examples, np.arange(4), repeat_prompts=True)
+    s = SIDE
+    low = s // 4
+    rng = np.random.default_rng(0)
+    maps = jnp.asarray(rng.integers(0, 256, (4, s, s), dtype=np.uint8))
+    map_boxes = jnp.asarray([[2.0, 3.0, 30.0, 40.0]] * 4)
+    boxes, masks, valid = jnp.asarray(b["boxes"]), jnp.asarray(b["masks"]), jnp.asarray(b["valid"])
+    mi = samfn.box_mask_prompt(boxes, s, low)
+    key = jax.random.PRNGKey(1)
+    nb, nm, ni = train_sam.with_map_prompt(key, boxes, masks, valid, mi, maps, map_boxes, 1.0, s, low)
+    np.testing.assert_array_equal(np.asarray(nb[:, 0]), np.asarray(map_boxes))
+    np.testing.assert_array_equal(np.asarray(nb[:, 1:]), np.asarray(boxes[:, 1:]))  # other slots unchanged
+    union = np.where(b["valid"][:, :, None, None], b["masks"], 0).max(axis=1)
+    np.testing.assert_array_equal(np.asarray(nm[:, 0]), union)
+    np.testing.assert_array_equal(np.asarray(nm[:, 1:]), b["masks"][:, 1:])
+    np.testing.assert_allclose(np.asarray(ni[:, 0]),
+                               np.asarray(samfn.map_prompt(maps.astype(jnp.float32) / 255.0, map_boxes, s, low)),
+                               atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ni[:, 1:]), np.asarray(mi[:, 1:]))
+    # A share of one half takes some examples and not others, with the same key the same ones.
+    hb, _, _ = train_sam.with_map_prompt(jax.random.PRNGKey(3), boxes, masks, valid, mi, maps,
+                                         jnp.asarray([[2.0, 3.0, 30.0, 40.0]] * 4), 0.5, s, low)
+    took = np.all(np.asarray(hb[:, 0]) == np.asarray(map_boxes), axis=1)
+    assert took.shape == (4,)
+    again, _, _ = train_sam.with_map_prompt(jax.random.PRNGKey(3), boxes, masks, valid, mi, maps, map_boxes, 0.5, s, low)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(hb))
+
+
+def _random_classifier(directory: Path, side: int) -> Path:
+    """A 1-channel ResNet18 classifier checkpoint with random weights at a `side` px input."""
+    from mskjax.models import create
+    model = create("resnet18", num_classes=1)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 1)), train=False)
+    meta = checkpoint.classifier_metadata("resnet18", 1, 1, side, {"padding": "symmetric"},
+                                          {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
+    meta["data"] = {"mode": "resize", "image_size": side}
+    return checkpoint.save(directory, jax.tree.map(np.asarray, variables), meta)
+
+
+def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_root, tmp_path):
+    from mskjax.pipeline import MapPrompter, Pipeline, PipelineConfig, PipelineError
+    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
+    config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
+    config.data.map_prompts = str(cls_dir)
+    config.data.map_box_side = 24.0
+    validate_sam(config, 1)
+    for field, value, match in (("train.box_mask_prompt", False, "box_mask_prompt"),
+                                ("data.map_prompt_share", 0.0, "map_prompt_share"),
+                                ("data.map_cam", "nope", "map_cam")):
+        bad = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
+        bad.data.map_prompts = str(cls_dir)
+        section, name = field.split(".")
+        bad[section][name] = value
+        with pytest.raises(ConfigError, match=match):
+            validate_sam(bad, 1)
+
+    examples, _ = train_sam.load_examples(config, log=lambda *a: None)
+    ex = examples["train"]
+    n_img = len(ex.paths)
+    assert ex.maps.shape == (n_img, SIDE, SIDE) and ex.maps.dtype == np.uint8 and ex.map_boxes.shape == (n_img, 4)
+    assert examples["valid"].maps is None  # only training draws them
+    # The maps and boxes are what the pipeline's first half gives for those images.
+    from mskjax.data.images import decode_image
+    mp = MapPrompter.from_directory(cls_dir, train_sam.map_pipeline_config(config), SIDE)
+    want = mp.run([decode_image(p).image for p in ex.paths[:3]])
+    np.testing.assert_allclose(ex.map_boxes[:3], want["boxes_sam"], atol=1e-5)
+    np.testing.assert_allclose(ex.maps[:3] / 255.0, want["maps_sam"], atol=0.5 / 255 + 1e-6)
+    sides = ex.map_boxes[:, 2:] - ex.map_boxes[:, :2]
+    assert (sides > 0).all() and (ex.map_boxes >= 0).all() and (ex.map_boxes <= SIDE).all()
+
+    batch = sam_data.gather_batch(ex, np.arange(2), repeat_prompts=True)
+    assert batch["maps"].shape == (2, SIDE, SIDE) and batch["map_boxes"].shape == (2, 4)
+    losses = {}
+    for share in (1.0, 0.0):
+        c = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
+        c.data.map_prompts = str(cls_dir) if share else ""
+        _, state, step = _state_and_step(c)
+        state, m = step(state, batch)
+        losses[share] = float(m["loss"])
+    assert np.isfinite(list(losses.values())).all()
+    assert losses[1.0] != losses[0.0]  # the map prompts reach the loss
+
+    train_sam.export_sam(tmp_path / "ck", train_sam.merge_variables(state["params"], state["frozen"]), config, {})
+    smodel, svars, smeta = checkpoint.load_sam(tmp_path / "ck")
+    rec = smeta["map_prompt"]
+    assert rec["cam"] == "layer_cam" and rec["cam_layer"] == "layer2" and rec["box_side"] == 24.0
+    assert rec["classifier"] == str(cls_dir)
+    cmodel, cvars, cmeta = checkpoint.load_classifier(cls_dir)
+    Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, train_sam.map_pipeline_config(config))
+    with pytest.raises(PipelineError, match="trained with"):
+        Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, PipelineConfig(cam="layer_cam", cam_layer="layer2"))
