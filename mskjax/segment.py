@@ -212,7 +212,7 @@ def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstr
         w = csv.writer(f)
         w.writerow(["name", "path", "study", "label", "probability", "predicted", "study_probability",
                     "study_predicted", "boxes", "box_scores", "mask_area", "dice", "iou", "dice_gt_box",
-                    "iou_gt_box", "box_iou", "pointing_hit"])
+                    "iou_gt_box", "box_iou", "pointing_hit", "pointing_hit_15px", "peak_x", "peak_y"])
         for name, r, m in zip(names, results, measures):
             sp = study_p[r.item.study]
             w.writerow([name, r.item.path, r.item.study, "" if r.item.label is None else r.item.label,
@@ -220,7 +220,8 @@ def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstr
                         " ".join(f"{s:.4f}" for s in r.box_scores), m["mask_area"],
                         *(("" if k not in m else f"{m[k]:.6f}") for k in ("dice", "iou", "dice_gt_box", "iou_gt_box",
                                                                             "box_iou")),
-                        "" if "pointing_hit" not in m else int(m["pointing_hit"])])
+                        *("" if k not in m else int(m[k]) for k in ("pointing_hit", "pointing_hit_15px")),
+                        *(("", "") if r.peak is None else (f"{r.peak[0]:.2f}", f"{r.peak[1]:.2f}"))])
 
     summary = summarise(results, measures, thr, bootstrap)
     report = {

@@ -83,6 +83,9 @@ def test_dataset_run_writes_every_output(ckpts, synthetic, tmp_path, capsys):
     assert m["segmentation"]["dice_gt_boxes"]["n"] == len(abnormal) == m["segmentation"]["dice_cam_boxes"]["n"]
     assert m["segmentation"]["dice_cam_boxes"]["mean"] == pytest.approx(np.mean([float(r["dice"]) for r in abnormal]), abs=1e-5)
     assert m["localization"]["pointing_game"]["n"] == len(abnormal)
+    assert m["localization"]["pointing_game_15px"]["accuracy"] == pytest.approx(
+        np.mean([int(r["pointing_hit_15px"]) for r in abnormal]), abs=1e-9)
+    assert all(0 <= float(r["peak_x"]) <= Image.open(r["path"]).size[0] for r in rows)
     cls = m["classification"]["overall"]
     assert cls["n_images"] == n_images - 1 and cls["n_studies"] == len(by_study)
     assert m["settings"]["pipeline"]["cam"] == "grad_cam" and m["settings"]["classifier_input"]["mode"] == "resize"
@@ -168,7 +171,11 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         from mskjax.train.config import validate_sam
         sc = demo._load_config(demo.SAM_CONFIG)
         validate_sam(sc, 1)
-        assert sc.data.peak_box_share > 0  # the demo's SAM also learns the map-shaped prompts
+        assert sc.data.map_prompts  # the demo's SAM also learns its classifier's own map prompts ...
+        sam_cmd = stages["sam"].command
+        assert f"--config.data.map_prompts={tmp_path / 'classifier' / 'best'}" in sam_cmd
+        for flag, field in (("--cam", "map_cam"), ("--cam-layer", "map_cam_layer"), ("--box-side", "map_box_side")):
+            assert f"--config.data.{field}={seg[seg.index(flag) + 1]}" in sam_cmd  # ... as the segment stage draws them
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
