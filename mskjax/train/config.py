@@ -328,7 +328,11 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.train.momentum = 0.9
     c.train.warmup_epochs = 0.0
     c.train.grad_clip = 1.0
-    c.train.train_image_encoder = True  # False: only the mask decoder learns (prompt encoder: never)
+    c.train.train_image_encoder = True  # False: only the mask decoder learns
+    # The prompt encoder's parameters (point and box embeddings, the dense prompt's downscaling
+    # convolutions) learn too. MedSAM keeps them frozen; a from-scratch SAM given the classifier's
+    # map as its dense prompt reads it through these convolutions.
+    c.train.train_prompt_encoder = False
     c.train.cache_embeddings = False  # frozen encoder only: embed every image once, keep in memory
     # With cache_embeddings: also keep them on disk here, keyed by the encoder's weights and each
     # input image (mskjax.embedding_cache), so that a later run with the same encoder skips

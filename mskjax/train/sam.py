@@ -27,7 +27,8 @@
   as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
   it in minutes, where the sparse box tokens alone took far longer (see configs/sam_synthetic.py).
   Checkpoints record it (metadata "box_mask_prompt"); whoever decodes them must do the same;
-- the prompt encoder frozen (parameters and its random-feature buffer), the mask decoder trained,
+- the prompt encoder frozen (parameters and its random-feature buffer; its parameters train with
+  `train.train_prompt_encoder`), the mask decoder trained,
   the image encoder trained or frozen (`train.train_image_encoder`); with a frozen encoder the image
   embeddings can be computed once and kept in memory (`train.cache_embeddings`);
 - loss = Dice (MONAI's squared form, as MedSAM) + binary cross-entropy. Computed by default on the
@@ -103,8 +104,11 @@ def export_sam(directory: Path, variables: dict, config, source: dict) -> None:
 
 
 def trainable_parts(config) -> tuple[str, ...]:
-    """Top-level parameter groups the optimizer updates. The prompt encoder never is."""
-    return ("image_encoder", "mask_decoder") if config.train.train_image_encoder else ("mask_decoder",)
+    """Top-level parameter groups the optimizer updates: the mask decoder, the image encoder when
+    train.train_image_encoder, the prompt encoder's parameters when train.train_prompt_encoder (its
+    random-feature buffer never)."""
+    parts = ("image_encoder", "mask_decoder") if config.train.train_image_encoder else ("mask_decoder",)
+    return parts + (("prompt_encoder",) if config.train.get("train_prompt_encoder", False) else ())
 
 
 def split_variables(variables: dict, parts: tuple[str, ...]) -> tuple[dict, dict]:

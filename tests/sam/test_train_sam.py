@@ -595,3 +595,19 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_r
     Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, train_sam.map_pipeline_config(config))
     with pytest.raises(PipelineError, match="trained with"):
         Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, PipelineConfig(cam="layer_cam", cam_layer="layer2"))
+
+
+def test_train_prompt_encoder_moves_its_parameters_not_its_buffer(train_examples, data_root):
+    config = _small(_load_config("sam_synthetic"), data_root)
+    config.train.train_prompt_encoder = True
+    assert train_sam.trainable_parts(config) == ("image_encoder", "mask_decoder", "prompt_encoder")
+    _, state, step = _state_and_step(config)
+    before = _copy({"frozen": state["frozen"], "params": state["params"]})
+    state, m = step(state, sam_data.gather_batch(train_examples, np.arange(2)))
+    after = _copy({"frozen": state["frozen"], "params": state["params"]})
+    assert np.isfinite(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, before["frozen"], after["frozen"])  # the buffer, bit for bit
+    assert after["frozen"]["params"] == {}
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before["params"]["prompt_encoder"],
+                         after["params"]["prompt_encoder"])
+    assert moved["mask_downscaling_0"]["kernel"] > 0  # the dense prompt's path learns (box mask prompts)
