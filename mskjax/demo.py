@@ -6,8 +6,9 @@ output already exists (so a rerun continues where the last one stopped):
   data        synthetic radiographs with masks and boxes     WORKDIR/data/synthetic.json
   classifier  python -m mskjax.train --config configs/synthetic.py
                                                               WORKDIR/classifier/best (+ results.json)
-  sam         python -m mskjax.train --config configs/sam_synthetic_map_prompts.py
-                                                              WORKDIR/sam/best
+  sam         python -m mskjax.train --config configs/sam_synthetic_classifier_maps.py
+                  --config.data.map_prompts=WORKDIR/classifier/best  WORKDIR/sam/best
+              (trained on that classifier's own maps, with the map and box the segment stage uses)
   segment     python -m mskjax.segment on the held-out test split
                                                               WORKDIR/segment/metrics.json
 
@@ -30,12 +31,14 @@ from typing import Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 CLASSIFIER_CONFIG = CONFIGS / "synthetic.py"
-SAM_CONFIG = CONFIGS / "sam_synthetic_map_prompts.py"
-# The segment stage's prompt (issue 18, part 4), chosen on the demo's valid split with the SAM that
-# SAM_CONFIG trains (2026-12-05, docs/prompts_2026-12-05/valid_sweep.json): the peak box 64 px at
-# the classifier's 128 px input, i.e. half its side (swept 28.6 / 40 / 56 / 64 / 72 px with one
-# refine pass: Dice 0.236 / 0.273 / 0.314 / 0.322 / 0.321), then one refine pass (SAM re-prompted
-# with its own mask's tight box; at 72 px 0.308 without, 0.316 with two).
+SAM_CONFIG = CONFIGS / "sam_synthetic_classifier_maps.py"
+# The segment stage's prompt (issue 18, part 4), chosen on the demo's valid split with the SAM
+# trained on simulated map-shaped boxes (2026-12-05, docs/prompts_2026-12-05/valid_sweep.json): the
+# peak box 64 px at the classifier's 128 px input, i.e. half its side (swept 28.6 / 40 / 56 / 64 / 72
+# px with one refine pass: Dice 0.236 / 0.273 / 0.314 / 0.322 / 0.321), then one refine pass (SAM
+# re-prompted with its own mask's tight box; at 72 px 0.308 without, 0.316 with two). Kept for the
+# SAM trained on the classifier's own maps (2026-12-06, docs/classifier_maps_2026-12-06/): the map
+# in a whole-image box did worse (0.328 against 0.354), refine 0 / 2 worse than 1.
 MAP_BOX_OF_INPUT = 0.5
 REFINE_PASSES = 1
 
@@ -98,6 +101,18 @@ def plan(workdir: str | Path) -> list[Stage]:
                                        f"--config.data.root={data}"],
                         cls / "best", _done(cls / "results.json", cls / "best" / "mskjax.json"),
                         "" if CLASSIFIER_CONFIG.is_file() else f"{CLASSIFIER_CONFIG} does not exist"))
+    seg = w / "segment"
+    # The CAM the classifier's config reports localization with (eval.cam_method / eval.cam_layer)
+    # is the one whose peak prompts SAM.
+    cam_args = []
+    if CLASSIFIER_CONFIG.is_file():
+        cc = _load_config(CLASSIFIER_CONFIG)
+        if _has_field(cc, "data.image_size"):
+            cam_args += ["--box-side", f"{MAP_BOX_OF_INPUT * float(cc.data.image_size):g}"]
+        if _has_field(cc, "eval.cam_method"):
+            cam_args += ["--cam", str(cc.eval.cam_method)]
+        if _has_field(cc, "eval.cam_layer") and cc.eval.cam_layer:
+            cam_args += ["--cam-layer", str(cc.eval.cam_layer)]
     sam = w / "sam"
     cmd = [py, "-m", "mskjax.train", "--config", str(SAM_CONFIG), "--workdir", str(sam)]
     missing = ""
@@ -117,22 +132,18 @@ def plan(workdir: str | Path) -> list[Stage]:
             epochs = sam_epochs(int(sc.train.epochs), int(sc.data.synthetic_studies), studies)
             if epochs != int(sc.train.epochs):
                 cmd.append(f"--config.train.epochs={epochs}")
+        if _has_field(sc, "data.map_prompts"):
+            # trained on this run's classifier's maps, with the map and box the segment stage uses
+            cmd.append(f"--config.data.map_prompts={cls / 'best'}")
+            for flag, field in (("--cam", "data.map_cam"), ("--cam-layer", "data.map_cam_layer"),
+                                ("--box-side", "data.map_box_side")):
+                value = cam_args[cam_args.index(flag) + 1] if flag in cam_args else ""  # "": the last layer
+                if value or flag == "--cam-layer":
+                    cmd.append(f"--config.{field}={value}")
     else:
         missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train.sam with "
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")
     stages.append(Stage("sam", cmd, sam / "best", _done(sam / "results.json", sam / "best" / "mskjax.json"), missing))
-    seg = w / "segment"
-    # The CAM the classifier's config reports localization with (eval.cam_method / eval.cam_layer)
-    # is the one whose peak prompts SAM.
-    cam_args = []
-    if CLASSIFIER_CONFIG.is_file():
-        cc = _load_config(CLASSIFIER_CONFIG)
-        if _has_field(cc, "data.image_size"):
-            cam_args += ["--box-side", f"{MAP_BOX_OF_INPUT * float(cc.data.image_size):g}"]
-        if _has_field(cc, "eval.cam_method"):
-            cam_args += ["--cam", str(cc.eval.cam_method)]
-        if _has_field(cc, "eval.cam_layer") and cc.eval.cam_layer:
-            cam_args += ["--cam-layer", str(cc.eval.cam_layer)]
     stages.append(Stage("segment", [py, "-m", "mskjax.segment", "--classifier", str(cls / "best"), "--sam",
                                     str(sam / "best"), "--dataset", f"synthetic:{data}:test", "--out", str(seg),
                                     *cam_args, "--refine", str(REFINE_PASSES)],
