@@ -274,6 +274,15 @@ def hflip(key: jax.Array, images: jax.Array, masks: jax.Array, boxes: jax.Array,
     return images, masks, boxes
 
 
+def hflip_with_map(key: jax.Array, images, masks, boxes, input_sizes, maps, map_boxes):
+    """`hflip` with each example's classifier map (B, S, S) and map box (B, 4) flipped with its
+    image: one more mask and box slot, the same draw (so the other outputs equal `hflip`'s)."""
+    p = boxes.shape[1]
+    images, both, bb = hflip(key, images, jnp.concatenate([masks, maps[:, None]], 1),
+                             jnp.concatenate([boxes, map_boxes[:, None]], 1), input_sizes)
+    return images, both[:, :p], bb[:, :p], both[:, p], bb[:, p]
+
+
 def sam_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array, dice_weight: float = 1.0,
              bce_weight: float = 1.0) -> tuple[jax.Array, dict]:
     """Dice + BCE over mask logits, averaged over valid prompts.
@@ -331,11 +340,9 @@ def make_train_step(model, tx, config):
         if map_share > 0:
             maps, map_boxes = batch["maps"], batch["map_boxes"]
         if flip:
-            if map_share > 0:  # the map and its box flip with the image (one more slot, the same draw)
-                p = boxes.shape[1]
-                images, both, bb = hflip(k_flip, images, jnp.concatenate([masks, maps[:, None]], 1),
-                                         jnp.concatenate([boxes, map_boxes[:, None]], 1), sizes)
-                masks, maps, boxes, map_boxes = both[:, :p], both[:, p], bb[:, :p], bb[:, p]
+            if map_share > 0:  # the map and its box flip with the image
+                images, masks, boxes, maps, map_boxes = hflip_with_map(k_flip, images, masks, boxes, sizes, maps,
+                                                                       map_boxes)
             else:
                 images, masks, boxes = hflip(k_flip, images, masks, boxes, sizes)
         boxes = jitter_boxes(k_jit, boxes, sizes, max_shift)

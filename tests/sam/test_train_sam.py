@@ -611,3 +611,33 @@ def test_train_prompt_encoder_moves_its_parameters_not_its_buffer(train_examples
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before["params"]["prompt_encoder"],
                          after["params"]["prompt_encoder"])
     assert moved["mask_downscaling_0"]["kernel"] > 0  # the dense prompt's path learns (box mask prompts)
+
+
+def test_hflip_with_map_flips_the_map_and_its_box_with_the_image():
+    rng = np.random.default_rng(4)
+    s = 16
+    images = rng.integers(0, 256, (4, s, s), dtype=np.uint8)
+    sizes = np.array([[16, 10], [12, 16], [16, 16], [9, 7]], np.int32)
+    masks = rng.integers(0, 256, (4, 2, s, s), dtype=np.uint8)
+    boxes = rng.uniform(0, 6, (4, 2, 4)).astype(np.float32)
+    maps = np.zeros((4, s, s), np.uint8)
+    map_boxes = np.array([[1, 2, 4, 6], [3, 1, 9, 5], [0, 0, 16, 3], [2, 2, 5, 4]], np.float32)
+    for i, b in enumerate(map_boxes.astype(int)):
+        maps[i, b[1]:b[3], b[0]:b[2]] = 200  # the map is its box: where the box goes, the map must go
+    key = jax.random.key(1)
+    args = [jnp.asarray(a) for a in (images, masks, boxes, sizes)]
+    im, m, b, mp, mb = (np.asarray(a) for a in train_sam.hflip_with_map(key, *args, jnp.asarray(maps),
+                                                                       jnp.asarray(map_boxes)))
+    ref = [np.asarray(a) for a in train_sam.hflip(key, *args)]
+    np.testing.assert_array_equal(im, ref[0])
+    np.testing.assert_array_equal(m, ref[1])
+    np.testing.assert_array_equal(b, ref[2])
+    flipped = [not np.array_equal(im[i], images[i]) for i in range(4)]
+    assert any(flipped) and not all(flipped)
+    for i in range(4):
+        bx = mb[i].astype(int)
+        want = np.zeros((s, s), bool)
+        want[bx[1]:bx[3], bx[0]:bx[2]] = True
+        np.testing.assert_array_equal(mp[i] > 0, want)
+        w, (x0, y0, x1, y1) = float(sizes[i, 1]), map_boxes[i]
+        np.testing.assert_allclose(mb[i], [w - x1, y0, w - x0, y1] if flipped[i] else map_boxes[i])
