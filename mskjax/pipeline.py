@@ -552,6 +552,30 @@ def check_map_prompt(trained: dict, config: PipelineConfig) -> None:
                             "use one (map_prompt=False for the thresholded map)")
 
 
+def fit_map_prompt(config: PipelineConfig, sam_meta: dict | None) -> PipelineConfig:
+    """`config` made usable with `sam_meta`'s SAM: for a SAM trained on a classifier's maps
+    (metadata "map_prompt"), the map prompt is kept when config's map and box are the trained ones
+    and switched off (map_prompt=False: the plain box prompt) when they are not, instead of the
+    PipelineError `check_map_prompt` gives. Unchanged for other SAMs. For interactive use (the
+    viewer's other maps); command lines keep the error."""
+    trained = (sam_meta or {}).get("map_prompt")
+    if not trained or not config.map_prompt:
+        return config
+    same = all(trained.get(k) == v for k, v in map_prompt_settings(config).items())
+    return config if same and config.map_mask_prompt == 0 else dataclasses.replace(config, map_prompt=False)
+
+
+def trained_map_config(config: PipelineConfig, sam_meta: dict | None, map_too: bool = True) -> PipelineConfig:
+    """`config` with the box (boxes, box_side, box_margin) and, when map_too, the map (cam, cam_layer,
+    subtract_baseline) that `sam_meta`'s SAM was trained on with a classifier's maps; unchanged for
+    other SAMs."""
+    trained = (sam_meta or {}).get("map_prompt")
+    if not trained:
+        return config
+    keys = ("boxes", "box_side", "box_margin") + (("cam", "cam_layer", "subtract_baseline") if map_too else ())
+    return dataclasses.replace(config, **{k: trained[k] for k in keys if k in trained})
+
+
 class Pipeline:
     """Models, settings and the compiled step. Build with `from_directories` or the constructor.
 
@@ -842,5 +866,5 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "check_map_prompt", "classifier_inputs", "content_bounds", "content_mask", "default_cam", "describe",
+           "check_map_prompt", "classifier_inputs", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

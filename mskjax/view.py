@@ -62,7 +62,8 @@ from mskjax import metrics
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
-from mskjax.pipeline import Item, Pipeline, PipelineConfig, PipelineError, default_cam, read_mask
+from mskjax.pipeline import (Item, Pipeline, PipelineConfig, PipelineError, default_cam, fit_map_prompt, read_mask,
+                             trained_map_config)
 
 log = logging.getLogger("mskjax.view")
 
@@ -176,7 +177,9 @@ class Viewer:
                 return pipe
             base = self.pipe
             try:
-                config = dataclasses.replace(base.config, cam=method, cam_layer=layer)
+                # A SAM trained on one map keeps its map prompt for that map, the plain box for others.
+                config = fit_map_prompt(dataclasses.replace(base.config, cam=method, cam_layer=layer, map_prompt=True),
+                                        base.sam_meta)
                 pipe = Pipeline(base.classifier, base.classifier_variables, base.classifier_meta, base.sam_model,
                                 base.sam_variables, base.sam_meta, config)
             except PipelineError as e:
@@ -622,6 +625,14 @@ window.mskjaxView = {sendBox: sendBox};
 # ---------------------------------------------------------------------------------------------
 # CLI
 
+def viewer_config(args, cam: str, cam_layer: str | None, sam_meta: dict) -> PipelineConfig:
+    """The viewer's first pipeline settings. A SAM trained on a classifier's maps (metadata
+    "map_prompt") gets the box it was trained with, and its map too unless --cam was given; a map
+    other than the trained one gets the plain box prompt (`fit_map_prompt`)."""
+    config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold)
+    return fit_map_prompt(trained_map_config(config, sam_meta, map_too=args.cam is None), sam_meta)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mskjax.view", description=__doc__.split("\n")[0])
     ap.add_argument("--classifier", required=True, help="classifier checkpoint directory")
@@ -643,7 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
         cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
-        config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold)
+        config = viewer_config(args, cam, cam_layer,
+                               checkpoint.read_metadata(args.sam) if Path(args.sam).is_dir() else {})
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -539,3 +539,17 @@ def test_map_trained_sam_gets_the_map_inside_its_box(setup):
     with pytest.raises(PipelineError, match="map_mask_prompt"):
         pipeline(meta, PipelineConfig(box_side=24.0, map_mask_prompt=0.5))
     pipeline(meta, PipelineConfig(box_side=30.0, map_prompt=False))  # the plain box mask: any box
+
+
+def test_fit_and_trained_map_config_follow_the_sams_record():
+    from mskjax.pipeline import fit_map_prompt, map_prompt_settings, trained_map_config
+    trained_on = PipelineConfig(cam="layer_cam", cam_layer="layer2", box_side=64.0)
+    meta = {"map_prompt": {**map_prompt_settings(trained_on), "classifier": "c"}}
+    assert fit_map_prompt(trained_on, meta) == trained_on  # the trained map: its prompt kept
+    assert fit_map_prompt(PipelineConfig(cam="grad_cam"), meta).map_prompt is False  # another map: plain box
+    assert fit_map_prompt(PipelineConfig(cam="grad_cam"), {}).map_prompt is True  # other SAMs: untouched
+    got = trained_map_config(PipelineConfig(threshold=0.3), meta)
+    assert (got.cam, got.cam_layer, got.box_side, got.threshold) == ("layer_cam", "layer2", 64.0, 0.3)
+    got = trained_map_config(PipelineConfig(cam="grad_cam"), meta, map_too=False)
+    assert (got.cam, got.box_side) == ("grad_cam", 64.0)
+    assert trained_map_config(PipelineConfig(), {}) == PipelineConfig()

@@ -273,3 +273,19 @@ def test_browser_drag_box_gets_mask(server, image_path, dataset_spec):
         assert not severe, severe
     finally:
         driver.quit()
+
+
+def test_viewer_config_takes_a_map_trained_sams_map_and_box():
+    import argparse
+    from mskjax.pipeline import PipelineConfig, check_map_prompt, map_prompt_settings
+    from mskjax.view import viewer_config
+    trained_on = PipelineConfig(cam="layer_cam", cam_layer="layer2", box_side=64.0)
+    meta = {"map_prompt": {**map_prompt_settings(trained_on), "classifier": "c"}}
+    args = argparse.Namespace(cam=None, boxes="peak", threshold=0.5)
+    got = viewer_config(args, "grad_cam", None, meta)
+    check_map_prompt(meta["map_prompt"], got)  # what the pipeline would otherwise refuse
+    assert got.map_prompt and got.cam == "layer_cam" and got.box_side == 64.0
+    other = viewer_config(argparse.Namespace(cam="grad_cam", boxes="peak", threshold=0.5), "grad_cam", None, meta)
+    assert other.cam == "grad_cam" and other.box_side == 64.0 and other.map_prompt is False
+    plain = viewer_config(args, "grad_cam", None, {})
+    assert plain == PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.5)
