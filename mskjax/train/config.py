@@ -309,7 +309,8 @@ def sam_base_config() -> ml_collections.ConfigDict:
     # map's peak, are computed once (`mskjax.pipeline.MapPrompter`); for this share of the training
     # examples the first prompt is that box with the map inside it as the dense prompt
     # (`mskjax.sam.map_prompt`), scored against the union of the image's lesions, which is what
-    # the pipeline's Dice scores. Needs train.box_mask_prompt. The pipeline must then use the same
+    # the pipeline's Dice scores (of the example's lesions, where an image with more than
+    # max_prompts lesions is split into several examples). Needs train.box_mask_prompt. The pipeline must then use the same
     # map and box (checkpoint metadata "map_prompt").
     c.data.map_prompts = ""
     c.data.map_prompt_share = 0.5
