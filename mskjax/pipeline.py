@@ -512,6 +512,19 @@ def read_mask(path: str, hw: tuple[int, int]) -> np.ndarray:
     return m
 
 
+def classifier_input_settings(classifier_meta: dict) -> tuple[int, str, int, dict]:
+    """(input_size, mode, channels, normalization) of a classifier checkpoint's metadata, as the
+    pipeline feeds it; PipelineError when it expects inputs other than [0, 1]."""
+    data = classifier_meta.get("data", {})
+    norm = classifier_meta.get("normalization") or {}
+    rng = norm.get("input_range", [0.0, 1.0])
+    if [float(v) for v in rng] != [0.0, 1.0]:
+        raise PipelineError(f"classifier expects inputs in {rng}; the pipeline feeds [0, 1] images "
+                            "(convert the checkpoint's normalization first)")
+    return (int(data.get("image_size", classifier_meta["input_size"])), data.get("mode", "resize"),
+            int(classifier_meta.get("in_channels", 3)), normalization_from_metadata(norm))
+
+
 def classifier_inputs(images: Sequence[np.ndarray], input_size: int, mode: str, batch_size: int):
     """Decoded (H0, W0) float32 [0, 1] images -> the classifier half's inputs, padded to batch_size:
     images (B, S, S, 1) float32 (`mskjax.data.preprocess.preprocess`), batched Geometry, original_hw
@@ -538,11 +551,16 @@ def map_prompt_settings(config: PipelineConfig) -> dict:
             "box_margin": float(config.box_margin), "subtract_baseline": bool(config.subtract_baseline)}
 
 
+def map_prompt_differences(trained: dict, config: PipelineConfig) -> list[str]:
+    """Where `config`'s map and box differ from those a map-trained SAM was trained on (its
+    metadata "map_prompt"), one "key value (trained with value)" each; [] when they agree."""
+    got = map_prompt_settings(config)
+    return [f"{k} {v!r} (trained with {trained.get(k)!r})" for k, v in got.items() if v != trained.get(k)]
+
+
 def check_map_prompt(trained: dict, config: PipelineConfig) -> None:
     """PipelineError unless `config` gives the map and box a map-trained SAM was trained on."""
-    want = {k: trained.get(k) for k in map_prompt_settings(config)}
-    got = map_prompt_settings(config)
-    diff = [f"{k} {got[k]!r} (trained with {want[k]!r})" for k in got if got[k] != want[k]]
+    diff = map_prompt_differences(trained, config)
     if diff:
         raise PipelineError("this SAM was trained on the classifier's maps as its dense prompt; the pipeline's "
                             f"map and box differ: {', '.join(diff)}. Use the trained settings, or map_prompt=False "
@@ -561,7 +579,7 @@ def fit_map_prompt(config: PipelineConfig, sam_meta: dict | None) -> PipelineCon
     trained = (sam_meta or {}).get("map_prompt")
     if not trained or not config.map_prompt:
         return config
-    same = all(trained.get(k) == v for k, v in map_prompt_settings(config).items())
+    same = not map_prompt_differences(trained, config)
     return config if same and config.map_mask_prompt == 0 else dataclasses.replace(config, map_prompt=False)
 
 
@@ -594,16 +612,7 @@ class Pipeline:
         self.classifier, self.sam_model, self.config = classifier, sam_model, config
         self.classifier_meta = dict(classifier_meta)
         self.sam_meta = dict(sam_meta or {})
-        data = self.classifier_meta.get("data", {})
-        self.input_size = int(data.get("image_size", self.classifier_meta["input_size"]))
-        self.mode = data.get("mode", "resize")
-        self.channels = int(self.classifier_meta.get("in_channels", 3))
-        norm = self.classifier_meta.get("normalization") or {}
-        rng = norm.get("input_range", [0.0, 1.0])
-        if [float(v) for v in rng] != [0.0, 1.0]:
-            raise PipelineError(f"classifier expects inputs in {rng}; the pipeline feeds [0, 1] images "
-                                "(convert the checkpoint's normalization first)")
-        self.normalization = normalization_from_metadata(norm)
+        self.input_size, self.mode, self.channels, self.normalization = classifier_input_settings(self.classifier_meta)
         self.sam_img_size = int(sam_model.config.img_size)
         self.sam_preprocessing = samfn.preprocessing_of(sam_model)
         self.classifier_variables = jax.tree.map(jnp.asarray, classifier_variables)
@@ -798,19 +807,11 @@ class MapPrompter:
                  sam_img_size: int):
         if config.boxes != "peak":
             raise PipelineError(f"MapPrompter gives one map box per image: boxes must be 'peak', got {config.boxes!r}")
-        meta = dict(classifier_meta)
-        data = meta.get("data", {})
-        self.input_size = int(data.get("image_size", meta["input_size"]))
-        self.mode = data.get("mode", "resize")
-        channels = int(meta.get("in_channels", 3))
-        norm = meta.get("normalization") or {}
-        if [float(v) for v in norm.get("input_range", [0.0, 1.0])] != [0.0, 1.0]:
-            raise PipelineError(f"classifier expects inputs in {norm.get('input_range')}; the pipeline feeds [0, 1] images")
+        self.input_size, self.mode, channels, normalization = classifier_input_settings(classifier_meta)
         self.config, self.sam_img_size = config, int(sam_img_size)
         self.variables = jax.tree.map(jnp.asarray, classifier_variables)
-        baseline = stored_baseline(meta, config) if config.subtract_baseline else None
-        half = make_map_half(classifier, config, normalization_from_metadata(norm), channels, self.sam_img_size,
-                             baseline)
+        baseline = stored_baseline(classifier_meta, config) if config.subtract_baseline else None
+        half = make_map_half(classifier, config, normalization, channels, self.sam_img_size, baseline)
         t = self.sam_img_size
 
         def prompts(cvars, batch):
@@ -866,5 +867,5 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "check_map_prompt", "classifier_inputs", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
+           "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]
