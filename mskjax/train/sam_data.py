@@ -279,6 +279,25 @@ def with_map_prompts(ex: SamExamples, prompter, batch_size: int = 16) -> SamExam
     return dataclasses.replace(ex, maps=maps, map_boxes=got["boxes_sam"].astype(np.float32))
 
 
+def image_union_masks(ex: SamExamples) -> list[np.ndarray]:
+    """Each image's ground truth in its original frame: (H, W) bool, the union of its lesions'
+    masks (`LesionTruth.crop` placed at box_px), one per image of `ex` in order."""
+    out = [np.zeros((int(h), int(w)), bool) for h, w in ex.original_sizes]
+    for t in ex.lesions:
+        x0, y0, x1, y1 = t.box_px
+        m = out[int(ex.image_index[t.example])]
+        m[y0:y1, x0:x1] |= t.crop
+    return out
+
+
+def mask_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(Dice, IoU) of two (H, W) bool masks; 1.0 when both are empty."""
+    inter = float(np.logical_and(pred, truth).sum())
+    p, g = float(pred.sum()), float(truth.sum())
+    union = p + g - inter
+    return (2 * inter / (p + g) if p + g > 0 else 1.0), (inter / union if union > 0 else 1.0)
+
+
 def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:
     """(Dice, IoU) of a predicted (H, W) bool mask against one lesion's mask (zero outside its box)."""
     x0, y0, x1, y1 = truth.box_px

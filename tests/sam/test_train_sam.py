@@ -564,7 +564,7 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_r
     ex = examples["train"]
     n_img = len(ex.paths)
     assert ex.maps.shape == (n_img, SIDE, SIDE) and ex.maps.dtype == np.uint8 and ex.map_boxes.shape == (n_img, 4)
-    assert examples["valid"].maps is None  # only training draws them
+    assert examples["valid"].maps.shape == (len(examples["valid"].paths), SIDE, SIDE)  # valid is scored with them
     # The maps and boxes are what the pipeline's first half gives for those images.
     from mskjax.data.images import decode_image
     mp = MapPrompter.from_directory(cls_dir, train_sam.map_pipeline_config(config), SIDE)
@@ -640,3 +640,72 @@ def test_hflip_with_map_flips_the_map_and_its_box_with_the_image():
         np.testing.assert_array_equal(mp[i] > 0, want)
         w, (x0, y0, x1, y1) = float(sizes[i, 1]), map_boxes[i]
         np.testing.assert_allclose(mb[i], [w - x1, y0, w - x0, y1] if flipped[i] else map_boxes[i])
+
+
+def test_map_prompt_scoring_decodes_the_map_prompt_and_scores_each_image_against_its_mask(data_root, tmp_path):
+    """evaluate_map_prompts: every image once, prompted with its map box and the map inside it
+    (make_predict_map = samfn.decode with samfn.map_prompt), its mask in the original frame scored
+    against the image's whole ground-truth mask file (Dice by hand), batches padded."""
+    from mskjax.data.images import decode_image
+    from mskjax.pipeline import read_mask
+    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
+    config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
+    config.data.map_prompts = str(cls_dir)
+    config.data.map_box_side = 24.0
+    examples, _ = train_sam.load_examples(config, log=lambda *a: None)
+    ex = examples["valid"]
+    n = len(ex.paths)
+    assert n >= 2
+    model, state, _ = _state_and_step(config)
+    variables = train_sam.merge_variables(state["params"], state["frozen"])
+
+    predict = jax.jit(train_sam.make_predict_map(model))
+    got = np.asarray(predict(variables, ex.images, ex.input_sizes, ex.maps, ex.map_boxes))
+    emb = samfn.embed(model, variables, sam_data.normalize_canvas(jnp.asarray(ex.images), jnp.asarray(ex.input_sizes)))
+    boxes = jnp.asarray(ex.map_boxes)[:, None]
+    dense = samfn.map_prompt(jnp.asarray(ex.maps, jnp.float32)[:, None] / 255.0, boxes, SIDE, model.config.low_res_size)
+    ref = samfn.decode(model, variables, emb, boxes=boxes, mask_input=dense, multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(got, np.asarray(ref), atol=1e-4, rtol=1e-4)
+
+    # Scoring, with a stand-in decoder whose logits are known: the dense prompt itself.
+    def stand_in(v, images, sizes, maps, map_boxes):
+        return samfn.map_prompt(maps.astype(jnp.float32)[:, None] / 255.0, map_boxes[:, None], SIDE, SIDE // 4)
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rep = train_sam.evaluate_map_prompts(stand_in, None, ex, 3, sharding)  # 3: the last batch is padded
+    records = {r.path: r for r in read_mura(data_root, "valid")[0]}
+    want_d, want_i = [], []
+    low = np.asarray(stand_in(None, None, None, jnp.asarray(ex.maps), jnp.asarray(ex.map_boxes)))
+    for i, path in enumerate(ex.paths):
+        hw = decode_image(path).image.shape
+        truth = read_mask(records[path].mask_path, hw) > 0
+        pred = samfn.postprocess_host(low[i, 0], ex.input_sizes[i], ex.original_sizes[i], SIDE)
+        inter = np.logical_and(pred, truth).sum()
+        want_d.append(2 * inter / (pred.sum() + truth.sum()))
+        want_i.append(inter / np.logical_or(pred, truth).sum())
+    assert rep["n"] == n
+    np.testing.assert_allclose([rep["dice"], rep["iou"]], [np.mean(want_d), np.mean(want_i)], rtol=1e-9)
+    assert 0.0 < rep["dice"] < 1.0
+
+
+def test_map_prompt_run_chooses_the_best_model_by_the_map_prompts_dice(data_root, tmp_path):
+    """A run with data.map_prompts scores valid with the classifier's map prompts at every
+    evaluation, keeps the best checkpoint by that Dice, and reports it for valid and test."""
+    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
+    config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
+    config.data.map_prompts = str(cls_dir)
+    config.data.map_box_side = 24.0
+    config.train.epochs = 2
+    config.checkpoint.async_writes = False
+    result = train_sam.train_and_evaluate(config, tmp_path / "run")
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if "valid/map_dice" in l]
+    assert len(evals) == 2 and all("valid/dice" in l for l in evals)
+    best = max(evals, key=lambda l: l["valid/map_dice"])  # the first of equals, as the loop keeps it
+    assert result["best_step"] == best["step"]
+    for split in ("valid", "test"):
+        m = result[split]["map_prompts"]
+        assert m["n"] > 0 and 0.0 <= m["dice"] <= 1.0
+    np.testing.assert_allclose(result["valid"]["map_prompts"]["dice"], best["valid/map_dice"], atol=1e-6)
+    _, _, meta = checkpoint.load_sam(tmp_path / "run" / "best")
+    np.testing.assert_allclose(meta["source"]["valid_map_dice"], best["valid/map_dice"], atol=1e-6)
