@@ -47,15 +47,22 @@ def random_variables(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def random_classifier(directory: Path, side: int = CLS_SIZE, mode: str = "resize", seed: int = 0,
+                      norm: dict | None = None) -> Path:
+    """A 1-channel ResNet18 classifier checkpoint (input `side` px, `mode`), random weights, in the
+    checkpoint contract (also tests/sam/test_train_sam.py's classifier for map prompts)."""
+    model = create("resnet18", num_classes=1)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 1)), train=False))
+    meta = checkpoint.classifier_metadata("resnet18", 1, 1, side, {"padding": "symmetric"},
+                                          norm or {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
+    meta["data"] = {"mode": mode, "image_size": side}
+    return checkpoint.save(directory, random_variables(shapes, seed), meta)
+
+
 def make_checkpoints(root: Path, mode: str, seed: int = 0, norm: dict | None = None) -> tuple[Path, Path]:
     """A 1-channel ResNet18 classifier (input CLS_SIZE, `mode`) and a vit_tiny SAM (SAM_SIZE),
     random weights, in the checkpoint contract."""
-    model = create("resnet18", num_classes=1)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, CLS_SIZE, CLS_SIZE, 1)), train=False))
-    meta = checkpoint.classifier_metadata("resnet18", 1, 1, CLS_SIZE, {"padding": "symmetric"},
-                                          norm or {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
-    meta["data"] = {"mode": mode, "image_size": CLS_SIZE}
-    cls_dir = checkpoint.save(root / "classifier", random_variables(shapes, seed), meta)
+    cls_dir = random_classifier(root / "classifier", CLS_SIZE, mode, seed, norm)
     sam = build_sam("vit_tiny", SAM_SIZE)
     sam_dir = checkpoint.save(root / "sam", random_variables(sam_variable_shapes(sam), seed + 1),
                               sam_metadata("vit_tiny", SAM_SIZE))

@@ -5,6 +5,7 @@ weights for one step. Most of the time is XLA compilation.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -533,14 +534,13 @@ def test_with_map_prompt_takes_the_map_box_the_map_and_the_union_of_lesions(trai
 
 
 def _random_classifier(directory: Path, side: int) -> Path:
-    """A 1-channel ResNet18 classifier checkpoint with random weights at a `side` px input."""
-    from mskjax.models import create
-    model = create("resnet18", num_classes=1)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 1)), train=False)
-    meta = checkpoint.classifier_metadata("resnet18", 1, 1, side, {"padding": "symmetric"},
-                                          {"input_range": [0.0, 1.0], "mean": [0.5], "std": [0.25]})
-    meta["data"] = {"mode": "resize", "image_size": side}
-    return checkpoint.save(directory, jax.tree.map(np.asarray, variables), meta)
+    """A 1-channel ResNet18 classifier checkpoint with random weights at a `side` px input
+    (tests/test_pipeline.py's builder; tests/ is not a package: loaded by path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_mskjax_test_pipeline", REPO / "tests" / "test_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.random_classifier(directory, side)
 
 
 def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_root, tmp_path):
@@ -672,6 +672,9 @@ def test_map_prompt_scoring_decodes_the_map_prompt_and_scores_each_image_against
         return samfn.map_prompt(maps.astype(jnp.float32)[:, None] / 255.0, map_boxes[:, None], SIDE, SIDE // 4)
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Flat maps in each image's first lesion box (a random classifier's boxes may miss every lesion).
+    first = [int(np.flatnonzero(ex.image_index == i)[0]) for i in range(n)]
+    ex = dataclasses.replace(ex, maps=np.full_like(ex.maps, 255), map_boxes=ex.boxes[first, 0])
     rep = train_sam.evaluate_map_prompts(stand_in, None, ex, 3, sharding)  # 3: the last batch is padded
     records = {r.path: r for r in read_mura(data_root, "valid")[0]}
     want_d, want_i = [], []
