@@ -38,9 +38,12 @@ SAM_CONFIG = CONFIGS / "sam_synthetic_classifier_maps.py"
 # px with one refine pass: Dice 0.236 / 0.273 / 0.314 / 0.322 / 0.321), then one refine pass (SAM
 # re-prompted with its own mask's tight box; at 72 px 0.308 without, 0.316 with two). Kept for the
 # SAM trained on the classifier's own maps (2026-12-06, docs/classifier_maps_2026-12-06/): the map
-# in a whole-image box did worse (0.328 against 0.354), refine 0 / 2 worse than 1.
+# in a whole-image box did worse (0.328 against 0.354). No refine pass since: with every image on
+# the maps for 10 epochs the first mask is the better one (valid, refine 0 against 1: 0.445 / 0.430
+# and 0.501 / 0.482 for two seeds at 8e-4, 0.509 / 0.503 and 0.521 / 0.498 at 4e-4;
+# docs/sam_map_training_2026-12-06/).
 MAP_BOX_OF_INPUT = 0.5
-REFINE_PASSES = 1
+REFINE_PASSES = 0
 
 
 class StageFailed(RuntimeError):
