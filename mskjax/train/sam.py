@@ -406,11 +406,12 @@ def make_predict(model, box_mask: bool = False, pad_point: bool = False):
     return predict
 
 
-def make_predict_map(model, pad_point: bool = False):
+def make_predict_map(model):
     """predict(variables, images (B, S, S) uint8 | embeddings, input_sizes (B, 2), maps (B, S, S)
     uint8 (255 = 1), map_boxes (B, 4)) -> low-res logits (B, 1, S/4, S/4): each image prompted as
     the pipeline prompts a SAM trained on a classifier's maps (`data.map_prompts`): the map's box,
-    with the map inside it as the dense prompt (`mskjax.sam.map_prompt`); pad_point as make_predict."""
+    with the map inside it as the dense prompt (`mskjax.sam.map_prompt`). (data.map_prompts is never
+    combined with data.peak_point, so no point token.)"""
     recipe = preprocessing_of(model)
     s, low = model.config.img_size, model.config.low_res_size
 
@@ -421,10 +422,7 @@ def make_predict_map(model, pad_point: bool = False):
             emb = samfn.embed(model, variables, sam_data.normalize_canvas(images, input_sizes, recipe))
         boxes = map_boxes[:, None].astype(jnp.float32)  # (B, 1, 4)
         dense = samfn.map_prompt(maps.astype(jnp.float32)[:, None] / 255.0, boxes, s, low)  # (B, 1, L, L)
-        points = labels = None
-        if pad_point:
-            points, labels = samfn.padding_point_prompts(boxes.shape[:-1])
-        return decode_boxes(model, variables, emb, boxes, True, points, labels, dense)
+        return decode_boxes(model, variables, emb, boxes, True, mask_input=dense)
     return predict
 
 
@@ -507,11 +505,12 @@ def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int,
 
 def evaluate_map_prompts(predict_map_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
                          embeddings: np.ndarray | None = None) -> dict:
-    """embeddings: (N_img, e, e, C) per image (`embed_all`) or None. Dice and IoU per image of the SAM prompted with the classifier's map and box (`ex.maps`,
+    """Dice and IoU per image of the SAM prompted with the classifier's map and box (`ex.maps`,
     `ex.map_boxes`; `sam_data.with_map_prompts`), against the union of the image's lesions, in the
     original frame: {"dice", "iou", "n"} (means over images). What the pipeline's first pass gives
     every image (no classification threshold, no refine pass), so a proxy for its Dice from
-    map-derived prompts that costs one decoder pass per image."""
+    map-derived prompts that costs one decoder pass per image. embeddings: (N_img, e, e, C), one
+    per image (`embed_all`), or None to encode ex.images."""
     n = int(ex.images.shape[0])
     union = sam_data.image_union_masks(ex)
     dice, iou = [], []
@@ -644,7 +643,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                          out_shardings=data_sharding)
     map_step = None
     if config.data.map_prompts:  # scored as the pipeline will prompt it, and the best model chosen by that
-        map_step = jax.jit(make_predict_map(model, bool(config.data.peak_point)),
+        map_step = jax.jit(make_predict_map(model),
                            in_shardings=(repl,) + (data_sharding,) * 4, out_shardings=data_sharding)
 
     def map_report(split: str, variables, embeddings) -> dict:

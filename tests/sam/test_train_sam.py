@@ -379,8 +379,12 @@ def test_vit_b_config_one_step(train_examples):
 
 @pytest.fixture(scope="module")
 def cli_run(data_root, tmp_path_factory):
+    """The demo's SAM config (configs/sam_synthetic.py trained on a classifier's maps) through the
+    CLI, 2 epochs on 16 studies, with a random classifier's maps (24 px boxes at 64 px)."""
     workdir = tmp_path_factory.mktemp("samrun")
-    args = [sys.executable, "-m", "mskjax.train", f"--config={CONFIGS / 'sam_synthetic.py'}", f"--workdir={workdir}",
+    cls_dir = _random_classifier(tmp_path_factory.mktemp("samrun_classifier") / "classifier", SIDE)
+    args = [sys.executable, "-m", "mskjax.train", f"--config={CONFIGS / 'sam_synthetic_classifier_maps.py'}",
+            f"--workdir={workdir}", f"--config.data.map_prompts={cls_dir}", "--config.data.map_box_side=24",
             f"--config.data.root={data_root}", "--config.data.synthetic_studies=16",
             f"--config.model.img_size={SIDE}", "--config.train.batch_size=2", "--config.train.epochs=2",
             "--config.eval.batch_size=4", "--config.train.log_every=1", "--config.train.learning_rate=1e-3"]
@@ -404,6 +408,19 @@ def test_cli_run_writes_results_and_exports_best(cli_run):
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("valid/dice" in l for l in lines) and any("train/loss" in l for l in lines)
     assert "valid at step" in stdout
+    # Trained on a classifier's maps: valid is scored with them at every evaluation, the best model
+    # is kept by that Dice, and valid and test report it.
+    evals = [l for l in lines if "valid/map_dice" in l]
+    assert len(evals) == 2 and all("valid/dice" in l for l in evals)
+    best = max(evals, key=lambda l: l["valid/map_dice"])  # the first of equals, as the loop keeps it
+    assert results["best_step"] == best["step"]
+    for split in ("valid", "test"):
+        m = results[split]["map_prompts"]
+        assert m["n"] > 0 and 0.0 <= m["dice"] <= 1.0
+    np.testing.assert_allclose(results["valid"]["map_prompts"]["dice"], best["valid/map_dice"], atol=1e-6)
+    _, _, meta = checkpoint.load_sam(workdir / "best")
+    np.testing.assert_allclose(meta["source"]["valid_map_dice"], best["valid/map_dice"], atol=1e-6)
+    assert meta["map_prompt"]["box_side"] == 24.0
 
 
 def test_exported_best_loads_and_predicts(cli_run, data_root):
@@ -543,12 +560,21 @@ def _random_classifier(directory: Path, side: int) -> Path:
     return module.random_classifier(directory, side)
 
 
-def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_root, tmp_path):
-    from mskjax.pipeline import MapPrompter, Pipeline, PipelineConfig, PipelineError
-    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
+@pytest.fixture(scope="module")
+def map_setup(data_root, tmp_path_factory):
+    """The map-prompt config at test size with a random classifier's maps: (config, classifier
+    directory, examples of every split)."""
+    cls_dir = _random_classifier(tmp_path_factory.mktemp("maps") / "classifier", SIDE)
     config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
     config.data.map_prompts = str(cls_dir)
     config.data.map_box_side = 24.0
+    examples, _ = train_sam.load_examples(config, log=lambda *a: None)
+    return config, cls_dir, examples
+
+
+def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(map_setup, data_root, tmp_path):
+    from mskjax.pipeline import MapPrompter, Pipeline, PipelineConfig, PipelineError
+    config, cls_dir, examples = map_setup
     validate_sam(config, 1)
     for field, value, match in (("train.box_mask_prompt", False, "box_mask_prompt"),
                                 ("data.map_prompt_share", 0.0, "map_prompt_share"),
@@ -560,7 +586,6 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(data_r
         with pytest.raises(ConfigError, match=match):
             validate_sam(bad, 1)
 
-    examples, _ = train_sam.load_examples(config, log=lambda *a: None)
     ex = examples["train"]
     n_img = len(ex.paths)
     assert ex.maps.shape == (n_img, SIDE, SIDE) and ex.maps.dtype == np.uint8 and ex.map_boxes.shape == (n_img, 4)
@@ -642,17 +667,13 @@ def test_hflip_with_map_flips_the_map_and_its_box_with_the_image():
         np.testing.assert_allclose(mb[i], [w - x1, y0, w - x0, y1] if flipped[i] else map_boxes[i])
 
 
-def test_map_prompt_scoring_decodes_the_map_prompt_and_scores_each_image_against_its_mask(data_root, tmp_path):
+def test_map_prompt_scoring_decodes_the_map_prompt_and_scores_each_image_against_its_mask(map_setup, data_root):
     """evaluate_map_prompts: every image once, prompted with its map box and the map inside it
     (make_predict_map = samfn.decode with samfn.map_prompt), its mask in the original frame scored
     against the image's whole ground-truth mask file (Dice by hand), batches padded."""
     from mskjax.data.images import decode_image
     from mskjax.pipeline import read_mask
-    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
-    config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
-    config.data.map_prompts = str(cls_dir)
-    config.data.map_box_side = 24.0
-    examples, _ = train_sam.load_examples(config, log=lambda *a: None)
+    config, _, examples = map_setup
     ex = examples["valid"]
     n = len(ex.paths)
     assert n >= 2
@@ -689,26 +710,3 @@ def test_map_prompt_scoring_decodes_the_map_prompt_and_scores_each_image_against
     assert rep["n"] == n
     np.testing.assert_allclose([rep["dice"], rep["iou"]], [np.mean(want_d), np.mean(want_i)], rtol=1e-9)
     assert 0.0 < rep["dice"] < 1.0
-
-
-def test_map_prompt_run_chooses_the_best_model_by_the_map_prompts_dice(data_root, tmp_path):
-    """A run with data.map_prompts scores valid with the classifier's map prompts at every
-    evaluation, keeps the best checkpoint by that Dice, and reports it for valid and test."""
-    cls_dir = _random_classifier(tmp_path / "classifier", SIDE)
-    config = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
-    config.data.map_prompts = str(cls_dir)
-    config.data.map_box_side = 24.0
-    config.train.epochs = 2
-    config.checkpoint.async_writes = False
-    result = train_sam.train_and_evaluate(config, tmp_path / "run")
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [l for l in lines if "valid/map_dice" in l]
-    assert len(evals) == 2 and all("valid/dice" in l for l in evals)
-    best = max(evals, key=lambda l: l["valid/map_dice"])  # the first of equals, as the loop keeps it
-    assert result["best_step"] == best["step"]
-    for split in ("valid", "test"):
-        m = result[split]["map_prompts"]
-        assert m["n"] > 0 and 0.0 <= m["dice"] <= 1.0
-    np.testing.assert_allclose(result["valid"]["map_prompts"]["dice"], best["valid/map_dice"], atol=1e-6)
-    _, _, meta = checkpoint.load_sam(tmp_path / "run" / "best")
-    np.testing.assert_allclose(meta["source"]["valid_map_dice"], best["valid/map_dice"], atol=1e-6)
