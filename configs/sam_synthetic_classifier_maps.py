@@ -22,8 +22,10 @@ the prompt encoder trained. Learning rate, two seeds each (10 epochs, every imag
 stage since) 0.445 / 0.501 at 8e-4 and 0.509 / 0.521 at 4e-4. This config: every image, 10 epochs
 on the demo's data, the prompt encoder frozen, 4e-4. The run scores valid with these prompts after
 every epoch ("valid/map_dice": every image, no refine pass) and keeps the best model by it.
-As the demo's SAM with 8e-4 (2026-12-06, 14 min 38 s idle on a 2-core AMD EPYC): test Dice from
-map-derived prompts 0.388 (0.294 with the SAM before), 0.764 with ground-truth boxes.
+As the demo's SAM with 8e-4 and one refine pass (2026-12-06, 14 min 38 s idle on a 2-core AMD
+EPYC): test Dice from map-derived prompts 0.388 (0.294 with the SAM before), 0.764 with ground-truth
+boxes; with 4e-4 and no refine pass (16 min 26 s idle, the same machine): 0.466 (0.526 with every
+abnormal image prompted), 0.770 with ground-truth boxes.
 """
 from mskjax.train.config import config_beside
 
