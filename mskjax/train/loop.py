@@ -218,7 +218,9 @@ def run(task: Task, config, workdir: Path) -> tuple[Any, dict]:
                 log(f"valid at step {step}: {ev.line}")
                 write_scalars(log_file, writer, step, ev.scalars)
                 score = ev.score if math.isfinite(ev.score) else -1.0
-                if score > best[task.best_key]:
+                # .get: a run checkpoint written when the task kept its best under another key
+                # (a map-prompt SAM before 2026-12-06's valid/map_dice) has no score under this one
+                if score > best.get(task.best_key, -math.inf):
                     best = {task.best_key: score, "step": step, **ev.best}
                     ckpts.wait()  # one collective write at a time: the step checkpoint may still be in flight
                     task.export_best(ev, step)
