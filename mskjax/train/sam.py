@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mskjax import checkpoint, distributed
+from mskjax import checkpoint, distributed, metrics
 from mskjax import sam as samfn
 from mskjax.data.splits import load_splits
 from mskjax.models.sam import (LiteMedSam, build_segmenter, init_lite_medsam_variables, init_sam_variables,
@@ -524,9 +524,8 @@ def evaluate_map_prompts(predict_map_step, variables, ex: sam_data.SamExamples, 
             if i >= n:
                 continue
             pred = samfn.postprocess_host(logits[row, 0], ex.input_sizes[i], ex.original_sizes[i], ex.img_size)
-            d, u = sam_data.mask_dice(pred, union[i])
-            dice.append(d)
-            iou.append(u)
+            dice.append(float(metrics.dice(pred, union[i])))  # as mskjax.segment scores the pipeline
+            iou.append(float(metrics.iou(pred, union[i])))
     return {"dice": float(np.mean(dice)) if dice else float("nan"),
             "iou": float(np.mean(iou)) if iou else float("nan"), "n": len(dice)}
 

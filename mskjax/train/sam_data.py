@@ -290,14 +290,6 @@ def image_union_masks(ex: SamExamples) -> list[np.ndarray]:
     return out
 
 
-def mask_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(Dice, IoU) of two (H, W) bool masks; 1.0 when both are empty."""
-    inter = float(np.logical_and(pred, truth).sum())
-    p, g = float(pred.sum()), float(truth.sum())
-    union = p + g - inter
-    return (2 * inter / (p + g) if p + g > 0 else 1.0), (inter / union if union > 0 else 1.0)
-
-
 def lesion_dice(pred: np.ndarray, truth: LesionTruth) -> tuple[float, float]:
     """(Dice, IoU) of a predicted (H, W) bool mask against one lesion's mask (zero outside its box)."""
     x0, y0, x1, y1 = truth.box_px
