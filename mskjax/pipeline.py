@@ -123,6 +123,13 @@ class PipelineConfig:
       that box (`mskjax.sam.map_prompt`), as it was trained; the pipeline's map and box must then
       be the ones it was trained with (PipelineError otherwise). False gives that box the plain
       box mask instead. No effect on other SAMs.
+    mirror_average: SAM also segments each image mirrored left-right (its input mirrored inside the
+      image, `mskjax.sam.mirror_columns`, and every first-pass prompt with it: boxes, points, the map
+      prompt), and the two views' logits are averaged in the original frame (test-time
+      augmentation; the project's SAMs train with left-right flips). Map-derived and ground-truth
+      prompts alike; the classifier and its map are not mirrored. Twice SAM's encoder work. Not
+      with refine passes, choose="deletion" or map_mask_prompt (which act on one view's masks or
+      low-res grid).
     """
 
     cam: str = "grad_cam"
@@ -142,6 +149,7 @@ class PipelineConfig:
     choice_area_penalty: float = 1.0
     map_mask_prompt: float = 0.0
     map_prompt: bool = True
+    mirror_average: bool = False
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -172,6 +180,10 @@ class PipelineConfig:
             raise PipelineError(f"map_mask_prompt must be 0 (off) or in (0, 1], got {self.map_mask_prompt}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
+        if self.mirror_average and (self.refine or self.choose != "first" or self.map_mask_prompt > 0):
+            raise PipelineError("mirror_average averages the first pass's two views: it takes no refine passes, "
+                                f"choose='deletion' or map_mask_prompt (got refine={self.refine}, "
+                                f"choose={self.choose!r}, map_mask_prompt={self.map_mask_prompt})")
 
     @property
     def num_boxes(self) -> int:
@@ -315,7 +327,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       valid (B,) bool (False for padding);
       threshold () float32: abnormal when probability >= threshold (an input, so changing it does
         not recompile; `Pipeline.prepare` takes it from the config);
-      gt_boxes (B, G, 4) float32 original frame and gt_valid (B, G) bool (G may be 0).
+      gt_boxes (B, G, 4) float32 original frame and gt_valid (B, G) bool (G may be 0);
+      with config.mirror_average also sam_input_sizes (B, 2) int32 (the SAM input content's (h, w))
+        and sam_embeddings_mirrored (when `embedded`; else the mirrored images are embedded here).
     returns a dict of arrays:
       logits (B, num_classes); probability (B,); abnormal (B,) bool (valid & p >= threshold);
       cam (B, S, S) in [0, 1] (classifier frame, zero on letterbox padding);
@@ -330,7 +344,10 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       ground-truth boxes, whatever the classifier said);
       points_sam (B, K, 2) and point_labels (B, K) when point_trained (the first pass's points);
       choice_scores (B, C) float32 (-inf for no candidate) and choice_index (B,) int32 when
-      config.choose == "deletion" (C candidates, `mskjax.deletion_choice.candidate_boxes`).
+      config.choose == "deletion" (C candidates, `mskjax.deletion_choice.candidate_boxes`);
+      mask_logits_mirrored (B, K, L, L) (and gt_mask_logits_mirrored (B, G, L, L)) with
+      config.mirror_average: the mirrored view's logits, in the mirrored SAM frame (`finish`
+      averages them with mask_logits in the original frame); mask_iou is then the two views' mean.
     embedded: the batch carries sam_embeddings instead of sam_images (the encoder ran outside).
     point_trained: the SAM was trained with `data.peak_point` (metadata "peak_point"): every box
     it decodes carries one point token, the map's peak for a "peak" box when config.peak_point,
@@ -396,6 +413,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             cov = samfn.box_coverage(prompts[:, :nk], img_size, low_size)
             mask_input = mask_input.at[:, :nk].set(
                 samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
+        in_sam = None
         if map_trained and config.map_prompt and peaks_in is not None:  # the map inside its box, as trained
             nk = boxes_in.shape[1]
             in_sam = map_in_sam_frame(maps, geom, hw, img_size, img_size)  # (B, T, T)
@@ -414,8 +432,25 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                            mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
         low, iou = chosen_masks(dec, config.multimask)
         k = boxes_in.shape[1]
-        cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
         extra = {}
+        if config.mirror_average:  # the same prompts on the mirrored image; averaged in `finish`
+            w = batch["sam_input_sizes"][:, 1]
+            emb_m = (batch["sam_embeddings_mirrored"] if embedded else
+                     samfn.embed(sam_model, svars, samfn.mirror_columns(batch["sam_images"], w, axis=-2)))
+            prompts_m = samfn.mirror_boxes(prompts, w)
+            mi_m = samfn.box_mask_prompt(prompts_m, img_size, sam_model.config.low_res_size) if box_mask else None
+            if in_sam is not None:
+                mi_m = mi_m.at[:, :k].set(samfn.map_prompt(samfn.mirror_columns(in_sam, w)[:, None], prompts_m[:, :k],
+                                                           img_size, sam_model.config.low_res_size))
+            dec_m = samfn.decode(sam_model, svars, emb_m, boxes=prompts_m,
+                                 points=None if points is None else samfn.mirror_points(points, w),
+                                 point_labels=labels, mask_input=mi_m, multimask=multi, prompt_valid=pvalid)
+            low_m, iou_m = chosen_masks(dec_m, config.multimask)
+            extra["mask_logits_mirrored"] = low_m[:, :k]
+            if g:
+                extra["gt_mask_logits_mirrored"] = low_m[:, k:]
+            iou = (iou + iou_m) / 2.0
+        cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
         if config.choose == "deletion":
             cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam,
                                                                       bvalid, geom, hw)
@@ -674,44 +709,60 @@ class Pipeline:
             gb[i, :len(boxes)] = boxes
             gv[i, :len(boxes)] = True
         extra = {}
+        sizes = np.concatenate([sam_in.input_sizes, np.ones((batch_size - n, 2), np.int32)])
         if self.embeddings is not None:  # the cache's keys: the uint8 canvas SAM's input is made from
             extra["sam_canvases"] = [samfn.resize_into_canvas(_to_uint8(im), t, self.sam_preprocessing)
                                      for im in images]
+        if self.config.mirror_average:  # SAM's second view: its input mirrored inside the image
+            extra["sam_images_mirrored"] = samfn.mirror_columns(sam_images, sizes[:, 1], axis=-2)
+            if self.embeddings is not None:
+                extra["sam_canvases_mirrored"] = [(samfn.mirror_columns(c[None], [hw[1]])[0], hw)
+                                                  for c, hw in extra["sam_canvases"]]
         return {**extra, "images": x, "geometry": geometry, "sam_images": sam_images,
                 "original_hw": hw, "valid": valid, "threshold": np.float32(self.config.threshold), "gt_boxes": gb, "gt_valid": gv,
-                "sam_input_sizes": np.concatenate([sam_in.input_sizes, np.ones((batch_size - n, 2), np.int32)])}
+                "sam_input_sizes": sizes}
 
-    def image_embeddings(self, batch: dict) -> np.ndarray:
+    def image_embeddings(self, batch: dict, mirrored: bool = False) -> np.ndarray:
         """(B, e, e, C) float32 SAM embeddings of a prepared batch from the embedding cache; the
         missing ones are computed (one encoder call on the whole padded batch) and written. Padding
-        rows are zero (their prompts are invalid)."""
+        rows are zero (their prompts are invalid). mirrored: of the mirrored view
+        (`PipelineConfig.mirror_average`; its canvases are their own cache keys)."""
         cache = self.embeddings
+        suffix = "_mirrored" if mirrored else ""
         emb = np.zeros((len(batch["valid"]),) + cache.shape, np.float32)
         missing = []
-        for i, (canvas, hw) in enumerate(batch["sam_canvases"]):
+        for i, (canvas, hw) in enumerate(batch["sam_canvases" + suffix]):
             got = cache.get(canvas, hw)
             if got is None:
                 missing.append(i)
             else:
                 emb[i] = got
         if missing:
-            computed = np.asarray(self._embed(self.sam_variables, batch["sam_images"]))
+            computed = np.asarray(self._embed(self.sam_variables, batch["sam_images" + suffix]))
             for i in missing:
                 emb[i] = computed[i]
-                cache.put(*batch["sam_canvases"][i], computed[i])
+                cache.put(*batch["sam_canvases" + suffix][i], computed[i])
         return emb
 
-    def sam_embeddings(self, batch: dict):
-        """(B, e, e, C) float32 SAM image embeddings of a prepared batch: from the embedding cache
-        where there is one (`image_embeddings`), else the encoder (`_embed`)."""
+    def sam_embeddings(self, batch: dict, mirrored: bool = False):
+        """(B, e, e, C) float32 SAM image embeddings of a prepared batch (mirrored: of its mirrored
+        view): from the embedding cache where there is one (`image_embeddings`), else the encoder
+        (`_embed`)."""
         if self.embeddings is not None:
-            return self.image_embeddings(batch)
-        return self._embed(self.sam_variables, batch["sam_images"])
+            return self.image_embeddings(batch, mirrored)
+        return self._embed(self.sam_variables, batch["sam_images_mirrored" if mirrored else "sam_images"])
 
-    def step(self, batch: dict, sam_embeddings=None) -> dict:
+    def step(self, batch: dict, sam_embeddings=None, mirrored_embeddings=None) -> dict:
         """Runs the jitted step on a prepared batch; numpy outputs. sam_embeddings: the batch's
-        `sam_embeddings`, when the caller has them already (the viewer keeps them); else computed."""
-        args = {k: v for k, v in batch.items() if k not in ("sam_input_sizes", "sam_canvases", "sam_images")}
+        `sam_embeddings`, when the caller has them already (the viewer keeps them); else computed.
+        mirrored_embeddings: the same for the mirrored view (config.mirror_average)."""
+        host_only = ("sam_canvases", "sam_images", "sam_images_mirrored", "sam_canvases_mirrored")
+        args = {k: v for k, v in batch.items() if k not in host_only}
+        if not self.config.mirror_average:
+            del args["sam_input_sizes"]
+        else:
+            args["sam_embeddings_mirrored"] = (self.sam_embeddings(batch, mirrored=True) if mirrored_embeddings is None
+                                               else mirrored_embeddings)
         args["sam_embeddings"] = self.sam_embeddings(batch) if sam_embeddings is None else sam_embeddings
         out = self._step(self.classifier_variables, self.sam_variables, args)
         return jax.tree.map(np.asarray, out)
@@ -726,15 +777,23 @@ class Pipeline:
         keep = out["box_valid"][index]
         in_size = batch["sam_input_sizes"][index]
 
-        def masks_of(logits):
+        def masks_of(key, which):
+            logits = out[key][index][which]
             if not len(logits):
                 return np.zeros((h0, w0), bool)
-            return samfn.postprocess_host(logits, in_size, (h0, w0), self.sam_img_size).any(axis=0)
+            if key + "_mirrored" not in out:
+                return samfn.postprocess_host(logits, in_size, (h0, w0), self.sam_img_size).any(axis=0)
+            # mirror_average: the mirrored view's logits, mirrored back in the original frame (which
+            # is the SAM input's content resized), averaged with the first view's
+            a = samfn.postprocess_host(logits, in_size, (h0, w0), self.sam_img_size, return_logits=True)
+            b = samfn.postprocess_host(out[key + "_mirrored"][index][which], in_size, (h0, w0), self.sam_img_size,
+                                       return_logits=True)[..., ::-1]
+            return ((a + b) / 2.0 > samfn.MASK_THRESHOLD).any(axis=0)
 
-        mask = masks_of(out["mask_logits"][index][keep])
+        mask = masks_of("mask_logits", keep)
         gt_box_mask = None
         if "gt_mask_logits" in out and batch["gt_valid"][index].any():
-            gt_box_mask = masks_of(out["gt_mask_logits"][index][batch["gt_valid"][index]])
+            gt_box_mask = masks_of("gt_mask_logits", batch["gt_valid"][index])
         return ImageResult(
             item=item, image=image, probability=float(out["probability"][index]),
             predicted=bool(out["abnormal"][index]), cam=cam_orig.astype(np.float32),

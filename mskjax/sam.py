@@ -341,6 +341,43 @@ def postprocess_host(low_res_logits: np.ndarray, input_size: Sequence[int], orig
 
 
 # ---------------------------------------------------------------------------------------------
+# The mirrored view (left-right inside the image; test-time averaging in `mskjax.pipeline`)
+
+def mirror_columns(x, widths, axis: int = -1):
+    """x (B, ...) with, for each item b, its columns [0, widths[b]) along `axis` (negative: counted
+    from the end, the same for every item) in reverse order and the others unchanged: an image in
+    the SAM input frame (content at the top-left, padding at the right) mirrored left-right inside
+    its content, the padding kept at the right (as `mskjax.train.sam.hflip` trains). Applying it
+    twice gives x back. widths (B,) int: the content's width (`sam_input_size`'s w). NumPy in ->
+    NumPy out; JAX arrays in -> JAX out (jit-able)."""
+    if axis >= 0:
+        raise ValueError(f"axis must be negative (counted from the end), got {axis}")
+    xp = jnp if isinstance(x, jax.Array) or isinstance(widths, jax.Array) else np
+    s = x.shape[axis]
+    col = xp.arange(s)
+    w = xp.asarray(widths).reshape(-1, 1)
+    src = xp.where(col[None] < w, w - 1 - col[None], col[None])  # (B, S) source column of each column
+    if xp is np:
+        return np.stack([np.take(a, c, axis=axis) for a, c in zip(x, src)]) if len(x) else x.copy()
+    return jax.vmap(lambda a, c: jnp.take(a, c, axis=axis))(x, src)
+
+
+def mirror_boxes(boxes, widths):
+    """Boxes (B, ..., 4) in the SAM input frame -> the same boxes in the frame mirrored by
+    `mirror_columns` (x -> w - x, so (x0, x1) -> (w - x1, w - x0)). widths (B,)."""
+    xp = jnp if isinstance(boxes, jax.Array) else np
+    w = xp.asarray(widths, xp.float32).reshape((-1,) + (1,) * (boxes.ndim - 2))
+    return xp.stack([w - boxes[..., 2], boxes[..., 1], w - boxes[..., 0], boxes[..., 3]], axis=-1)
+
+
+def mirror_points(points, widths):
+    """Points (B, ..., 2) (x, y) in the SAM input frame -> the mirrored frame (x -> w - x)."""
+    xp = jnp if isinstance(points, jax.Array) else np
+    w = xp.asarray(widths, xp.float32).reshape((-1,) + (1,) * (points.ndim - 2))
+    return xp.stack([w - points[..., 0], points[..., 1]], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # A box, also as a dense mask prompt
 
 # Logit magnitude of the box rendered as a dense mask prompt (`box_mask_prompt`): +4 for a low-res

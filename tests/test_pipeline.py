@@ -560,3 +560,87 @@ def test_fit_and_trained_map_config_follow_the_sams_record():
     got = trained_map_config(PipelineConfig(cam="grad_cam"), meta, map_too=False)
     assert (got.cam, got.box_side) == ("grad_cam", 64.0)
     assert trained_map_config(PipelineConfig(), {}) == PipelineConfig()
+
+
+def test_mirror_average_adds_the_mirrored_view_and_is_mirror_equivariant(setup):
+    """mirror_average: the first view's logits are the plain pipeline's; the second view is SAM
+    decoding the mirrored input with the mirrored prompts (map prompt included); and for an image
+    SAM takes unresized, the pipeline on the mirrored image gives the mirror of its masks."""
+    from mskjax.pipeline import map_in_sam_frame, map_prompt_settings
+    pipe, records, _, _ = setup
+    config = PipelineConfig(threshold=0.0, box_side=24.0, mirror_average=True)
+    single = PipelineConfig(threshold=0.0, box_side=24.0)
+    meta = {**pipe.sam_meta, "box_mask_prompt": True, "map_prompt": {**map_prompt_settings(single), "classifier": "c"}}
+
+    def pipeline(c):
+        return Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                        pipe.sam_variables, meta, c)
+    both, one = pipeline(config), pipeline(single)
+    _, _, batch = _batch_of(both, records, 3, 4)
+    a, b = both.step(batch), one.step(batch)
+    for k in ("mask_logits", "gt_mask_logits", "probability", "boxes_sam"):
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert a["mask_logits_mirrored"].shape == a["mask_logits"].shape
+
+    w = jnp.asarray(batch["sam_input_sizes"][:, 1])
+    model, svars, low = pipe.sam_model, pipe.sam_variables, pipe.sam_model.config.low_res_size
+    emb = samfn.embed(model, svars, samfn.mirror_columns(jnp.asarray(batch["sam_images"]), w, axis=-2))
+    in_sam = map_in_sam_frame(jnp.asarray(a["cam"]), batch["geometry"], jnp.asarray(batch["original_hw"]),
+                              SAM_SIZE, SAM_SIZE)
+    boxes = samfn.mirror_boxes(jnp.asarray(a["boxes_sam"]), w)
+    dense = samfn.map_prompt(samfn.mirror_columns(in_sam, w)[:, None], boxes, SAM_SIZE, low)
+    ref = samfn.decode(model, svars, emb, boxes=boxes, mask_input=dense, multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(a["mask_logits_mirrored"][:3], np.asarray(ref)[:3], atol=2e-3)
+    gt = samfn.mirror_boxes(jnp.asarray(a["gt_boxes_sam"]), w)
+    ref = samfn.decode(model, svars, emb, boxes=gt, mask_input=samfn.box_mask_prompt(gt, SAM_SIZE, low),
+                       multimask=False)["low_res_logits"][:, :, 0]
+    valid = batch["gt_valid"][:3]
+    np.testing.assert_allclose(a["gt_mask_logits_mirrored"][:3][valid], np.asarray(ref)[:3][valid], atol=2e-3)
+
+    # Equivariance on a 64 x 48 image (SAM's input unresized): the mirrored image's first view is
+    # the image's second view, mirrored back, and its averaged mask the mirror of the image's.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (64, 48)).astype(np.float32) / 255.0
+    box = np.asarray([[10.0, 20.0, 30.0, 40.0]])
+    flipped_box = np.asarray([[48 - 30.0, 20.0, 48 - 10.0, 40.0]])
+    pa = both.prepare([image], 2, [box], 1)
+    pb = both.prepare([image[:, ::-1].copy()], 2, [flipped_box], 1)
+    oa, ob = both.step(pa), both.step(pb)
+
+    def logits(o, key):
+        return samfn.postprocess_host(o[key][0], (64, 48), (64, 48), SAM_SIZE, return_logits=True)
+    # (a mirrored view's logits come out in the mirrored frame: the mirrored image's own frame)
+    np.testing.assert_allclose(logits(ob, "gt_mask_logits"), logits(oa, "gt_mask_logits_mirrored"), atol=1e-3)
+    np.testing.assert_allclose(logits(ob, "gt_mask_logits_mirrored"), logits(oa, "gt_mask_logits"), atol=1e-3)
+    ra = both.finish(pa, oa, 0, image, Item(path="a", study="a"), None)
+    rb = both.finish(pb, ob, 0, image[:, ::-1], Item(path="b", study="b"), None)
+    average = (logits(oa, "gt_mask_logits") + logits(oa, "gt_mask_logits_mirrored")[..., ::-1]) / 2
+    assert ra.gt_box_mask.any() and not ra.gt_box_mask.all()
+    np.testing.assert_array_equal(ra.gt_box_mask, (average > 0).any(axis=0))
+    near_zero = np.abs(average[0]) < 1e-3  # pixels at the threshold may go either way
+    np.testing.assert_array_equal(rb.gt_box_mask[:, ::-1][~near_zero],
+                                  ra.gt_box_mask[~near_zero])
+
+    with pytest.raises(PipelineError, match="mirror_average"):
+        PipelineConfig(mirror_average=True, refine=1)
+    with pytest.raises(PipelineError, match="mirror_average"):
+        PipelineConfig(mirror_average=True, choose="deletion")
+
+
+def test_mirror_average_reads_both_views_from_the_embedding_cache(setup, tmp_path):
+    pipe, records, _, _ = setup
+    config = PipelineConfig(threshold=0.0, mirror_average=True)
+    plain = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, config)
+    cached = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                      pipe.sam_variables, pipe.sam_meta, config, embedding_cache=tmp_path / "emb")
+    _, _, batch = _batch_of(cached, records, 3, 4)
+    want = plain.step(batch)
+    first = cached.step(batch)
+    assert (cached.embeddings.hits, cached.embeddings.misses) == (0, 6)  # 3 images x 2 views
+    cached._embed = None  # the second time the encoder is not called at all
+    second = cached.step(batch)
+    assert (cached.embeddings.hits, cached.embeddings.misses) == (6, 6)
+    for k in ("mask_logits", "mask_logits_mirrored", "gt_mask_logits_mirrored"):
+        np.testing.assert_allclose(first[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)
+        np.testing.assert_array_equal(second[k], first[k], err_msg=k)
