@@ -77,6 +77,11 @@ class PipelineError(ValueError):
     """A pipeline that cannot be built as asked (unknown CAM method, wrong checkpoint kind ...)."""
 
 
+# PipelineConfig.map_flips: the flips (axes of a (B, S, S, C) classifier input) whose maps are
+# averaged with the map of the input as given.
+MAP_FLIPS = {"none": (), "h": ((2,),), "hv": ((2,), (1,), (1, 2))}
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """What the jitted step does (all fields static: changing one recompiles).
@@ -123,6 +128,14 @@ class PipelineConfig:
       that box (`mskjax.sam.map_prompt`), as it was trained; the pipeline's map and box must then
       be the ones it was trained with (PipelineError otherwise). False gives that box the plain
       box mask instead. No effect on other SAMs.
+    map_flips: "none", "h" or "hv": the map is the mean of the classifier's maps of its input as
+      given and flipped (left-right; or left-right, up-down and both: four views), each flipped
+      back in the classifier's frame, then scaled to a maximum of 1 inside the content. A network
+      that encodes absolute position (zero padding, no augmentation) adds a position-dependent
+      pattern to its map (issue 18); in the mean of mirrored views the pattern's odd part cancels
+      while the abnormality, which moves with the image, stays. The classifier runs 2 or 4 times
+      for the map; the probability is the unflipped input's. Not with subtract_baseline (a stored
+      map of unflipped inputs).
     mirror_average: SAM also segments each image mirrored left-right (its input mirrored inside the
       image, `mskjax.sam.mirror_columns`, and every first-pass prompt with it: boxes, points, the map
       prompt), and the two views' logits are averaged in the original frame (test-time
@@ -149,6 +162,7 @@ class PipelineConfig:
     choice_area_penalty: float = 1.0
     map_mask_prompt: float = 0.0
     map_prompt: bool = True
+    map_flips: str = "none"
     mirror_average: bool = False
 
     def __post_init__(self):
@@ -180,6 +194,11 @@ class PipelineConfig:
             raise PipelineError(f"map_mask_prompt must be 0 (off) or in (0, 1], got {self.map_mask_prompt}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
+        if self.map_flips not in MAP_FLIPS:
+            raise PipelineError(f"unknown map_flips {self.map_flips!r}: expected one of {list(MAP_FLIPS)}")
+        if self.map_flips != "none" and self.subtract_baseline:
+            raise PipelineError("map_flips averages maps of flipped inputs; subtract_baseline's stored map is of unflipped "
+                                "inputs: use one")
         if self.mirror_average and (self.refine or self.choose != "first" or self.map_mask_prompt > 0):
             raise PipelineError("mirror_average averages the first pass's two views: it takes no refine passes, "
                                 f"choose='deletion' or map_mask_prompt (got refine={self.refine}, "
@@ -289,7 +308,15 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
         targets = jnp.full((b,), target, jnp.int32)
         geom = batch["geometry"]
-        maps = cam_maps(cvars, x3, targets) * content_mask(geom)
+        maps = cam_maps(cvars, x3, targets)
+        flips = MAP_FLIPS[config.map_flips]
+        if flips:  # the mean over mirrored views, each flipped back (PipelineConfig.map_flips)
+            for axes in flips:
+                maps = maps + jnp.flip(cam_maps(cvars, jnp.flip(x3, axes), targets), axes)  # (B, S, S): same axes
+            maps = maps * content_mask(geom)
+            maps = maps / jnp.maximum(jnp.max(maps, axis=(1, 2), keepdims=True), 1e-12)
+        else:
+            maps = maps * content_mask(geom)
         side = float(max(maps.shape[1:]))
         out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps,
                "peak_input": boxlib.peak_point(maps)}  # the one peak rule (plateau of the first maximum), for the pointing game
@@ -583,14 +610,21 @@ def map_prompt_settings(config: PipelineConfig) -> dict:
     checkpoint's metadata "map_prompt" holds these, with the classifier it was trained on)."""
     return {"cam": config.cam, "cam_layer": config.cam_layer or None, "boxes": config.boxes,
             "box_side": None if config.box_side is None else float(config.box_side),
-            "box_margin": float(config.box_margin), "subtract_baseline": bool(config.subtract_baseline)}
+            "box_margin": float(config.box_margin), "subtract_baseline": bool(config.subtract_baseline),
+            "map_flips": config.map_flips}
+
+
+# What a map-trained SAM's metadata means when it lacks a key (it was trained before the setting
+# existed, i.e. with the setting's default).
+_MAP_PROMPT_DEFAULTS = {"map_flips": "none"}
 
 
 def map_prompt_differences(trained: dict, config: PipelineConfig) -> list[str]:
     """Where `config`'s map and box differ from those a map-trained SAM was trained on (its
     metadata "map_prompt"), one "key value (trained with value)" each; [] when they agree."""
     got = map_prompt_settings(config)
-    return [f"{k} {v!r} (trained with {trained.get(k)!r})" for k, v in got.items() if v != trained.get(k)]
+    was = {k: trained.get(k, _MAP_PROMPT_DEFAULTS.get(k)) for k in got}
+    return [f"{k} {v!r} (trained with {was[k]!r})" for k, v in got.items() if v != was[k]]
 
 
 def check_map_prompt(trained: dict, config: PipelineConfig) -> None:
@@ -625,7 +659,7 @@ def trained_map_config(config: PipelineConfig, sam_meta: dict | None, map_too: b
     trained = (sam_meta or {}).get("map_prompt")
     if not trained:
         return config
-    keys = ("boxes", "box_side", "box_margin") + (("cam", "cam_layer", "subtract_baseline") if map_too else ())
+    keys = ("boxes", "box_side", "box_margin") + (("cam", "cam_layer", "subtract_baseline", "map_flips") if map_too else ())
     return dataclasses.replace(config, **{k: trained[k] for k in keys if k in trained})
 
 
@@ -925,6 +959,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "MAP_FLIPS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-map-prompt", dest="map_prompt", action="store_false",
                     help="for a SAM trained on the classifier's maps (data.map_prompts): give the map's box the plain "
                          "box mask instead of the map inside it")
+    ap.add_argument("--map-flips", choices=["none", "h", "hv"], default="none",
+                    help="the map as the mean of the classifier's maps of the image and its flips (h: left-right; hv: "
+                         "left-right, up-down and both), each flipped back: cancels a map's position-dependent pattern")
     ap.add_argument("--mirror-average", action="store_true",
                     help="SAM also segments each image mirrored left-right (input and prompts), and the two views' "
                          "logits are averaged (test-time augmentation; twice SAM's encoder work; no --refine)")
@@ -436,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 choice_scales=parse_scales(args.choice_scales),
                                 choice_area_penalty=args.choice_area_penalty,
                                 map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt,
-                                mirror_average=args.mirror_average)
+                                map_flips=args.map_flips, mirror_average=args.mirror_average)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

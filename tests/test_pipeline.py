@@ -644,3 +644,40 @@ def test_mirror_average_reads_both_views_from_the_embedding_cache(setup, tmp_pat
     for k in ("mask_logits", "mask_logits_mirrored", "gt_mask_logits_mirrored"):
         np.testing.assert_allclose(first[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)
         np.testing.assert_array_equal(second[k], first[k], err_msg=k)
+
+
+def test_map_flips_average_the_maps_of_flipped_inputs(setup, tmp_path):
+    """map_flips: the map is the mean of the maps of the classifier's input and its flips, each
+    flipped back, scaled to a maximum of 1; the probability and the peak rule are the plain ones."""
+    from mskjax.pipeline import make_map_half, map_prompt_differences, map_prompt_settings
+    pipe, records, _, sam_dir = setup
+    cls_dir = random_classifier(tmp_path / "cls", mode="resize", seed=4)  # content fills the input
+    p = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.0))
+    _, _, batch = _batch_of(p, records, 3, 4)
+
+    def half(flips):
+        return jax.jit(make_map_half(p.classifier, PipelineConfig(threshold=0.0, map_flips=flips), p.normalization,
+                                     p.channels, SAM_SIZE))
+    plain = half("none")
+
+    def cam_of(axes):
+        got = plain(p.classifier_variables, {**batch, "images": np.flip(batch["images"], axes).copy()})
+        return np.flip(np.asarray(got["cam"]), axes)
+    base = plain(p.classifier_variables, batch)
+    for flips, views in (("h", [(2,)]), ("hv", [(2,), (1,), (1, 2)])):
+        out = half(flips)(p.classifier_variables, batch)
+        want = np.asarray(base["cam"]) + sum(cam_of(a) for a in views)
+        want = want / want.max(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(out["cam"][:3], want[:3], atol=1e-5, err_msg=flips)
+        np.testing.assert_allclose(out["probability"], base["probability"], atol=1e-6)
+        np.testing.assert_allclose(out["peak_input"][:3], np.asarray(boxlib.peak_point(jnp.asarray(want)))[:3], atol=1e-4)
+        assert not np.allclose(out["cam"][:3], base["cam"][:3])
+
+    with pytest.raises(PipelineError, match="map_flips"):
+        PipelineConfig(map_flips="x")
+    with pytest.raises(PipelineError, match="subtract_baseline"):
+        PipelineConfig(map_flips="h", subtract_baseline=True)
+    # A map-trained SAM recorded before map_flips existed was trained on unflipped maps.
+    old = {k: v for k, v in map_prompt_settings(PipelineConfig()).items() if k != "map_flips"}
+    assert map_prompt_differences(old, PipelineConfig()) == []
+    assert map_prompt_differences(old, PipelineConfig(map_flips="hv")) == ["map_flips 'hv' (trained with 'none')"]

@@ -318,6 +318,7 @@ def sam_base_config() -> ml_collections.ConfigDict:
     c.data.map_cam_layer = "layer2"  # "" = the classifier's last feature map
     c.data.map_box_side = 64.0  # classifier-input pixels; 0 = the pipeline's default (50 px at 224)
     c.data.map_box_margin = 0.0  # original-frame pixels, as segment --box-margin
+    c.data.map_flips = "none"  # the map as the mean over flipped inputs (segment --map-flips; PipelineConfig.map_flips)
 
     c.train = ml_collections.ConfigDict()
     c.train.box_mask_prompt = False  # each box also as a dense mask prompt (mskjax.sam.box_mask_prompt)
@@ -393,6 +394,7 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
         need(c.data.map_cam in CAM_METHODS, "data.map_cam", f"{c.data.map_cam!r} is not one of {list(CAM_METHODS)}")
         need(c.data.map_box_side >= 0 and c.data.map_box_margin >= 0, "data.map_box_side",
              "map_box_side and map_box_margin must be >= 0")
+        need(c.data.map_flips in ("none", "h", "hv"), "data.map_flips", f"{c.data.map_flips!r} is not none, h or hv")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

@@ -230,7 +230,8 @@ def map_pipeline_config(config) -> PipelineConfig:
     """The pipeline settings whose map and box a SAM with `data.map_prompts` trains on."""
     side = float(config.data.map_box_side)
     return PipelineConfig(cam=config.data.map_cam, cam_layer=config.data.map_cam_layer or None, boxes="peak",
-                          box_side=side if side > 0 else None, box_margin=float(config.data.map_box_margin))
+                          box_side=side if side > 0 else None, box_margin=float(config.data.map_box_margin),
+                          map_flips=str(config.data.get("map_flips", "none")))
 
 
 def with_map_prompt(key: jax.Array, boxes, masks, valid, mask_input, maps, map_boxes, share: float,

@@ -578,7 +578,7 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(map_se
     validate_sam(config, 1)
     for field, value, match in (("train.box_mask_prompt", False, "box_mask_prompt"),
                                 ("data.map_prompt_share", 0.0, "map_prompt_share"),
-                                ("data.map_cam", "nope", "map_cam")):
+                                ("data.map_cam", "nope", "map_cam"), ("data.map_flips", "x", "map_flips")):
         bad = _small(_load_config("sam_synthetic_classifier_maps"), data_root)
         bad.data.map_prompts = str(cls_dir)
         section, name = field.split(".")
@@ -614,7 +614,10 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(map_se
     smodel, svars, smeta = checkpoint.load_sam(tmp_path / "ck")
     rec = smeta["map_prompt"]
     assert rec["cam"] == "layer_cam" and rec["cam_layer"] == "layer2" and rec["box_side"] == 24.0
-    assert rec["classifier"] == str(cls_dir)
+    assert rec["classifier"] == str(cls_dir) and rec["map_flips"] == "none"
+    flipped = config.copy_and_resolve_references()
+    flipped.data.map_flips = "hv"
+    assert train_sam.map_pipeline_config(flipped).map_flips == "hv"  # what MapPrompter and the record then use
     cmodel, cvars, cmeta = checkpoint.load_classifier(cls_dir)
     Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, train_sam.map_pipeline_config(config))
     with pytest.raises(PipelineError, match="trained with"):
