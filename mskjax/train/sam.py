@@ -507,7 +507,7 @@ def evaluate(predict_step, variables, ex: sam_data.SamExamples, batch_size: int,
 def evaluate_map_prompts(predict_map_step, variables, ex: sam_data.SamExamples, batch_size: int, sharding,
                          embeddings: np.ndarray | None = None) -> dict:
     """Dice and IoU per image of the SAM prompted with the classifier's map and box (`ex.maps`,
-    `ex.map_boxes`; `sam_data.with_map_prompts`), against the union of the image's lesions, in the
+    `ex.map_boxes`; `sam_data.build_examples` with a prompter), against the union of the image's lesions, in the
     original frame: {"dice", "iou", "n"} (means over images). What the pipeline's first pass gives
     every image (no classification threshold, no refine pass), so a proxy for its Dice from
     map-derived prompts that costs one decoder pass per image. embeddings: (N_img, e, e, C), one
@@ -545,17 +545,19 @@ def load_examples(config, log=log) -> tuple[dict[str, sam_data.SamExamples], str
     for split, s in splits.skipped:
         log(f"skipped ({split}): {s}")
     out = {}
+    prompter = None
+    if config.data.map_prompts:  # training learns from them; valid and test are scored with them too
+        prompter = MapPrompter.from_directory(config.data.map_prompts, map_pipeline_config(config), config.model.img_size)
+    t0 = time.time()
     for name, records in splits.records.items():
         out[name] = sam_data.build_examples(records, config.model.img_size, config.data.max_prompts, name, log,
-                                            preprocessing="lite_medsam" if is_lite_medsam(config.model.arch) else "sam")
-    if config.data.map_prompts:  # training learns from them; valid and test are scored with them too
-        t0 = time.time()
-        prompter = MapPrompter.from_directory(config.data.map_prompts, map_pipeline_config(config), config.model.img_size)
-        for name in out:
-            out[name] = sam_data.with_map_prompts(out[name], prompter, config.eval.batch_size)
+                                            preprocessing="lite_medsam" if is_lite_medsam(config.model.arch) else "sam",
+                                            prompter=prompter, prompt_batch=config.eval.batch_size)
+    if prompter is not None:
         log(f"map prompts: {config.data.map_cam} at {config.data.map_cam_layer or 'the last feature map'} of "
-            f"{config.data.map_prompts} on " + ", ".join(f"{len(v.paths)} {k}" for k, v in out.items())
-            + f" images in {time.time() - t0:.1f}s")
+            f"{config.data.map_prompts} (flips: {config.data.get('map_flips', 'none')}) on "
+            + ", ".join(f"{len(v.paths)} {k}" for k, v in out.items())
+            + f" images, drawn while decoding them ({time.time() - t0:.1f}s for both)")
     return out, splits.description
 
 

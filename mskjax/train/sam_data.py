@@ -71,7 +71,7 @@ class SamExamples:
     lesions: one LesionTruth per valid prompt.
     skipped: what was left out and why.
     maps (N_img, S, S) uint8 and map_boxes (N_img, 4) float32, when a SAM trains on a classifier's
-    maps (`with_map_prompts`): the map in the SAM input frame (0..255 for [0, 1]) and the box the
+    maps (`build_examples` with a prompter): the map in the SAM input frame (0..255 for [0, 1]) and the box the
     pipeline draws around its peak, SAM input frame.
     """
 
@@ -155,15 +155,29 @@ def box_pixels(box: Sequence[float], hw: tuple[int, int]) -> tuple[int, int, int
 
 
 def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, split: str = "",
-                   log=None, preprocessing: str = "sam") -> SamExamples:
+                   log=None, preprocessing: str = "sam", prompter=None, prompt_batch: int = 16) -> SamExamples:
     """Decodes every record with boxes and a mask and makes its examples (see module docstring).
     preprocessing: the segmenter's input recipe, which decides how images are resized.
+    prompter: a `mskjax.pipeline.MapPrompter`, or None: each kept image's classifier map and map
+    box (`MapPrompter.run`; SamExamples.maps (uint8, `quantize_maps`) and map_boxes), drawn from
+    the decoded image while it is in memory (batches of prompt_batch), so nothing is decoded twice.
 
     Records without boxes (normal images) give no example and are not reported. Skipped and
     reported in `skipped`: records with boxes but no mask, files that cannot be decoded, a mask
     whose size differs from its image, a lesion whose box holds no mask pixel.
     """
     s, p = img_size, max_prompts
+    if prompter is not None and prompter.sam_img_size != img_size:
+        raise SamDataError(f"map prompts are drawn for a {prompter.sam_img_size} px SAM input, the examples are "
+                           f"{img_size} px")
+    pending, maps, map_boxes = [], [], []  # decoded originals awaiting the prompter; its outputs
+
+    def prompt_pending():
+        got = prompter.run(pending, prompt_batch)
+        maps.append(quantize_maps(got["maps_sam"]))
+        map_boxes.append(got["boxes_sam"].astype(np.float32))
+        pending.clear()
+
     skipped = SkipReport()
     images, in_sizes, orig_sizes, paths = [], [], [], []
     ex_image, ex_boxes, ex_masks, ex_valid, ex_types, lesions = [], [], [], [], [], []
@@ -199,6 +213,10 @@ def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, s
         in_sizes.append((h, w))
         orig_sizes.append(hw)
         paths.append(rec.path)
+        if prompter is not None:
+            pending.append(image)
+            if len(pending) == prompt_batch:
+                prompt_pending()
         sx, sy = w / hw[1], h / hw[0]  # ResizeLongestSide's effective scale per axis
         for start in range(0, len(kept), p):
             chunk = kept[start:start + p]
@@ -221,8 +239,10 @@ def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, s
             ex_types.append(types)
     if log is not None and skipped:
         log(f"{split or 'split'}: {skipped.summary(limit=5)}")
+    if pending:
+        prompt_pending()
     n = len(ex_image)
-    return SamExamples(
+    ex = SamExamples(
         img_size=s,
         images=np.stack(images) if images else np.zeros((0, s, s), np.uint8),
         input_sizes=np.asarray(in_sizes, np.int32).reshape(-1, 2),
@@ -236,6 +256,15 @@ def build_examples(records: Sequence[Record], img_size: int, max_prompts: int, s
         lesions=lesions,
         skipped=skipped,
     )
+    if prompter is not None:
+        ex = dataclasses.replace(ex, maps=np.concatenate(maps) if maps else np.zeros((0, s, s), np.uint8),
+                                 map_boxes=np.concatenate(map_boxes) if map_boxes else np.zeros((0, 4), np.float32))
+    return ex
+
+
+def quantize_maps(maps01: np.ndarray) -> np.ndarray:
+    """Maps in [0, 1] (float) -> uint8 (255 = 1), as SamExamples keeps them."""
+    return np.round(np.clip(maps01, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def gather_batch(ex: SamExamples, indices: np.ndarray, repeat_prompts: bool = False) -> dict[str, np.ndarray]:
@@ -263,20 +292,6 @@ def gather_batch(ex: SamExamples, indices: np.ndarray, repeat_prompts: bool = Fa
     if ex.maps is not None:  # maps (B, S, S) uint8, map_boxes (B, 4)
         out["maps"], out["map_boxes"] = ex.maps[img], ex.map_boxes[img]
     return out
-
-
-def with_map_prompts(ex: SamExamples, prompter, batch_size: int = 16) -> SamExamples:
-    """`ex` with each image's classifier map and map box (`mskjax.pipeline.MapPrompter.run` on the
-    decoded originals of ex.paths), the map quantised to uint8."""
-    if not ex.paths:
-        return dataclasses.replace(ex, maps=np.zeros((0, ex.img_size, ex.img_size), np.uint8),
-                                   map_boxes=np.zeros((0, 4), np.float32))
-    if prompter.sam_img_size != ex.img_size:
-        raise SamDataError(f"map prompts are drawn for a {prompter.sam_img_size} px SAM input, the examples are "
-                           f"{ex.img_size} px")
-    got = prompter.run([decode_image(p).image for p in ex.paths], batch_size)
-    maps = np.round(np.clip(got["maps_sam"], 0.0, 1.0) * 255.0).astype(np.uint8)
-    return dataclasses.replace(ex, maps=maps, map_boxes=got["boxes_sam"].astype(np.float32))
 
 
 def image_union_masks(ex: SamExamples) -> list[np.ndarray]:
