@@ -176,6 +176,9 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         assert f"--config.data.map_prompts={tmp_path / 'classifier' / 'best'}" in sam_cmd
         for flag, field in (("--cam", "map_cam"), ("--cam-layer", "map_cam_layer"), ("--box-side", "map_box_side")):
             assert f"--config.data.{field}={seg[seg.index(flag) + 1]}" in sam_cmd  # ... as the segment stage draws them
+        flips = seg[seg.index("--map-flips") + 1] if "--map-flips" in seg else "none"
+        assert flips == sc.data.map_flips  # the maps it trained on
+        assert ("--mirror-average" in seg) == demo.MIRROR_AVERAGE
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
