@@ -5,13 +5,15 @@ maps (issue 18, part 4; the demo's SAM since 2026-12-06).
         [--config.data.map_prompts=CLASSIFIER_DIR] [--config.data.root=runs/demo/data ...]
 
 Before training, the classifier named by data.map_prompts (default: the demo's) draws its map
-(layer2 LayerCAM) on every training image, and the box the pipeline puts around the map's peak
+(layer2 LayerCAM, the mean over the image and its three flips: data.map_flips "hv",
+`PipelineConfig.map_flips`) on every training image, and the box the pipeline puts around the map's peak
 (64 px at its 128 px input; `mskjax.pipeline.MapPrompter`, the pipeline's own first half). Every
 training image's first prompt is that box with the map inside it as the dense mask prompt
 (`mskjax.sam.map_prompt`), scored against the union of the image's lesions; the other prompt slot
 keeps the usual tight, jittered ground-truth box (what the pipeline's refine pass gives). The
 checkpoint records the map and box (metadata "map_prompt"), and `mskjax.segment` must be run with
-the same (`--cam layer_cam --cam-layer layer2 --box-side 64`); `python -m mskjax.demo` passes them.
+the same (`--cam layer_cam --cam-layer layer2 --box-side 64 --map-flips hv`, and the demo adds
+`--mirror-average`); `python -m mskjax.demo` passes them.
 
 Measured on the demo's data and classifier (README, "The classifier's own maps as SAM's prompt"):
 valid Dice from map-derived prompts (one refine pass) 0.301 with configs/sam_synthetic_map_prompts.py
@@ -19,9 +21,13 @@ valid Dice from map-derived prompts (one refine pass) 0.301 with configs/sam_syn
 10 epochs, 0.409 with all and the prompt encoder trained (7 epochs), 0.394 with all, 10 epochs and
 the prompt encoder trained. Learning rate, two seeds each (10 epochs, every image): 8e-4 0.430 /
 0.482, 1.6e-3 0.330 (seed 0), 4e-4 0.503 / 0.498; without the refine pass (the demo's segment
-stage since) 0.445 / 0.501 at 8e-4 and 0.509 / 0.521 at 4e-4. This config: every image, 10 epochs
-on the demo's data, the prompt encoder frozen, 4e-4. The run scores valid with these prompts after
-every epoch ("valid/map_dice": every image, no refine pass) and keeps the best model by it.
+stage since) 0.445 / 0.501 at 8e-4 and 0.509 / 0.521 at 4e-4. Then (2026-12-06, night; README "Flipped
+maps and a mirrored view for SAM"), with SAM's mirrored view averaged in (segment --mirror-average):
+0.533 / 0.528 for the two 4e-4 seeds, 0.570 for 13 epochs, 0.578 for 12 epochs on hv maps. This
+config: every image, hv maps, 12 epochs on the default job's (= the demo's) data, evaluated every
+third epoch, the prompt encoder frozen, 4e-4. The run scores valid with these prompts at every
+evaluation ("valid/map_dice": every image, no refine pass, no mirrored view) and keeps the best
+model by it.
 As the demo's SAM with 8e-4 and one refine pass (2026-12-06, 14 min 38 s idle on a 2-core AMD
 EPYC): test Dice from map-derived prompts 0.388 (0.294 with the SAM before), 0.764 with ground-truth
 boxes; with 4e-4 and no refine pass (16 min 26 s idle, the same machine): 0.466 (0.526 with every

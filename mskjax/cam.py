@@ -336,6 +336,37 @@ def _aug_smooth(fn: Callable, images, targets):
     return out
 
 
+# `flip_mean`'s choices: the flips (axes of a (B, S, S, C) input; the same axes of its (B, S, S)
+# maps) averaged with the input as given.
+FLIPS = {"none": (), "h": ((2,),), "hv": ((2,), (1,), (1, 2))}
+
+
+def flip_mean(map_fn: Callable, images: Array, flips: str = "none", content: Array | None = None):
+    """The mean of a map over an input and its flips, each view's map flipped back.
+
+    map_fn(images (B, S, S, C)) -> maps (B, S, S) in the input frame, or a dict of them.
+    flips: "none" (map_fn(images) alone), "h" (also flipped left-right) or "hv" (left-right,
+    up-down and both: four views). content: (B, S, S) bool or None; the maps are multiplied by it
+    (zero on letterbox padding). With flips, each mean map is then scaled to a maximum of 1 (a
+    positive map stays in [0, 1]); "none" returns map_fn's maps as they are (times content).
+
+    Why: a network that knows where it is in the frame (zero padding, no augmentation) adds a
+    pattern fixed to the frame to its maps (issue 18); a fixed pattern does not move with the
+    image, so in the mean of mirrored views its odd part cancels while evidence that moves with the
+    image adds up. Unlike `cam_maps(aug_smooth=True)` (pytorch-grad-cam's left-right flips and
+    brightness factors) the views are only mirrors, and up-down ones too.
+    """
+    if flips not in FLIPS:
+        raise CamError(f"unknown flips {flips!r}: expected one of {list(FLIPS)}")
+    keep = (lambda m: m) if content is None else (lambda m: m * content)
+    maps = map_fn(images)
+    if not FLIPS[flips]:
+        return jax.tree.map(keep, maps)
+    for axes in FLIPS[flips]:
+        maps = jax.tree.map(lambda a, b: a + jnp.flip(b, axes), maps, map_fn(jnp.flip(images, axes)))
+    return jax.tree.map(lambda m: keep(m) / jnp.maximum(jnp.max(keep(m), axis=(1, 2), keepdims=True), NORM_EPS), maps)
+
+
 def cam_maps(model, variables, images: Array, targets: Array | None = None, layer: str | None = None,
              *, methods: Sequence[str] = ("grad_cam",), aug_smooth: bool = False,
              eigen_smooth: bool = False, score_fn: Callable | None = None, baseline=None,
@@ -593,7 +624,7 @@ def make_cam_fn(method: str, model, layer: str | None = None, **options) -> Call
 
 
 __all__ = [
-    "METHODS", "GRADIENT_METHODS", "CamError", "activations_and_gradients", "cam", "cam_maps",
+    "FLIPS", "METHODS", "GRADIENT_METHODS", "CamError", "flip_mean", "activations_and_gradients", "cam", "cam_maps",
     "eigen_cam", "first_component_projection", "grad_cam", "grad_cam_plus_plus", "head_dense_kernel",
     "fused_maps", "hires_cam", "interpolation_matrix", "layer_cam", "make_cam_fn", "occlusion",
     "minmax_scale", "postprocess", "raw_map", "resize_maps", "score_cam", "weighted_activations",

@@ -441,8 +441,12 @@ class CamRunner:
 
     def __init__(self, model, variables, meta: dict, methods: Sequence[str], layer: str | None = None,
                  batch_size: int = 16, box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_chunk: int | None = None,
-                 score_cam_channels: int | None = None, faithfulness_steps: int = FAITHFULNESS_STEPS):
+                 score_cam_channels: int | None = None, faithfulness_steps: int = FAITHFULNESS_STEPS,
+                 map_flips: str = "none"):
         self.meta = dict(meta)
+        if map_flips not in camlib.FLIPS:
+            raise LocalizeError(f"unknown map_flips {map_flips!r}: expected one of {list(camlib.FLIPS)}")
+        self.map_flips = map_flips
         data = self.meta.get("data", {})
         self.size = int(data.get("image_size", self.meta["input_size"]))
         self.mode = data.get("mode", "resize")
@@ -488,13 +492,15 @@ class CamRunner:
         def gradient_step(variables, raw, geom, baseline):
             x3 = inputs(raw)
             targets = jnp.full((raw.shape[0],), target, jnp.int32)
-            if fused:
-                maps = camlib.fused_maps(cam_model, variables, x3, targets, fused, methods=gradient_methods)
-            else:
-                maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=gradient_methods,
+
+            def maps_of(x):
+                if fused:
+                    return camlib.fused_maps(cam_model, variables, x, targets, fused, methods=gradient_methods)
+                return camlib.cam_maps(cam_model, variables, x, targets, layer, methods=gradient_methods,
                                        baseline=baseline)
-            keep = content_mask(geom)
-            return {m: with_boxes(v * keep, geom) for m, v in maps.items()}
+            # with map_flips, the mean over mirrored views (as PipelineConfig.map_flips)
+            maps = camlib.flip_mean(maps_of, x3, map_flips, content_mask(geom))
+            return {m: with_boxes(v, geom) for m, v in maps.items()}
 
         def raw_step(variables, raw):
             if fused:
@@ -554,6 +560,9 @@ class CamRunner:
         """Sets the baseline every gradient method's raw map is reduced by: the mean raw map (at the
         CAM stage's resolution) over `images` (decoded (H0, W0) normal images of the tuning split),
         i.e. the pattern the network puts on every image (where the frame is). Returns the count."""
+        if self.map_flips != "none":
+            raise LocalizeError("--subtract-normal-mean and --map-flips both remove the frame's pattern, from maps of "
+                                "unflipped and flipped inputs: use one")
         if self._raw is None or not len(images):
             return 0
         sums = None
@@ -689,13 +698,16 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
         limit: int | None = None, batch_size: int = 16, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
         box_fraction: float = DEFAULT_BOX_FRACTION, score_cam_channels: int | None = None,
         faithfulness_steps: int = FAITHFULNESS_STEPS, progress: bool = True, truth: str = "lesion",
-        subtract_normal_mean: bool = False) -> dict:
+        subtract_normal_mean: bool = False, map_flips: str = "none") -> dict:
     """The whole run; writes OUT/localization.json and OUT/localization.md and returns the JSON dict.
 
     truth: "lesion" scores against each abnormality's own mask; "evidence" against its evidence
     mask (the pixels that change when the abnormality is removed; synthetic data only).
     subtract_normal_mean: every gradient method's raw map minus its mean over up to BASELINE_IMAGES
-    normal images of the tune split (`CamRunner.set_baseline`)."""
+    normal images of the tune split (`CamRunner.set_baseline`).
+    map_flips: gradient methods' maps as the mean over the input and its flips ("h", "hv";
+    `mskjax.cam.flip_mean`, the pipeline's PipelineConfig.map_flips); occlusion and Score-CAM
+    are not flipped."""
     if truth not in TRUTHS:
         raise LocalizeError(f"unknown truth {truth!r}: expected one of {list(TRUTHS)}")
     if tune_split == report_split:
@@ -705,7 +717,11 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
     model, variables, meta = load_classifier(classifier_dir)
     method_list, notes = resolve_methods(methods, layer, model)
     runner = CamRunner(model, variables, meta, method_list, layer, batch_size, box_fraction,
-                       score_cam_channels=score_cam_channels, faithfulness_steps=faithfulness_steps)
+                       score_cam_channels=score_cam_channels, faithfulness_steps=faithfulness_steps,
+                       map_flips=map_flips)
+    if map_flips != "none":
+        notes.append(f"gradient methods' maps: the mean over the input and its flips ({map_flips}; "
+                     "mskjax.cam.flip_mean); occlusion and score_cam unflipped")
     if "score_cam" in method_list:
         notes.append(f"score_cam scored on the first {score_cam_limit} images of each split only "
                      f"(--score-cam-limit); its n differs from the other methods'")
@@ -758,7 +774,7 @@ def run(classifier_dir: str, dataset: str, tune_split: str, report_split: str, o
                        "mode": runner.mode, "in_channels": runner.channels, "num_classes": meta.get("num_classes"),
                        "target": "abnormal logit"},
         "methods": method_list, "layer": layer or "last stage", "truth": truth,
-        "subtract_normal_mean": subtract_normal_mean,
+        "subtract_normal_mean": subtract_normal_mean, "map_flips": map_flips,
         "settings": {
             "frame": "CAM at model-input size, carried to the original image frame (crop padding, bilinear) and "
                      "min-max normalised per image; map metrics vs ground truth there; boxes made on the "
@@ -823,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "removed (synthetic data only)")
     ap.add_argument("--subtract-normal-mean", action="store_true",
                     help="subtract from each gradient method's raw map its mean over normal images of the tune split")
+    ap.add_argument("--map-flips", choices=list(camlib.FLIPS), default="none",
+                    help="gradient methods' maps as the mean over the input and its flips (h: left-right; hv: also "
+                         "up-down and both), each flipped back, as segment --map-flips")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -850,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      batch_size=a.batch, tolerances=tolerances, box_fraction=a.box_fraction,
                      score_cam_channels=a.score_cam_channels, faithfulness_steps=a.faithfulness_steps,
                      progress=not a.no_progress, truth=a.truth,
-                     subtract_normal_mean=a.subtract_normal_mean)
+                     subtract_normal_mean=a.subtract_normal_mean, map_flips=a.map_flips)
     except (LocalizeError, InputError, CamError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

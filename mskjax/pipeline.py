@@ -77,11 +77,6 @@ class PipelineError(ValueError):
     """A pipeline that cannot be built as asked (unknown CAM method, wrong checkpoint kind ...)."""
 
 
-# PipelineConfig.map_flips: the flips (axes of a (B, S, S, C) classifier input) whose maps are
-# averaged with the map of the input as given.
-MAP_FLIPS = {"none": (), "h": ((2,),), "hv": ((2,), (1,), (1, 2))}
-
-
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """What the jitted step does (all fields static: changing one recompiles).
@@ -130,7 +125,8 @@ class PipelineConfig:
       box mask instead. No effect on other SAMs.
     map_flips: "none", "h" or "hv": the map is the mean of the classifier's maps of its input as
       given and flipped (left-right; or left-right, up-down and both: four views), each flipped
-      back in the classifier's frame, then scaled to a maximum of 1 inside the content. A network
+      back in the classifier's frame, then scaled to a maximum of 1 inside the content
+      (`mskjax.cam.flip_mean`). A network
       that encodes absolute position (zero padding, no augmentation) adds a position-dependent
       pattern to its map (issue 18); in the mean of mirrored views the pattern's odd part cancels
       while the abnormality, which moves with the image, stays. The classifier runs 2 or 4 times
@@ -194,8 +190,8 @@ class PipelineConfig:
             raise PipelineError(f"map_mask_prompt must be 0 (off) or in (0, 1], got {self.map_mask_prompt}")
         if not 0.0 < self.box_fraction <= 1.0:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
-        if self.map_flips not in MAP_FLIPS:
-            raise PipelineError(f"unknown map_flips {self.map_flips!r}: expected one of {list(MAP_FLIPS)}")
+        if self.map_flips not in camlib.FLIPS:
+            raise PipelineError(f"unknown map_flips {self.map_flips!r}: expected one of {list(camlib.FLIPS)}")
         if self.map_flips != "none" and self.subtract_baseline:
             raise PipelineError("map_flips averages maps of flipped inputs; subtract_baseline's stored map is of unflipped "
                                 "inputs: use one")
@@ -308,15 +304,8 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
         targets = jnp.full((b,), target, jnp.int32)
         geom = batch["geometry"]
-        maps = cam_maps(cvars, x3, targets)
-        flips = MAP_FLIPS[config.map_flips]
-        if flips:  # the mean over mirrored views, each flipped back (PipelineConfig.map_flips)
-            for axes in flips:
-                maps = maps + jnp.flip(cam_maps(cvars, jnp.flip(x3, axes), targets), axes)  # (B, S, S): same axes
-            maps = maps * content_mask(geom)
-            maps = maps / jnp.maximum(jnp.max(maps, axis=(1, 2), keepdims=True), 1e-12)
-        else:
-            maps = maps * content_mask(geom)
+        # the mean over mirrored views when config.map_flips asks (mskjax.cam.flip_mean)
+        maps = camlib.flip_mean(lambda v: cam_maps(cvars, v, targets), x3, config.map_flips, content_mask(geom))
         side = float(max(maps.shape[1:]))
         out = {"logits": logits, "probability": prob, "abnormal": abnormal, "cam": maps,
                "peak_input": boxlib.peak_point(maps)}  # the one peak rule (plateau of the first maximum), for the pointing game
@@ -959,6 +948,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "MAP_FLIPS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

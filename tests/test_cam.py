@@ -260,3 +260,27 @@ def test_fused_maps_average_the_stages_maps(net):
         np.testing.assert_allclose(np.asarray(fused[m]), np.asarray(C.minmax_scale((a + b) / 2)), atol=1e-6)
     with pytest.raises(C.CamError, match="at least one"):
         C.fused_maps(model, v, x, t, ())
+
+
+def test_flip_mean_cancels_a_pattern_fixed_to_the_frame():
+    """flip_mean: a map made of the image's own evidence plus an odd pattern fixed to the frame (a
+    ramp across it) comes back as the evidence alone, scaled to max 1; "none" leaves the map as it is
+    (times the content mask); dicts of maps go through whole; unknown flips are refused."""
+    from mskjax.cam import CamError, flip_mean
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0.1, 1.0, (2, 8, 8, 3)).astype(np.float32))
+    ramp_w = jnp.linspace(-1.0, 1.0, 8)[None, None, :]
+    ramp_h = jnp.linspace(-0.5, 0.5, 8)[None, :, None]
+    evidence = x[..., 0] / jnp.max(x[..., 0], axis=(1, 2), keepdims=True)
+    got = flip_mean(lambda v: v[..., 0] + ramp_w, x, "h")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(evidence), atol=1e-6)
+    got = flip_mean(lambda v: {"a": v[..., 0] + ramp_w + ramp_h}, x, "hv")
+    np.testing.assert_allclose(np.asarray(got["a"]), np.asarray(evidence), atol=1e-6)
+    left = flip_mean(lambda v: v[..., 0] + ramp_w + ramp_h, x, "h")  # left-right views keep the up-down ramp
+    assert not np.allclose(np.asarray(left), np.asarray(evidence), atol=1e-3)
+    content = jnp.zeros((2, 8, 8), bool).at[:, :, :6].set(True)
+    np.testing.assert_array_equal(np.asarray(flip_mean(lambda v: v[..., 1], x, "none", content)),
+                                  np.asarray(x[..., 1] * content))
+    assert float(jnp.max(flip_mean(lambda v: v[..., 1], x, "hv", content)[:, :, 6:])) == 0.0
+    with pytest.raises(CamError, match="flips"):
+        flip_mean(lambda v: v[..., 0], x, "diagonal")

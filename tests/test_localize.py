@@ -307,3 +307,35 @@ def test_frames_line_up_when_the_map_is_the_mask(synthetic):
     assert s["pointing_game"]["0px"]["hit_rate"] == 1.0
     assert s["pxap"]["value"] > 0.95 and s["dice"]["mean"] > 0.9
     assert s["max_box_acc_v2"]["value"] >= 0.9 and s["threshold_box_iou"]["mean"] > 0.6
+
+
+def test_flipped_maps_are_one_rule_in_localize_the_trainer_and_the_pipeline(classifier, synthetic):
+    """map_flips: mskjax.localize (CamRunner), the trainer's report (make_cam_step) and the pipeline's
+    map half give the same map and peak; localize refuses it beside a subtracted normal mean."""
+    from mskjax.data.images import decode_image
+    from mskjax.data.mura import read_mura
+    from mskjax.pipeline import PipelineConfig, classifier_input_settings, classifier_inputs, make_map_half
+    from mskjax.train.localization import make_cam_step
+    model, variables, meta = checkpoint.load_classifier(classifier)
+    records, _ = read_mura(synthetic, "test")
+    images = [decode_image(r.path).image for r in records[:3]]
+    size, mode, channels, norm = classifier_input_settings(meta)
+    x, geom, hw, valid = classifier_inputs(images, size, mode, 4)
+    half = make_map_half(model, PipelineConfig(cam="layer_cam", cam_layer="layer2", map_flips="hv", threshold=0.0),
+                         norm, channels, 64)
+    want = jax.jit(half)(variables, {"images": x, "geometry": geom, "original_hw": hw, "valid": valid,
+                                     "threshold": np.float32(0.0)})
+    runner = localize.CamRunner(model, variables, meta, ["layer_cam"], "layer2", batch_size=4, map_flips="hv")
+    raw, rgeom, _ = runner.prepare(images)
+    got = runner.maps(raw, rgeom, score_cam=False)["layer_cam"]
+    maps, peaks, _ = make_cam_step(model, norm, channels, "layer_cam", "layer2", "hv")(variables, x, geom, None)
+    for other in (got["maps"], np.asarray(maps)):
+        np.testing.assert_allclose(other[:3], np.asarray(want["cam"])[:3], atol=1e-5)
+    np.testing.assert_allclose(got["peak_xy"][:3], np.asarray(want["peak_input"])[:3], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(peaks)[:3], np.asarray(want["peak_input"])[:3], atol=1e-4)
+    plain = localize.CamRunner(model, variables, meta, ["layer_cam"], "layer2", batch_size=4)
+    assert not np.allclose(plain.maps(raw, rgeom, score_cam=False)["layer_cam"]["maps"][:3], got["maps"][:3])
+    with pytest.raises(localize.LocalizeError, match="subtract-normal-mean"):
+        runner.set_baseline(images)
+    with pytest.raises(localize.LocalizeError, match="map_flips"):
+        localize.CamRunner(model, variables, meta, ["layer_cam"], "layer2", map_flips="x")

@@ -462,7 +462,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                                                   channels=config.model.in_channels, size=config.data.image_size,
                                                   mode=config.data.mode, method=config.eval.cam_method,
                                                   layer=config.eval.cam_layer or None, baseline=base,
-                                                  batch_size=config.eval.batch_size)
+                                                  batch_size=config.eval.batch_size,
+                                                  flips=config.eval.get("map_flips", "none"))
                         if loc is not None:
                             result[key] = loc
                             log("\n".join(localization_lines(loc)))
@@ -541,5 +542,6 @@ def export_best(directory: Path, variables, config, norm, step: int, report: dic
          "valid_study_auroc": report["overall"]["study"]["auroc"]["value"]})
     meta["data"] = {"mode": config.data.mode, "image_size": config.data.image_size}
     # The map this run localizes with (eval.cam_method / eval.cam_layer): mskjax.segment's default.
-    meta["localization"] = {"method": config.eval.cam_method, "layer": config.eval.cam_layer or None}
+    meta["localization"] = {"method": config.eval.cam_method, "layer": config.eval.cam_layer or None,
+                            "map_flips": config.eval.get("map_flips", "none")}
     checkpoint.save(directory, loop.host_copy(variables), meta, overwrite=True)

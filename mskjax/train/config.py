@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
     # split; the pipeline does not apply it yet): removes the positional pattern a network puts on
     # every image. The report shows the map with and without it.
     c.eval.subtract_normal_mean = False
+    # The map as the mean over the input and its flips ("h": left-right; "hv": also up-down and
+    # both; `mskjax.cam.flip_mean`, segment --map-flips): the frame's pattern cancels instead.
+    c.eval.map_flips = "none"
 
     _add_run_sections(c)
     return c
@@ -229,6 +232,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: every epoch)")
     need(c.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")
+    need(c.eval.get("map_flips", "none") in ("none", "h", "hv"), "eval.map_flips",
+         f"{c.eval.get('map_flips')!r} is not none, h or hv")
+    need(not (c.eval.get("map_flips", "none") != "none" and c.eval.subtract_normal_mean), "eval.map_flips",
+         "and eval.subtract_normal_mean both remove the frame's pattern: use one")
     if c.model.arch in ARCHITECTURES and c.eval.cam_layer:
         stages = list(create(c.model.arch, num_classes=1).segments)
         need(all(l in stages for l in c.eval.cam_layer.split("+")), "eval.cam_layer",

@@ -32,10 +32,12 @@ from mskjax.pipeline import content_bounds, content_mask, read_mask
 TOLERANCES = (0.0, 15.0)
 
 
-def make_cam_step(model, norm: dict, channels: int, method: str = "grad_cam", layer: str | None = None):
+def make_cam_step(model, norm: dict, channels: int, method: str = "grad_cam", layer: str | None = None,
+                  flips: str = "none"):
     """jitted (variables, images (B, S, S, 1) in [0, 1], geometry, baseline) -> (maps (B, S, S),
     peaks (B, 2) (x, y), peak boxes (B, 4)), all in the model-input frame. `layer` "a+b" fuses the
-    stages' maps (`mskjax.cam.fused_maps`; no baseline then)."""
+    stages' maps (`mskjax.cam.fused_maps`; no baseline then). flips: the map as the mean over the
+    input and its flips (`mskjax.cam.flip_mean`, as the pipeline's PipelineConfig.map_flips)."""
     cam_model = model if channels == 3 else GrayAsRGB(model, channels)
     target = abnormal_class(model.num_classes)
 
@@ -43,13 +45,13 @@ def make_cam_step(model, norm: dict, channels: int, method: str = "grad_cam", la
         x = prepare_images(images, norm, channels)
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
         targets = jnp.full((images.shape[0],), target, jnp.int32)
-        if layer and "+" in layer:  # stages fused (mskjax.cam.fused_maps)
-            maps = camlib.fused_maps(cam_model, variables, x3, targets, tuple(layer.split("+")),
-                                     methods=(method,))[method]
-        else:
-            maps = camlib.cam_maps(cam_model, variables, x3, targets, layer, methods=(method,),
-                                   baseline=baseline)[method]
-        maps = maps * content_mask(geom)
+
+        def maps_of(x):
+            if layer and "+" in layer:  # stages fused (mskjax.cam.fused_maps)
+                return camlib.fused_maps(cam_model, variables, x, targets, tuple(layer.split("+")),
+                                         methods=(method,))[method]
+            return camlib.cam_maps(cam_model, variables, x, targets, layer, methods=(method,), baseline=baseline)[method]
+        maps = camlib.flip_mean(maps_of, x3, flips, content_mask(geom))
         pk = boxlib.peak_boxes(maps, input_side=float(max(maps.shape[1:])), bounds=content_bounds(geom))
         return maps, boxlib.peak_point(maps), pk.boxes
 
@@ -98,13 +100,14 @@ def _batched_geometry(geoms) -> geo.Geometry:
 
 def localization_report(model, variables, records: Sequence, *, norm: dict, channels: int, size: int,
                         mode: str, method: str = "grad_cam", layer: str | None = None, baseline=None,
-                        batch_size: int = 32, tolerances: Sequence[float] = TOLERANCES) -> dict | None:
+                        batch_size: int = 32, tolerances: Sequence[float] = TOLERANCES,
+                        flips: str = "none") -> dict | None:
     """Pointing game (with chance) against lesion and evidence masks, and peak-box IoU, over the
     abnormal `records` that have a mask; None when there are none."""
     chosen = [r for r in records if r.label == 1 and r.mask_path]
     if not chosen:
         return None
-    step = make_cam_step(model, norm, channels, method, layer)
+    step = make_cam_step(model, norm, channels, method, layer, flips)
     truths = {"lesion": [], "evidence": []}
     box_ious, skipped = [], []
     for start in range(0, len(chosen), batch_size):
@@ -136,7 +139,7 @@ def localization_report(model, variables, records: Sequence, *, norm: dict, chan
                 box = geo.clip_boxes(geo.boxes_to_original(pboxes[i].astype(np.float64), g), hw)
                 gt = np.asarray(r.boxes, np.float64).reshape(-1, 4)
                 box_ious.append(float(np.max(metrics.pairwise_box_iou(box.reshape(1, 4), gt))))
-    out = {"method": method, "layer": layer or "last stage", "n_abnormal_with_mask": len(chosen),
+    out = {"method": method, "layer": layer or "last stage", "map_flips": flips, "n_abnormal_with_mask": len(chosen),
            "skipped": skipped, "baseline_subtracted": baseline is not None}
     for name, rows in truths.items():
         if not rows:

@@ -57,6 +57,13 @@ def test_impossible_values_are_named():
     c.model.arch = "resnet5"
     with pytest.raises(ConfigError, match="model.arch"):
         validate(c, num_devices=1)
+    c = base_config()
+    c.eval.map_flips = "diagonal"
+    with pytest.raises(ConfigError, match="eval.map_flips"):
+        validate(c, num_devices=1)
+    c.eval.map_flips, c.eval.subtract_normal_mean = "hv", True
+    with pytest.raises(ConfigError, match="eval.map_flips"):
+        validate(c, num_devices=1)
 
 
 def test_no_weight_decay_on_norms_and_biases():
