@@ -46,8 +46,9 @@ MAP_BOX_OF_INPUT = 0.5
 REFINE_PASSES = 0
 # SAM also segments the mirrored image and the two views' logits are averaged (segment
 # --mirror-average): valid, the two map-trained SAMs at 4e-4, 0.509 / 0.521 -> 0.533 / 0.528, and
-# 0.559 -> 0.570 for one trained 13 epochs (docs/map_flips_2026-12-06/). The map's flips
-# (segment --map-flips) are the SAM config's data.map_flips: the SAM trains on the maps it is given.
+# 0.559 -> 0.570 for one trained 13 epochs (docs/map_flips_2026-12-06/). The map (method, layer,
+# flips: segment --cam / --cam-layer / --map-flips) is the classifier config's eval.cam_method /
+# cam_layer / map_flips, and the SAM trains on that map.
 MIRROR_AVERAGE = True
 
 
@@ -121,6 +122,8 @@ def plan(workdir: str | Path) -> list[Stage]:
             cam_args += ["--cam", str(cc.eval.cam_method)]
         if _has_field(cc, "eval.cam_layer") and cc.eval.cam_layer:
             cam_args += ["--cam-layer", str(cc.eval.cam_layer)]
+        if _has_field(cc, "eval.map_flips") and cc.eval.map_flips != "none":
+            cam_args += ["--map-flips", str(cc.eval.map_flips)]
     sam = w / "sam"
     cmd = [py, "-m", "mskjax.train", "--config", str(SAM_CONFIG), "--workdir", str(sam)]
     missing = ""
@@ -145,12 +148,12 @@ def plan(workdir: str | Path) -> list[Stage]:
             # trained on this run's classifier's maps, with the map and box the segment stage uses
             cmd.append(f"--config.data.map_prompts={cls / 'best'}")
             for flag, field in (("--cam", "data.map_cam"), ("--cam-layer", "data.map_cam_layer"),
-                                ("--box-side", "data.map_box_side")):
+                                ("--box-side", "data.map_box_side"), ("--map-flips", "data.map_flips")):
                 value = cam_args[cam_args.index(flag) + 1] if flag in cam_args else ""  # "": the last layer
                 if value or flag == "--cam-layer":
                     cmd.append(f"--config.{field}={value}")
-            if _has_field(sc, "data.map_flips") and sc.data.map_flips != "none":
-                map_args += ["--map-flips", str(sc.data.map_flips)]
+                elif flag == "--map-flips" and _has_field(sc, field):
+                    cmd.append(f"--config.{field}=none")
     else:
         missing = (f"{SAM_CONFIG} does not exist yet: SAM fine-tuning (mskjax.train.sam with "
                    "configs/sam_synthetic.py) is not in this checkout, so the demo stops after the classifier")

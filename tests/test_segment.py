@@ -174,10 +174,10 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         assert sc.data.map_prompts  # the demo's SAM also learns its classifier's own map prompts ...
         sam_cmd = stages["sam"].command
         assert f"--config.data.map_prompts={tmp_path / 'classifier' / 'best'}" in sam_cmd
-        for flag, field in (("--cam", "map_cam"), ("--cam-layer", "map_cam_layer"), ("--box-side", "map_box_side")):
+        for flag, field in (("--cam", "map_cam"), ("--cam-layer", "map_cam_layer"), ("--box-side", "map_box_side"),
+                            ("--map-flips", "map_flips")):
             assert f"--config.data.{field}={seg[seg.index(flag) + 1]}" in sam_cmd  # ... as the segment stage draws them
-        flips = seg[seg.index("--map-flips") + 1] if "--map-flips" in seg else "none"
-        assert flips == sc.data.map_flips  # the maps it trained on
+        assert seg[seg.index("--map-flips") + 1] == config.eval.map_flips  # the classifier config's map
         assert ("--mirror-average" in seg) == demo.MIRROR_AVERAGE
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
