@@ -782,7 +782,7 @@ class Pipeline:
         host_only = ("sam_canvases", "sam_images", "sam_images_mirrored", "sam_canvases_mirrored")
         args = {k: v for k, v in batch.items() if k not in host_only}
         if not self.config.mirror_average:
-            del args["sam_input_sizes"]
+            args.pop("sam_input_sizes", None)
         else:
             args["sam_embeddings_mirrored"] = (self.sam_embeddings(batch, mirrored=True) if mirrored_embeddings is None
                                                else mirrored_embeddings)
