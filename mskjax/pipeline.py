@@ -937,6 +937,18 @@ def default_cam(classifier_meta: dict, cam: str | None, cam_layer: str | None) -
     return "grad_cam", cam_layer
 
 
+def default_map_flips(classifier_meta: dict, cam: str | None, map_flips: str | None) -> str:
+    """The pipeline's map_flips: what the user asked for; else, when the map itself is the
+    classifier's own (no cam asked for, `default_cam`), the flips its training run localized with
+    (metadata "localization" "map_flips", `eval.map_flips`); else "none"."""
+    if map_flips is not None:
+        return map_flips
+    loc = classifier_meta.get("localization") or {}
+    if cam is None and loc.get("method") in camlib.METHODS and loc.get("map_flips") in camlib.FLIPS:
+        return loc["map_flips"]
+    return "none"
+
+
 def describe(pipe: Pipeline) -> dict:
     """JSON-able settings of a pipeline, for reports."""
     c = dataclasses.asdict(pipe.config)
@@ -949,5 +961,5 @@ def describe(pipe: Pipeline) -> dict:
 
 
 __all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
-           "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "describe",
+           "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, describe
+from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -385,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-map-prompt", dest="map_prompt", action="store_false",
                     help="for a SAM trained on the classifier's maps (data.map_prompts): give the map's box the plain "
                          "box mask instead of the map inside it")
-    ap.add_argument("--map-flips", choices=["none", "h", "hv"], default="none",
+    ap.add_argument("--map-flips", choices=["none", "h", "hv"], default=None,
                     help="the map as the mean of the classifier's maps of the image and its flips (h: left-right; hv: "
-                         "left-right, up-down and both), each flipped back: cancels a map's position-dependent pattern")
+                         "left-right, up-down and both), each flipped back: cancels a map's position-dependent pattern "
+                         "(default: without --cam, the flips the classifier's training run localized with; else none)")
     ap.add_argument("--mirror-average", action="store_true",
                     help="SAM also segments each image mirrored left-right (input and prompts), and the two views' "
                          "logits are averaged (test-time augmentation; twice SAM's encoder work; no --refine)")
@@ -431,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A missing or broken classifier directory is reported by the pipeline's loader below.
         meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
         cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
+        map_flips = default_map_flips(meta, args.cam, args.map_flips)
         config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
                                 max_boxes=args.max_boxes, box_fraction=args.box_fraction,
                                 box_side=args.box_side, refine=args.refine,
@@ -439,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 choice_scales=parse_scales(args.choice_scales),
                                 choice_area_penalty=args.choice_area_penalty,
                                 map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt,
-                                map_flips=args.map_flips, mirror_average=args.mirror_average)
+                                map_flips=map_flips, mirror_average=args.mirror_average)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

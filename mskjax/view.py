@@ -62,7 +62,8 @@ from mskjax import metrics
 from mskjax import sam as samfn
 from mskjax import viz
 from mskjax.data.images import decode_image
-from mskjax.pipeline import (Item, Pipeline, PipelineConfig, PipelineError, default_cam, fit_map_prompt, read_mask,
+from mskjax.pipeline import (Item, Pipeline, PipelineConfig, PipelineError, default_cam, default_map_flips,
+                             fit_map_prompt, read_mask,
                              trained_map_config)
 
 log = logging.getLogger("mskjax.view")
@@ -625,11 +626,13 @@ window.mskjaxView = {sendBox: sendBox};
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-def viewer_config(args, cam: str, cam_layer: str | None, sam_meta: dict) -> PipelineConfig:
+def viewer_config(args, cam: str, cam_layer: str | None, sam_meta: dict, map_flips: str = "none") -> PipelineConfig:
     """The viewer's first pipeline settings. A SAM trained on a classifier's maps (metadata
     "map_prompt") gets the box it was trained with, and its map too unless --cam was given; a map
-    other than the trained one gets the plain box prompt (`fit_map_prompt`)."""
-    config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold)
+    other than the trained one gets the plain box prompt (`fit_map_prompt`). map_flips: the map's
+    (`default_map_flips`), where no map-trained SAM decides it."""
+    config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
+                            map_flips=map_flips)
     return fit_map_prompt(trained_map_config(config, sam_meta, map_too=args.cam is None), sam_meta)
 
 
@@ -655,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = checkpoint.read_metadata(args.classifier) if args.cam is None and Path(args.classifier).is_dir() else {}
         cam, cam_layer = default_cam(meta, args.cam, args.cam_layer)
         config = viewer_config(args, cam, cam_layer,
-                               checkpoint.read_metadata(args.sam) if Path(args.sam).is_dir() else {})
+                               checkpoint.read_metadata(args.sam) if Path(args.sam).is_dir() else {},
+                               default_map_flips(meta, args.cam, None))
         pipe = Pipeline.from_directories(args.classifier, args.sam, config)
     except (PipelineError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -245,6 +245,12 @@ def test_default_cam_comes_from_the_classifiers_training_run():
     assert pipeline.default_cam(trained, "grad_cam", None) == ("grad_cam", None)  # the user's method wins
     assert pipeline.default_cam({}, None, None) == ("grad_cam", None)  # older checkpoints: the report's map
     assert pipeline.default_cam({"localization": {"method": "nope"}}, None, None) == ("grad_cam", None)
+    # ... and so do its map's flips, when the map is the run's own
+    flipped = {"localization": {"method": "layer_cam", "layer": "layer2", "map_flips": "hv"}}
+    assert pipeline.default_map_flips(flipped, None, None) == "hv"
+    assert pipeline.default_map_flips(flipped, None, "h") == "h"  # the user's flips win
+    assert pipeline.default_map_flips(flipped, "grad_cam", None) == "none"  # another map: unflipped
+    assert pipeline.default_map_flips(trained, None, None) == "none"  # recorded before flips existed
 
 
 def test_an_empty_folder_is_reported_not_dropped(tmp_path, capsys):

@@ -37,6 +37,9 @@ def _load_config(name: str):
 def _small(config, root):
     config.data.root = str(root)
     config.data.synthetic_studies = 16
+    # data_root's set: all parts, realistic (a config that asks for another set is refused on it)
+    config.data.synthetic_parts = ""
+    config.data.synthetic_conspicuity = "realistic"
     config.model.img_size = SIDE
     config.train.batch_size = 2
     config.eval.batch_size = 4
@@ -386,6 +389,8 @@ def cli_run(data_root, tmp_path_factory):
     args = [sys.executable, "-m", "mskjax.train", f"--config={CONFIGS / 'sam_synthetic_classifier_maps.py'}",
             f"--workdir={workdir}", f"--config.data.map_prompts={cls_dir}", "--config.data.map_box_side=24",
             f"--config.data.root={data_root}", "--config.data.synthetic_studies=16",
+            "--config.data.synthetic_parts=", "--config.data.synthetic_conspicuity=realistic",
+            "--config.eval.every_epochs=1",
             f"--config.model.img_size={SIDE}", "--config.train.batch_size=2", "--config.train.epochs=2",
             "--config.eval.batch_size=4", "--config.train.log_every=1", "--config.train.learning_rate=1e-3"]
     out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=900,
@@ -614,10 +619,10 @@ def test_map_prompt_config_trains_on_the_classifiers_maps_and_is_recorded(map_se
     smodel, svars, smeta = checkpoint.load_sam(tmp_path / "ck")
     rec = smeta["map_prompt"]
     assert rec["cam"] == "layer_cam" and rec["cam_layer"] == "layer2" and rec["box_side"] == 24.0
-    assert rec["classifier"] == str(cls_dir) and rec["map_flips"] == "none"
-    flipped = config.copy_and_resolve_references()
-    flipped.data.map_flips = "hv"
-    assert train_sam.map_pipeline_config(flipped).map_flips == "hv"  # what MapPrompter and the record then use
+    assert rec["classifier"] == str(cls_dir) and rec["map_flips"] == config.data.map_flips == "hv"
+    other = config.copy_and_resolve_references()
+    other.data.map_flips = "h"
+    assert train_sam.map_pipeline_config(other).map_flips == "h"  # what MapPrompter and the record then use
     cmodel, cvars, cmeta = checkpoint.load_classifier(cls_dir)
     Pipeline(cmodel, cvars, cmeta, smodel, svars, smeta, train_sam.map_pipeline_config(config))
     with pytest.raises(PipelineError, match="trained with"):
