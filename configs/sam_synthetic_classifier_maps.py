@@ -31,7 +31,9 @@ model by it.
 As the demo's SAM with 8e-4 and one refine pass (2026-12-06, 14 min 38 s idle on a 2-core AMD
 EPYC): test Dice from map-derived prompts 0.388 (0.294 with the SAM before), 0.764 with ground-truth
 boxes; with 4e-4 and no refine pass (16 min 26 s idle, the same machine): 0.466 (0.526 with every
-abnormal image prompted), 0.770 with ground-truth boxes.
+abnormal image prompted), 0.770 with ground-truth boxes; with hv maps, 12 epochs and the mirrored
+view (19 min 55 s idle, the same machine): 0.533 (0.611 with every abnormal image prompted), 0.800
+with ground-truth boxes.
 """
 from mskjax.train.config import config_beside
 
