@@ -353,6 +353,7 @@ def test_loss_decreases_and_frozen_parts_stay(train_examples, data_root):
         assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow  # ~50 s on 2 cores (CI's 45-minute budget); the vit_b model's parity tests run always
 def test_vit_b_config_one_step(train_examples):
     """The vit_b config's structure and settings, at 64 px with random weights (official weights
     are 1024 px and not available here), takes one training step."""
@@ -484,6 +485,7 @@ def test_peak_points_are_the_map_box_centres_with_the_same_draws(train_examples)
     np.testing.assert_array_equal(np.asarray(p)[:, 1], 0.0)
 
 
+@pytest.mark.slow  # ~80 s (two compiled steps) for an option the demo does not use; CI's budget
 def test_peak_point_config_trains_and_is_recorded(train_examples, data_root, tmp_path):
     config = _small(_load_config("sam_synthetic_map_points"), data_root)
     assert config.data.peak_point and config.data.peak_box_share > 0
