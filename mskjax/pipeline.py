@@ -418,23 +418,31 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             gvalid = batch["gt_valid"] & valid[:, None]
             prompts = jnp.concatenate([boxes_sam, gt_sam], axis=1)
             pvalid = jnp.concatenate([bvalid, gvalid], axis=1)
-        # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
-        # is decoded the way it was trained.
-        mask_input = samfn.box_mask_prompt(prompts, img_size, sam_model.config.low_res_size) if box_mask else None
+        k = boxes_in.shape[1]  # the map-derived prompts come first
+        low_size = sam_model.config.low_res_size
+        # A SAM trained on the classifier's maps gets, as it was trained, the map inside the
+        # map-derived box as that box's dense prompt (in_sam: the map in SAM's frame, full resolution).
+        in_sam = (map_in_sam_frame(maps, geom, hw, img_size, img_size)
+                  if map_trained and config.map_prompt and peaks_in is not None else None)
+
+        def box_dense_prompts(boxes):
+            # A SAM fine-tuned with boxes also given as dense mask prompts (mskjax.sam.box_mask_prompt)
+            # is decoded the way it was trained.
+            return samfn.box_mask_prompt(boxes, img_size, low_size) if box_mask else None
+
+        def put_map_prompt(mask_input, boxes, map_sam):
+            if map_sam is None:
+                return mask_input
+            return mask_input.at[:, :k].set(samfn.map_prompt(map_sam[:, None], boxes[:, :k], img_size, low_size))
+
+        mask_input = box_dense_prompts(prompts)
         if box_mask and config.map_mask_prompt > 0:  # the map's box: only where the map is high
-            low_size = sam_model.config.low_res_size
-            in_sam = map_in_sam_frame(maps, geom, hw, img_size, low_size)  # (B, L, L)
-            high = in_sam >= config.map_mask_prompt * jnp.max(in_sam, axis=(1, 2), keepdims=True)
-            nk = boxes_in.shape[1]  # the map-derived prompts come first
-            cov = samfn.box_coverage(prompts[:, :nk], img_size, low_size)
-            mask_input = mask_input.at[:, :nk].set(
+            in_low = map_in_sam_frame(maps, geom, hw, img_size, low_size)  # (B, L, L)
+            high = in_low >= config.map_mask_prompt * jnp.max(in_low, axis=(1, 2), keepdims=True)
+            cov = samfn.box_coverage(prompts[:, :k], img_size, low_size)
+            mask_input = mask_input.at[:, :k].set(
                 samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
-        in_sam = None
-        if map_trained and config.map_prompt and peaks_in is not None:  # the map inside its box, as trained
-            nk = boxes_in.shape[1]
-            in_sam = map_in_sam_frame(maps, geom, hw, img_size, img_size)  # (B, T, T)
-            mask_input = mask_input.at[:, :nk].set(
-                samfn.map_prompt(in_sam[:, None], prompts[:, :nk], img_size, sam_model.config.low_res_size))
+        mask_input = put_map_prompt(mask_input, prompts, in_sam)
         points = labels = None
         if point_trained:
             given = jnp.zeros(prompts.shape[:2], bool)
@@ -447,17 +455,14 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
                            mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
         low, iou = chosen_masks(dec, config.multimask)
-        k = boxes_in.shape[1]
         extra = {}
         if config.mirror_average:  # the same prompts on the mirrored image; averaged in `finish`
             w = batch["sam_input_sizes"][:, 1]
             emb_m = (batch["sam_embeddings_mirrored"] if embedded else
                      samfn.embed(sam_model, svars, samfn.mirror_columns(batch["sam_images"], w, axis=-2)))
             prompts_m = samfn.mirror_boxes(prompts, w)
-            mi_m = samfn.box_mask_prompt(prompts_m, img_size, sam_model.config.low_res_size) if box_mask else None
-            if in_sam is not None:
-                mi_m = mi_m.at[:, :k].set(samfn.map_prompt(samfn.mirror_columns(in_sam, w)[:, None], prompts_m[:, :k],
-                                                           img_size, sam_model.config.low_res_size))
+            mi_m = put_map_prompt(box_dense_prompts(prompts_m), prompts_m,
+                                  None if in_sam is None else samfn.mirror_columns(in_sam, w))
             dec_m = samfn.decode(sam_model, svars, emb_m, boxes=prompts_m,
                                  points=None if points is None else samfn.mirror_points(points, w),
                                  point_labels=labels, mask_input=mi_m, multimask=multi, prompt_valid=pvalid)

@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
-from mskjax.cam import METHODS
+from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
 from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
 from mskjax.weights.mapping import CheckpointMismatch
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-map-prompt", dest="map_prompt", action="store_false",
                     help="for a SAM trained on the classifier's maps (data.map_prompts): give the map's box the plain "
                          "box mask instead of the map inside it")
-    ap.add_argument("--map-flips", choices=["none", "h", "hv"], default=None,
+    ap.add_argument("--map-flips", choices=list(FLIPS), default=None,
                     help="the map as the mean of the classifier's maps of the image and its flips (h: left-right; hv: "
                          "left-right, up-down and both), each flipped back: cancels a map's position-dependent pattern "
                          "(default: without --cam, the flips the classifier's training run localized with; else none)")

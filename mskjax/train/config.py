@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from mskjax.cam import FLIPS as CAM_FLIPS
 from mskjax.cam import METHODS as CAM_METHODS
 from mskjax.data.augment import AugmentConfig
 from mskjax.data.preprocess import MODES
@@ -232,8 +233,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: every epoch)")
     need(c.train.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0")
     need(0 <= c.eval.threshold <= 1, "eval.threshold", "must be in [0, 1]")
-    need(c.eval.get("map_flips", "none") in ("none", "h", "hv"), "eval.map_flips",
-         f"{c.eval.get('map_flips')!r} is not none, h or hv")
+    need(c.eval.get("map_flips", "none") in CAM_FLIPS, "eval.map_flips",
+         f"{c.eval.get('map_flips')!r} is not one of {list(CAM_FLIPS)}")
     need(not (c.eval.get("map_flips", "none") != "none" and c.eval.subtract_normal_mean), "eval.map_flips",
          "and eval.subtract_normal_mean both remove the frame's pattern: use one")
     if c.model.arch in ARCHITECTURES and c.eval.cam_layer:
@@ -401,7 +402,7 @@ def validate_sam(c: ml_collections.ConfigDict, num_devices: int) -> None:
         need(c.data.map_cam in CAM_METHODS, "data.map_cam", f"{c.data.map_cam!r} is not one of {list(CAM_METHODS)}")
         need(c.data.map_box_side >= 0 and c.data.map_box_margin >= 0, "data.map_box_side",
              "map_box_side and map_box_margin must be >= 0")
-        need(c.data.map_flips in ("none", "h", "hv"), "data.map_flips", f"{c.data.map_flips!r} is not none, h or hv")
+        need(c.data.map_flips in CAM_FLIPS, "data.map_flips", f"{c.data.map_flips!r} is not one of {list(CAM_FLIPS)}")
     need(c.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(c.train.batch_size % num_devices == 0, "train.batch_size",
          f"{c.train.batch_size} is not divisible by the {num_devices} devices")

@@ -265,17 +265,13 @@ def mix_prompts(key: jax.Array, boxes: jax.Array, other: jax.Array, share: float
 def hflip(key: jax.Array, images: jax.Array, masks: jax.Array, boxes: jax.Array, input_sizes: jax.Array):
     """Flips half of the examples left-right inside their image (the padding stays at the right).
     images (B, S, S), masks (B, P, S, S), boxes (B, P, 4), input_sizes (B, 2)."""
-    b, s = images.shape[0], images.shape[-1]
-    flip = jax.random.bernoulli(key, 0.5, (b,))
-    w = input_sizes[:, 1]
-    x = jnp.arange(s)
-    src = jnp.where(flip[:, None] & (x[None] < w[:, None]), w[:, None] - 1 - x[None], x[None])  # (B, S)
-    images = jax.vmap(lambda im, c: im[:, c])(images, src)
-    masks = jax.vmap(lambda m, c: m[..., c])(masks, src)
-    wf = w.astype(jnp.float32)[:, None]
-    flipped = jnp.stack([wf - boxes[..., 2], boxes[..., 1], wf - boxes[..., 0], boxes[..., 3]], axis=-1)
-    boxes = jnp.where(flip[:, None, None], flipped, boxes)
-    return images, masks, boxes
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    w = input_sizes[:, 1]  # the pipeline's mirrored view (mirror_average) uses the same rule
+
+    def pick(mirrored, plain):
+        return jnp.where(flip.reshape((-1,) + (1,) * (plain.ndim - 1)), mirrored, plain)
+    return (pick(samfn.mirror_columns(images, w), images), pick(samfn.mirror_columns(masks, w), masks),
+            pick(samfn.mirror_boxes(boxes, w), boxes))
 
 
 def hflip_with_map(key: jax.Array, images, masks, boxes, input_sizes, maps, map_boxes):
