@@ -130,8 +130,14 @@ class PipelineConfig:
       that encodes absolute position (zero padding, no augmentation) adds a position-dependent
       pattern to its map (issue 18); in the mean of mirrored views the pattern's odd part cancels
       while the abnormality, which moves with the image, stays. The classifier runs 2 or 4 times
-      for the map; the probability is the unflipped input's. Not with subtract_baseline (a stored
-      map of unflipped inputs).
+      for the map; the probability is the unflipped input's unless probability_flips asks. Not
+      with subtract_baseline (a stored map of unflipped inputs).
+    probability_flips: "none", "h" or "hv": the probability (and so the abnormal decision against
+      threshold) is the mean of the classifier's probabilities of the input as given and flipped,
+      the views of map_flips (test-time augmentation: one more forward pass per view). "logits"
+      stay the unflipped input's, and choose="deletion" compares each removal with the unflipped
+      input's probability (the removals are not flipped). A threshold chosen for one setting is
+      not the threshold for another.
     mirror_average: SAM also segments each image mirrored left-right (its input mirrored inside the
       image, `mskjax.sam.mirror_columns`, and every first-pass prompt with it: boxes, points, the map
       prompt), and the two views' logits are averaged in the original frame (test-time
@@ -160,6 +166,7 @@ class PipelineConfig:
     map_prompt: bool = True
     map_flips: str = "none"
     mirror_average: bool = False
+    probability_flips: str = "none"
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -192,6 +199,9 @@ class PipelineConfig:
             raise PipelineError(f"box_fraction must be in (0, 1], got {self.box_fraction}")
         if self.map_flips not in camlib.FLIPS:
             raise PipelineError(f"unknown map_flips {self.map_flips!r}: expected one of {list(camlib.FLIPS)}")
+        if self.probability_flips not in camlib.FLIPS:
+            raise PipelineError(f"unknown probability_flips {self.probability_flips!r}: expected one of "
+                                f"{list(camlib.FLIPS)}")
         if self.map_flips != "none" and self.subtract_baseline:
             raise PipelineError("map_flips averages maps of flipped inputs; subtract_baseline's stored map is of unflipped "
                                 "inputs: use one")
@@ -299,6 +309,9 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
         x = prepare_images(batch["images"], normalization, channels)
         logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
         prob = probabilities(logits)
+        for axes in camlib.FLIPS[config.probability_flips]:  # test-time flips: the mean over the views
+            prob = prob + probabilities(classifier.apply(cvars, jnp.flip(x, axes), train=False).astype(jnp.float32))
+        prob = prob / (1 + len(camlib.FLIPS[config.probability_flips]))
         abnormal = batch["valid"] & (prob >= batch["threshold"])
         b = x.shape[0]
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
@@ -473,7 +486,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             iou = (iou + iou_m) / 2.0
         cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
         if config.choose == "deletion":
-            cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam,
+            cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, probabilities(h["logits"]), boxes_sam,
                                                                       bvalid, geom, hw)
         for _ in range(config.refine):
             # The tight box of the mask in the SAM input frame, at the upscaled logits' resolution.

@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mirror-average", action="store_true",
                     help="SAM also segments each image mirrored left-right (input and prompts), and the two views' "
                          "logits are averaged (test-time augmentation; twice SAM's encoder work; no --refine)")
+    ap.add_argument("--probability-flips", choices=list(FLIPS), default="none",
+                    help="the probability as the mean of the classifier's probabilities of the image and its flips "
+                         "(the views of --map-flips; test-time augmentation, one forward pass per view)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
@@ -441,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 choice_scales=parse_scales(args.choice_scales),
                                 choice_area_penalty=args.choice_area_penalty,
                                 map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt,
-                                map_flips=map_flips, mirror_average=args.mirror_average)
+                                map_flips=map_flips, mirror_average=args.mirror_average,
+                                probability_flips=args.probability_flips)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -681,3 +681,37 @@ def test_map_flips_average_the_maps_of_flipped_inputs(setup, tmp_path):
     old = {k: v for k, v in map_prompt_settings(PipelineConfig()).items() if k != "map_flips"}
     assert map_prompt_differences(old, PipelineConfig()) == []
     assert map_prompt_differences(old, PipelineConfig(map_flips="hv")) == ["map_flips 'hv' (trained with 'none')"]
+
+
+def test_probability_flips_average_the_probabilities_of_flipped_inputs(setup, tmp_path):
+    """probability_flips: the probability (and the abnormal decision) is the mean of the
+    probabilities of the input and its flips; logits, map and boxes stay those of the plain input."""
+    from mskjax.pipeline import make_map_half
+    pipe, records, _, sam_dir = setup
+    cls_dir = random_classifier(tmp_path / "cls", mode="resize", seed=4)
+    p = Pipeline.from_directories(cls_dir, sam_dir, PipelineConfig(threshold=0.0))
+    _, _, batch = _batch_of(p, records, 3, 4)
+
+    def half(flips):
+        return jax.jit(make_map_half(p.classifier, PipelineConfig(probability_flips=flips), p.normalization,
+                                     p.channels, SAM_SIZE))
+    plain = half("none")
+    base = plain(p.classifier_variables, batch)
+
+    def prob_of(axes):
+        flipped = {**batch, "images": np.flip(batch["images"], axes).copy()}
+        return np.asarray(plain(p.classifier_variables, flipped)["probability"])
+    for flips, views in (("h", [(2,)]), ("hv", [(2,), (1,), (1, 2)])):
+        out = half(flips)(p.classifier_variables, batch)
+        want = (np.asarray(base["probability"]) + sum(prob_of(a) for a in views)) / (1 + len(views))
+        np.testing.assert_allclose(out["probability"], want, atol=1e-6, err_msg=flips)
+        assert not np.allclose(out["probability"][:3], base["probability"][:3], atol=1e-4)
+        # a threshold between an image's two probabilities: the two settings decide differently
+        i = int(np.argmax(np.abs(np.asarray(out["probability"]) - np.asarray(base["probability"]))[:3]))
+        t = np.float32((float(out["probability"][i]) + float(base["probability"][i])) / 2)
+        got = half(flips)(p.classifier_variables, {**batch, "threshold": t})["abnormal"][i]
+        assert bool(got) != bool(plain(p.classifier_variables, {**batch, "threshold": t})["abnormal"][i])
+        for key in ("logits", "cam", "boxes_sam"):
+            np.testing.assert_allclose(out[key], base[key], atol=1e-6, err_msg=key)
+    with pytest.raises(PipelineError, match="probability_flips"):
+        PipelineConfig(probability_flips="v")

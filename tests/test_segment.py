@@ -98,10 +98,11 @@ def test_images_run_with_threshold_boxes_and_unreadable_files(ckpts, shared_data
     out = tmp_path / "out"
     rc = segment.main(["--classifier", str(cls_dir), "--sam", str(sam_dir), "--images", *map(str, frac), str(truncated),
                        str(tmp_path / "missing.png"), "--out", str(out), "--boxes", "threshold", "--max-boxes", "2",
-                       "--cam", "grad_cam_plus_plus", "--threshold", "0.0", "--batch", "2", "--no-progress"])
+                       "--cam", "grad_cam_plus_plus", "--threshold", "0.0", "--batch", "2", "--probability-flips", "h", "--no-progress"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts"] == {**m["counts"], "inputs": 4, "processed": 2, "unreadable": 2}
+    assert m["settings"]["pipeline"]["probability_flips"] == "h"
     assert {u["path"] for u in m["unreadable"]} == {str(truncated), str(tmp_path / "missing.png")}
     assert m["classification"] is None and "no labels" in m["classification_note"]
     rows = _rows(out / "predictions.csv")
@@ -179,6 +180,7 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
             assert f"--config.data.{field}={seg[seg.index(flag) + 1]}" in sam_cmd  # ... as the segment stage draws them
         assert seg[seg.index("--map-flips") + 1] == config.eval.map_flips  # the classifier config's map
         assert ("--mirror-average" in seg) == demo.MIRROR_AVERAGE
+        assert seg[seg.index("--probability-flips") + 1] == demo.PROBABILITY_FLIPS
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
@@ -235,7 +237,7 @@ def test_cli_box_options_parse():
                                            "--box-side", "56", "--box-fraction", "0.3", "--truth", "evidence"])
     assert (a.box_side, a.box_fraction, a.truth) == (56.0, 0.3, "evidence")
     d = segment.build_parser().parse_args(["--classifier", "c", "--sam", "s", "--images", "x.png", "--out", "o"])
-    assert (d.box_side, d.box_fraction, d.truth) == (None, 0.5, "lesion")
+    assert (d.box_side, d.box_fraction, d.truth, d.probability_flips) == (None, 0.5, "lesion", "none")
 
 
 def test_default_cam_comes_from_the_classifiers_training_run():
