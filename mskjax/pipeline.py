@@ -133,8 +133,9 @@ class PipelineConfig:
       for the map; the probability is the unflipped input's unless probability_flips asks. Not
       with subtract_baseline (a stored map of unflipped inputs).
     probability_flips: "none", "h" or "hv": the probability (and so the abnormal decision against
-      threshold) is the mean of the classifier's probabilities of the input as given and flipped,
-      the views of map_flips (test-time augmentation: one more forward pass per view). "logits"
+      threshold) is the mean of the classifier's probabilities of the input as given and flipped
+      (the views map_flips names, chosen apart from it; the whole classifier input is flipped,
+      letterbox padding with it; test-time augmentation: one more forward pass per view). "logits"
       stay the unflipped input's, and choose="deletion" compares each removal with the unflipped
       input's probability (the removals are not flipped). A threshold chosen for one setting is
       not the threshold for another.
@@ -486,7 +487,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             iou = (iou + iou_m) / 2.0
         cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
         if config.choose == "deletion":
-            cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, probabilities(h["logits"]), boxes_sam,
+            plain = probabilities(h["logits"])  # the unflipped input's: the removals are not flipped
+            cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, plain, boxes_sam,
                                                                       bvalid, geom, hw)
         for _ in range(config.refine):
             # The tight box of the mask in the SAM input frame, at the upscaled logits' resolution.

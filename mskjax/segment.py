@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "logits are averaged (test-time augmentation; twice SAM's encoder work; no --refine)")
     ap.add_argument("--probability-flips", choices=list(FLIPS), default="none",
                     help="the probability as the mean of the classifier's probabilities of the image and its flips "
-                         "(the views of --map-flips; test-time augmentation, one forward pass per view)")
+                         "(h: left-right; hv: left-right, up-down and both; chosen apart from --map-flips; "
+                         "test-time augmentation, one forward pass per view)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
