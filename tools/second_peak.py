@@ -68,11 +68,10 @@ def main(argv=None) -> int:
                                "threshold": np.float32(0.0)})
         maps, first = np.asarray(out["cam"]), np.asarray(out["peak_input"], np.float64)
         second, value = second_peaks(maps, first, args.radius)
+        in_original = [np.asarray(geo.points_to_original(p, g)) for p in (first, second)]  # (B, 2) each
         for i, (it, im) in enumerate(zip(chunk, images)):
-            gi = jax.tree.map(lambda a: a[i:i + 1] if np.ndim(a) else a, g)
             mask = read_mask(it.mask_path, im.shape)
-            hits.append([metrics.pointing_hits_at(np.asarray(geo.points_to_original(p[i:i + 1], gi))[0], mask,
-                                                  POINTING_TOLERANCES) for p in (first, second)])
+            hits.append([metrics.pointing_hits_at(p[i], mask, POINTING_TOLERANCES) for p in in_original])
             ratios.append(float(value[i] / max(float(maps[i].max()), 1e-12)))
     h = np.asarray(hits, float)  # (N, 2 peaks, tolerances)
     r = np.asarray(ratios)
