@@ -201,6 +201,48 @@ def peak_point(maps) -> jax.Array:
     return jnp.stack([col.astype(jnp.float32) + 0.5, row.astype(jnp.float32) + 0.5], axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("k",))
+def separated_peaks(maps, k: int, radius: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The map's k highest peaks, each at least `radius` pixels from the ones before it.
+
+    maps (B, H, W) float (or (H, W)), one map per image in its own pixel frame. The first peak is
+    `plateau_peak` (the one rule: the first maximum's plateau centroid); each later one is the
+    centre (col + 0.5, row + 0.5) of the highest pixel (first in row-major order on ties; NaN and
+    -inf pixels are never candidates) whose centre lies at least `radius` from every earlier peak: the map's next separate
+    candidate for where the abnormality is.
+
+    Returns (peaks (B, k, 2) float32 (x, y), values (B, k) float32 the map there (the maximum for
+    the first), valid (B, k) bool: False where no finite pixel is far enough (the peak is then
+    (NaN, NaN), its value NaN)).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    maps, single = _batched(maps)
+    b, h, w = maps.shape
+    p = _plateau(maps)
+    first = _centroid(p)
+    peaks, values, valid = [first], [p.score.astype(jnp.float32)], [p.count > 0]
+    xs = jnp.arange(w, dtype=jnp.float32)[None, None, :] + 0.5
+    ys = jnp.arange(h, dtype=jnp.float32)[None, :, None] + 0.5
+    flat = p.values.reshape(b, h * w)
+    far = jnp.isfinite(flat) | (flat == jnp.inf)  # NaN already -inf in p.values: never a candidate
+    r2 = jnp.float32(radius) ** 2
+    for _ in range(k - 1):
+        last = peaks[-1]
+        d2 = (xs - last[:, 0, None, None]) ** 2 + (ys - last[:, 1, None, None]) ** 2
+        # A missing earlier peak (NaN) excludes nothing more: NaN >= r2 is False, so guard it.
+        far = far & ((d2 >= r2) | jnp.isnan(d2)).reshape(b, h * w)
+        masked = jnp.where(far, flat, -jnp.inf)
+        i = jnp.argmax(masked, axis=1)
+        ok = jnp.take_along_axis(far, i[:, None], axis=1)[:, 0]
+        xy = jnp.stack([(i % w).astype(jnp.float32) + 0.5, (i // w).astype(jnp.float32) + 0.5], axis=-1)
+        peaks.append(jnp.where(ok[:, None], xy, jnp.nan))
+        values.append(jnp.where(ok, jnp.take_along_axis(flat, i[:, None], axis=1)[:, 0], jnp.nan).astype(jnp.float32))
+        valid.append(ok)
+    out = (jnp.stack(peaks, axis=1).astype(jnp.float32), jnp.stack(values, axis=1), jnp.stack(valid, axis=1))
+    return _unbatch(out, single)
+
+
 def _frame_scale(raw_hw, out_hw):
     h, w = raw_hw
     oh, ow = int(out_hw[0]), int(out_hw[1])
@@ -245,6 +287,12 @@ def raw_map_peaks(raw_maps, out_hw: tuple[int, int], subcell: bool = False) -> j
     return out[0] if single else out
 
 
+def box_side_for(box_side: float | None, input_side: float) -> float:
+    """The side `peak_boxes` gives its box: box_side, or by default the report's 50 px at a 224 px
+    input scaled to input_side."""
+    return _default_side(box_side, input_side, (input_side, input_side))
+
+
 def _default_side(box_side, input_side, hw):
     if input_side is None:
         input_side = max(hw)
@@ -283,6 +331,19 @@ def _box_around(peaks, box_side: float, hw, border: str, bounds=None) -> jax.Arr
     boxes = jnp.stack([jnp.clip(x0, bx0, bx1), jnp.clip(y0, by0, by1),
                        jnp.clip(x1, bx0, bx1), jnp.clip(y1, by0, by1)], axis=-1)
     return boxes.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("box_side", "hw", "border"))
+def boxes_around(points, box_side: float, hw: tuple[int, int], border: str = "shift", bounds=None) -> jax.Array:
+    """Square boxes of side box_side centred on points (B, K, 2) (x, y) in an (H, W) = hw frame ->
+    (B, K, 4) float32 (x0, y0, x1, y1), kept inside `bounds` ((4,) or (B, 4); default the whole
+    frame) as `peak_boxes` keeps its box (border "shift" or "clip"). NaN points give NaN boxes."""
+    _check_border(border)
+    points = jnp.asarray(points, jnp.float32)
+    b, k = points.shape[:2]
+    if bounds is not None:
+        bounds = jnp.repeat(jnp.broadcast_to(jnp.asarray(bounds, jnp.float32), (b, 4)), k, axis=0)
+    return _box_around(points.reshape(b * k, 2), float(box_side), hw, border, bounds).reshape(b, k, 4)
 
 
 @functools.partial(jax.jit, static_argnames=("box_side", "input_side", "border"))

@@ -59,7 +59,9 @@ from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
 MULTIMASK = ("single", "best_iou")  # PipelineConfig.multimask
-CHOICES = ("first", "deletion")  # PipelineConfig.choose
+GATES = ("image", "study")  # PipelineConfig.gate
+PEAK_CHOICES = ("union", "iou", "confidence", "map")  # PipelineConfig.choose among peaks > 1 candidates
+CHOICES = ("first", "deletion") + PEAK_CHOICES  # PipelineConfig.choose
 
 
 def chosen_masks(dec: dict, multimask: str) -> tuple[jax.Array, jax.Array]:
@@ -71,6 +73,30 @@ def chosen_masks(dec: dict, multimask: str) -> tuple[jax.Array, jax.Array]:
     best = jnp.argmax(iou, axis=-1)  # (B, P)
     return (jnp.take_along_axis(low, best[:, :, None, None, None], axis=2)[:, :, 0],
             jnp.take_along_axis(iou, best[:, :, None], axis=2)[:, :, 0])
+
+
+def peak_choice_scores(rule: str, low: jax.Array, iou: jax.Array, low_mirrored: jax.Array | None,
+                       map_low) -> jax.Array:
+    """(B, K) float32 scores of K candidate masks for PipelineConfig.choose = rule (higher is kept).
+
+    low (B, K, L, L) SAM low-res logits (SAM input frame); iou (B, K) predicted IoU; low_mirrored
+    (B, K, L, L) the mirrored view's logits or None; map_low a callable giving the map on SAM's
+    low-res grid (B, L, L) (`map_in_sam_frame`; called only for rule "map"). A mask with no pixel
+    (no logit > 0) scores 0 under "confidence" and "map"."""
+    def mean_over_mask(values, logits):
+        inside = (logits > 0.0).astype(jnp.float32)
+        return jnp.sum(values * inside, axis=(-2, -1)) / jnp.maximum(jnp.sum(inside, axis=(-2, -1)), 1.0)
+
+    if rule == "iou":
+        return iou.astype(jnp.float32)
+    if rule == "confidence":
+        conf = mean_over_mask(jax.nn.sigmoid(low), low)
+        if low_mirrored is not None:  # each view's own mask; a mean of frame-free numbers
+            conf = (conf + mean_over_mask(jax.nn.sigmoid(low_mirrored), low_mirrored)) / 2.0
+        return conf
+    if rule == "map":
+        return mean_over_mask(map_low()[:, None], low)
+    raise PipelineError(f"no score for choice {rule!r}")
 
 
 class PipelineError(ValueError):
@@ -89,6 +115,12 @@ class PipelineConfig:
       components of CAM >= box_fraction * max, the best max_boxes by CAM mass, with validity).
     threshold: an image is abnormal when its probability >= threshold; only abnormal images get
       masks.
+    gate: which decision gives an image its masks: "image" (its own probability >= threshold) or
+      "study" (its study's probability, the mean of the study's image probabilities as
+      `mskjax.segment` reports it, >= threshold: every image of a study called abnormal is
+      segmented, none of a study called normal). MURA labels studies, and a study's views share its
+      abnormality; `Pipeline.run` then reads every image twice (probabilities first, in a
+      classifier-only pass), and `make_step`'s batch carries study_abnormal (B,) bool.
     subtract_baseline: subtract the classifier checkpoint's stored baseline map (metadata
       "localization": the mean raw map of the validation split's normal images, written by
       `mskjax.train` with eval.subtract_normal_mean) from the raw map before post-processing; the
@@ -112,7 +144,19 @@ class PipelineConfig:
       `mskjax.deletion_choice.candidate_boxes`), each candidate mask is removed from the
       classifier's input (filled in from around it) and the classifier run again; the mask whose
       removal lowers the abnormal probability most, less `choice_area_penalty` times its share of
-      the input, is kept (then refined, when asked).
+      the input, is kept (then refined, when asked). With peaks > 1, one of PEAK_CHOICES picks
+      among the peaks' masks (one SAM decode per peak; a peak's score is -inf where it has no box):
+      "union" keeps every peak's mask (the image's mask is their union), "iou" the mask with the
+      highest predicted IoU (SAM's IoU head), "confidence" the mask whose pixels SAM is surest of
+      (the mean sigmoid of its low-res logits where they are > 0; the two views' mean with
+      mirror_average), "map" the mask holding the highest mean map (the map sampled on SAM's
+      low-res grid, `map_in_sam_frame`, averaged over the first view's mask pixels).
+    peaks: the number of the map's peaks prompted ("peak" boxes only): the first is the map's peak,
+      each later one the highest map pixel at least peak_separation x the classifier's input side
+      from every earlier one (`mskjax.boxes.separated_peaks`); each gets the same square box (and,
+      for a SAM trained on maps, the map inside it). A map's highest peak misses the abnormality on
+      some images where its second is on it (issue 18); `choose` says which mask to keep. The
+      pointing game still scores the first peak.
     map_mask_prompt: 0 (off) or t in (0, 1]: for a SAM trained with boxes also given as mask
       prompts (checkpoint metadata "box_mask_prompt"), the map-derived box's mask prompt keeps only
       the low-res cells where the map is at least t times its maximum (`map_in_sam_frame`), so the
@@ -152,6 +196,7 @@ class PipelineConfig:
     cam_layer: str | None = None
     boxes: str = "peak"
     threshold: float = 0.5
+    gate: str = "image"
     box_side: float | None = None
     box_fraction: float = 0.5
     max_boxes: int = 3
@@ -161,6 +206,8 @@ class PipelineConfig:
     multimask: str = "single"
     box_margin: float = 0.0
     choose: str = "first"
+    peaks: int = 1
+    peak_separation: float = 0.1875
     choice_scales: tuple = (1.0, 0.5, 0.33)
     choice_area_penalty: float = 1.0
     map_mask_prompt: float = 0.0
@@ -180,6 +227,8 @@ class PipelineConfig:
             raise PipelineError(f"max_boxes must be >= 1, got {self.max_boxes}")
         if self.subtract_baseline and (self.cam == "score_cam" or (self.cam_layer and "+" in self.cam_layer)):
             raise PipelineError("subtract_baseline takes a single-stage gradient map, not score_cam or fused stages")
+        if self.gate not in GATES:
+            raise PipelineError(f"unknown gate {self.gate!r}: expected one of {list(GATES)}")
         if self.refine < 0:
             raise PipelineError(f"refine must be >= 0, got {self.refine}")
         if not (self.box_margin >= 0.0 and np.isfinite(self.box_margin)):
@@ -190,6 +239,16 @@ class PipelineConfig:
             raise PipelineError(f"unknown mask choice {self.choose!r}: expected one of {list(CHOICES)}")
         if self.choose == "deletion" and self.boxes != "peak":
             raise PipelineError("choose='deletion' tiles the map's peak box: it needs boxes='peak'")
+        if self.peaks < 1:
+            raise PipelineError(f"peaks must be >= 1, got {self.peaks}")
+        if self.peaks > 1 and self.boxes != "peak":
+            raise PipelineError(f"peaks={self.peaks} prompts the map's peaks: it needs boxes='peak'")
+        if (self.peaks > 1) != (self.choose in PEAK_CHOICES):
+            raise PipelineError(f"choose={self.choose!r} with peaks={self.peaks}: peaks > 1 needs a choice among "
+                                f"peaks ({list(PEAK_CHOICES)}), and those need peaks > 1")
+        if not (0.0 < self.peak_separation <= 1.0):
+            raise PipelineError(f"peak_separation must be a fraction of the input side in (0, 1], got "
+                                f"{self.peak_separation}")
         if not self.choice_scales or not all(0.0 < float(v) <= 1.0 for v in self.choice_scales):
             raise PipelineError(f"choice_scales must be fractions in (0, 1], got {self.choice_scales}")
         if not (self.choice_area_penalty >= 0.0 and np.isfinite(self.choice_area_penalty)):
@@ -206,14 +265,15 @@ class PipelineConfig:
         if self.map_flips != "none" and self.subtract_baseline:
             raise PipelineError("map_flips averages maps of flipped inputs; subtract_baseline's stored map is of unflipped "
                                 "inputs: use one")
-        if self.mirror_average and (self.refine or self.choose != "first" or self.map_mask_prompt > 0):
+        if self.mirror_average and (self.refine or self.choose == "deletion" or self.map_mask_prompt > 0):
             raise PipelineError("mirror_average averages the first pass's two views: it takes no refine passes, "
                                 f"choose='deletion' or map_mask_prompt (got refine={self.refine}, "
                                 f"choose={self.choose!r}, map_mask_prompt={self.map_mask_prompt})")
 
     @property
     def num_boxes(self) -> int:
-        return 1 if self.boxes == "peak" else int(self.max_boxes)
+        """The map-derived boxes the map half gives per image (before a choice among peaks)."""
+        return int(self.peaks) if self.boxes == "peak" else int(self.max_boxes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +338,31 @@ def stored_baseline(classifier_meta: dict, config: PipelineConfig) -> np.ndarray
     return np.asarray(loc["baseline"], np.float32)
 
 
+def make_probability(classifier, config: PipelineConfig, normalization: dict, channels: int):
+    """probability_of(classifier_variables, images (B, S, S, 1) float32 in [0, 1]) -> (x the
+    normalised input (B, S, S, channels), logits (B, num_classes) of x as given, probability (B,):
+    P(abnormal), the mean over x and its config.probability_flips views). Not jitted."""
+
+    def probability_of(cvars, images):
+        x = prepare_images(images, normalization, channels)
+        logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
+        prob = probabilities(logits)
+        for axes in camlib.FLIPS[config.probability_flips]:  # test-time flips: the mean over the views
+            prob = prob + probabilities(classifier.apply(cvars, jnp.flip(x, axes), train=False).astype(jnp.float32))
+        return x, logits, prob / (1 + len(camlib.FLIPS[config.probability_flips]))
+
+    return probability_of
+
+
 def make_map_half(classifier, config: PipelineConfig, normalization: dict, channels: int, sam_img_size: int,
                   baseline: np.ndarray | None = None):
     """The classifier's half of the step (not yet jitted): probability, map and map-derived boxes.
 
     map_half(classifier_variables, batch) with batch as `make_step`'s (images, geometry,
-    original_hw, valid, threshold; nothing of SAM's) returns a dict of arrays:
-      logits (B, num_classes); probability (B,); abnormal (B,) bool (valid & p >= threshold);
+    original_hw, valid, threshold, and study_abnormal with config.gate "study"; nothing of SAM's)
+    returns a dict of arrays:
+      logits (B, num_classes); probability (B,); abnormal (B,) bool (valid & p >= threshold, or
+      valid & study_abnormal with config.gate "study");
       cam (B, S, S) in [0, 1] (classifier frame, zero on letterbox padding); peak_input (B, 2) the
       pointing game's peak; boxes_input (B, K, 4) classifier frame; boxes (B, K, 4) original frame
       (clipped); boxes_sam (B, K, 4) SAM frame (grown by config.box_margin, clipped); box_scores
@@ -306,14 +384,12 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
                                    baseline=baseline)[config.cam]
         return getattr(camlib, config.cam)(cam_model, variables, x3, targets, config.cam_layer)
 
+    probability_of = make_probability(classifier, config, normalization, channels)
+
     def map_half(cvars, batch):
-        x = prepare_images(batch["images"], normalization, channels)
-        logits = classifier.apply(cvars, x, train=False).astype(jnp.float32)
-        prob = probabilities(logits)
-        for axes in camlib.FLIPS[config.probability_flips]:  # test-time flips: the mean over the views
-            prob = prob + probabilities(classifier.apply(cvars, jnp.flip(x, axes), train=False).astype(jnp.float32))
-        prob = prob / (1 + len(camlib.FLIPS[config.probability_flips]))
-        abnormal = batch["valid"] & (prob >= batch["threshold"])
+        x, logits, prob = probability_of(cvars, batch["images"])
+        gate = batch["study_abnormal"] if config.gate == "study" else prob >= batch["threshold"]
+        abnormal = batch["valid"] & gate
         b = x.shape[0]
         x3 = x if channels == 3 else jnp.repeat(x[..., :1], 3, axis=-1)
         targets = jnp.full((b,), target, jnp.int32)
@@ -328,6 +404,14 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
             pk = boxlib.peak_boxes(maps, box_side=config.box_side, input_side=side, bounds=content_bounds(geom))
             boxes_in, scores, bvalid = pk.boxes[:, None], pk.scores[:, None], jnp.ones((b, 1), bool)
             out["peaks_input"] = pk.peaks[:, None]
+            if config.peaks > 1:  # the later peaks, each boxed the same way (the first is pk's)
+                pts, vals, ok = boxlib.separated_peaks(maps, config.peaks, config.peak_separation * side)
+                more = boxlib.boxes_around(jnp.nan_to_num(pts[:, 1:]), boxlib.box_side_for(config.box_side, side),
+                                           tuple(maps.shape[1:]), bounds=content_bounds(geom))
+                boxes_in = jnp.concatenate([boxes_in, jnp.where(ok[:, 1:, None], more, 0.0)], axis=1)
+                scores = jnp.concatenate([scores, jnp.where(ok[:, 1:], vals[:, 1:], 0.0)], axis=1)
+                bvalid = jnp.concatenate([bvalid, ok[:, 1:]], axis=1)
+                out["peaks_input"] = jnp.concatenate([out["peaks_input"], pts[:, 1:]], axis=1)
         else:
             tb = boxlib.threshold_boxes(maps, fraction=config.box_fraction, k=config.num_boxes)
             boxes_in, scores, bvalid = tb.boxes, tb.scores, tb.valid
@@ -357,6 +441,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       valid (B,) bool (False for padding);
       threshold () float32: abnormal when probability >= threshold (an input, so changing it does
         not recompile; `Pipeline.prepare` takes it from the config);
+      study_abnormal (B,) bool with config.gate "study": the image's study is called abnormal
+        (then it, not the threshold, decides which images get masks);
       gt_boxes (B, G, 4) float32 original frame and gt_valid (B, G) bool (G may be 0);
       with config.mirror_average also sam_input_sizes (B, 2) int32 (the SAM input content's (h, w))
         and sam_embeddings_mirrored (when `embedded`; else the mirrored images are embedded here).
@@ -463,7 +549,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             where = jnp.zeros(prompts.shape[:2] + (2,), jnp.float32)
             if peaks_in is not None and config.peak_point:
                 peaks_sam = samfn.transform_points(geo.points_to_original(peaks_in, geom), hw, img_size)
-                given = given.at[:, :1].set(bvalid)
+                given = given.at[:, :1].set(bvalid[:, :1])
                 where = where.at[:, :1].set(peaks_sam)
             points, labels = samfn.peak_point_prompts(where, given)
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
@@ -486,6 +572,19 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                 extra["gt_mask_logits_mirrored"] = low_m[:, k:]
             iou = (iou + iou_m) / 2.0
         cam_low, cam_iou, cam_prompts = low[:, :k], iou[:, :k], boxes_sam
+        chosen = {}
+        if config.choose in PEAK_CHOICES and config.choose != "union":
+            scores = peak_choice_scores(config.choose, cam_low, cam_iou, extra.get("mask_logits_mirrored"),
+                                        lambda: map_in_sam_frame(maps, geom, hw, img_size, low_size))
+            scores = jnp.where(bvalid, scores, -jnp.inf)
+            best = jnp.argmax(scores, axis=1)
+            pick = lambda a: jnp.take_along_axis(a, best.reshape((a.shape[0], 1) + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+            cam_low, cam_iou, cam_prompts = pick(cam_low), pick(cam_iou), pick(boxes_sam)
+            if "mask_logits_mirrored" in extra:
+                extra["mask_logits_mirrored"] = pick(extra["mask_logits_mirrored"])
+            chosen = {key: pick(h[key]) for key in ("boxes_input", "boxes", "boxes_sam", "box_scores", "box_valid")}
+            extra.update(choice_scores=scores, choice_index=best.astype(jnp.int32), candidate_boxes=h["boxes"],
+                         candidate_valid=bvalid)
         if config.choose == "deletion":
             plain = probabilities(h["logits"])  # the unflipped input's: the removals are not flipped
             cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, plain, boxes_sam,
@@ -502,7 +601,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                                multimask=multi, prompt_valid=bvalid)
             cam_low, cam_iou = chosen_masks(dec, config.multimask)
         out = {**extra, **{k: h[k] for k in ("logits", "probability", "abnormal", "cam", "peak_input", "boxes_input",
-                                             "boxes", "boxes_sam", "box_scores", "box_valid")},
+                                             "boxes", "boxes_sam", "box_scores", "box_valid")}, **chosen,
                "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
         if point_trained:  # the first pass's point per map prompt (SAM frame) and its label (1 | -1)
             out["points_sam"], out["point_labels"] = points[:, :k, 0], labels[:, :k, 0]
@@ -541,7 +640,8 @@ class Item:
 class ImageResult:
     """Everything the pipeline found for one image, in its original frame (H0, W0).
 
-    probability: P(abnormal). predicted: probability >= threshold. cam: (H0, W0) float32 in [0, 1].
+    probability: P(abnormal). predicted: probability >= threshold (with config.gate "study": its
+    study's mean probability >= threshold), the decision that gave it masks. cam: (H0, W0) float32 in [0, 1].
     boxes (n, 4), box_scores (n,): the valid CAM boxes (none for images judged normal). mask: (H0, W0)
     bool, union of SAM's masks for those boxes. gt_box_mask: (H0, W0) bool from SAM prompted with
     the ground-truth boxes, or None. gt_mask: the ground-truth mask, or None. image: (H0, W0) float32.
@@ -720,6 +820,8 @@ class Pipeline:
         # step takes its embeddings, from here or from the cache.
         self._embed = jax.jit(functools.partial(samfn.embed, sam_model),
                               compiler_options=encoder_compiler_options() or None)
+        self._probability = jax.jit(lambda cvars, images: make_probability(
+            classifier, config, self.normalization, self.channels)(cvars, images)[2])
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
                                        box_mask=self.box_mask_prompt, baseline=self.baseline,
                                        point_trained=self.point_trained, embedded=True,
@@ -734,10 +836,21 @@ class Pipeline:
 
     # -- host-side preparation ------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray], batch_size: int,
-                gt_boxes: Sequence[np.ndarray] | None = None, num_gt: int = 0) -> dict:
+                gt_boxes: Sequence[np.ndarray] | None = None, num_gt: int = 0,
+                study_abnormal: Sequence[bool] | None = None) -> dict:
         """Decoded (H0, W0) float32 [0, 1] images -> the step's batch dict, padded to batch_size.
-        gt_boxes: per image (n_i, 4) original-frame boxes, n_i <= num_gt."""
+        gt_boxes: per image (n_i, 4) original-frame boxes, n_i <= num_gt. study_abnormal: per image,
+        whether its study is called abnormal (`study_decisions`); required with config.gate "study"."""
         n = len(images)
+        if self.config.gate == "study":
+            if study_abnormal is None or len(study_abnormal) != n:
+                raise PipelineError("gate='study': prepare needs study_abnormal, one bool per image "
+                                    "(Pipeline.study_decisions)")
+            gate = np.zeros((batch_size,), bool)
+            gate[:n] = np.asarray(study_abnormal, bool)
+            extra_gate = {"study_abnormal": gate}
+        else:
+            extra_gate = {}
         x, geometry, hw, valid = classifier_inputs(images, self.input_size, self.mode, batch_size)
         sam_in = samfn.preprocess([_to_uint8(im) for im in images], self.sam_img_size, self.sam_preprocessing)
         t = self.sam_img_size
@@ -761,7 +874,7 @@ class Pipeline:
             if self.embeddings is not None:
                 extra["sam_canvases_mirrored"] = [(samfn.mirror_columns(c[None], [hw[1]])[0], hw)
                                                   for c, hw in extra["sam_canvases"]]
-        return {**extra, "images": x, "geometry": geometry, "sam_images": sam_images,
+        return {**extra, **extra_gate, "images": x, "geometry": geometry, "sam_images": sam_images,
                 "original_hw": hw, "valid": valid, "threshold": np.float32(self.config.threshold), "gt_boxes": gb, "gt_valid": gv,
                 "sam_input_sizes": sizes}
 
@@ -844,6 +957,40 @@ class Pipeline:
             mask=mask, mask_iou=out["mask_iou"][index][keep], gt_mask=gt_mask, gt_box_mask=gt_box_mask,
             peak=np.asarray(geo.points_to_original(out["peak_input"][index].astype(np.float64), geom), np.float64))
 
+    def probabilities(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
+        """Decoded (H0, W0) float32 [0, 1] images -> (N,) float32 P(abnormal), as the step gives it
+        (config.probability_flips included), from the classifier alone."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            x, _, _, _ = classifier_inputs(chunk, self.input_size, self.mode, batch_size)
+            out.append(np.asarray(self._probability(self.classifier_variables, x))[:len(chunk)])
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+
+    def study_decisions(self, items: Sequence[Item], batch_size: int = 8) -> dict[str, bool]:
+        """{study: called abnormal}: the mean probability of the study's readable images (as
+        `mskjax.segment` reports a study) >= config.threshold. Unreadable images are left out here
+        (`run` reports them)."""
+        by_study: dict[str, list[float]] = {}
+        pending: list[tuple[Item, np.ndarray]] = []
+
+        def flush():
+            probs = self.probabilities([im for _, im in pending], batch_size)
+            for (it, _), p in zip(pending, probs):
+                by_study.setdefault(it.study, []).append(float(p))
+            pending.clear()
+
+        for it in items:
+            try:
+                pending.append((it, read_item(it)[0]))
+            except (OSError, ValueError):
+                continue
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+        return {s: float(np.mean(v)) >= self.config.threshold for s, v in by_study.items()}
+
     # -- whole runs ----------------------------------------------------------------------------
     def run(self, items: Iterable[Item], batch_size: int = 8, unreadable: list | None = None,
             progress=None) -> Iterator[ImageResult]:
@@ -855,13 +1002,15 @@ class Pipeline:
         """
         items = list(items)
         num_gt = max([len(it.gt_boxes) for it in items] + [0])
+        studies = self.study_decisions(items, batch_size) if self.config.gate == "study" else None
         skipped = unreadable if unreadable is not None else []
         pending: list[tuple[Item, np.ndarray, np.ndarray | None]] = []
         done = 0
 
         def flush():
             batch = self.prepare([im for _, im, _ in pending], batch_size,
-                                 [it.gt_boxes for it, _, _ in pending], num_gt)
+                                 [it.gt_boxes for it, _, _ in pending], num_gt,
+                                 None if studies is None else [studies.get(it.study, False) for it, _, _ in pending])
             out = self.step(batch)
             results = [self.finish(batch, out, i, im, it, gm) for i, (it, im, gm) in enumerate(pending)]
             pending.clear()
@@ -869,10 +1018,7 @@ class Pipeline:
 
         for it in items:
             try:
-                image = decode_image(it.path).image
-                gm = read_mask(it.mask_path, image.shape) if it.mask_path else None
-                if it.gt_boxes:
-                    geo.validate_boxes(np.asarray(it.gt_boxes), image.shape, name=f"ground-truth boxes of {it.path}")
+                image, gm = read_item(it)
             except (OSError, ValueError) as e:  # FileNotFoundError, ImageDecodeError, bad mask/boxes
                 skipped.append(Unreadable(it.path, f"{type(e).__name__}: {e}"))
                 done += 1
@@ -890,6 +1036,16 @@ class Pipeline:
             done += n
         if progress:
             progress(done, len(items))
+
+
+def read_item(it: Item) -> tuple[np.ndarray, np.ndarray | None]:
+    """An item's decoded image (H0, W0) float32 [0, 1] and ground-truth mask (or None); raises
+    OSError / ValueError (a file that cannot be decoded, a bad mask or boxes outside the image)."""
+    image = decode_image(it.path).image
+    gm = read_mask(it.mask_path, image.shape) if it.mask_path else None
+    if it.gt_boxes:
+        geo.validate_boxes(np.asarray(it.gt_boxes), image.shape, name=f"ground-truth boxes of {it.path}")
+    return image, gm
 
 
 class MapPrompter:
@@ -910,6 +1066,8 @@ class MapPrompter:
         if config.boxes != "peak":
             raise PipelineError(f"MapPrompter gives one map box per image: boxes must be 'peak', got {config.boxes!r}")
         self.input_size, self.mode, channels, normalization = classifier_input_settings(classifier_meta)
+        # Every image gets its box: the gate (image or study) plays no part here.
+        config = dataclasses.replace(config, gate="image")
         self.config, self.sam_img_size = config, int(sam_img_size)
         self.variables = jax.tree.map(jnp.asarray, classifier_variables)
         baseline = stored_baseline(classifier_meta, config) if config.subtract_baseline else None
@@ -980,6 +1138,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "CHOICES", "PEAK_CHOICES", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

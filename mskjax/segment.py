@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
+from mskjax.pipeline import BOX_METHODS, CHOICES, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -372,9 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "image (default 0; 4 suits configs/litemedsam_fracatlas.py's decoder, chosen on its tuning split)")
     ap.add_argument("--refine", type=int, default=0,
                     help="extra SAM passes, each prompted with the tight box of the previous pass's mask (default 0)")
-    ap.add_argument("--choose", choices=["first", "deletion"], default="first",
+    ap.add_argument("--choose", choices=list(CHOICES), default="first",
                     help="'deletion': also prompt SAM with sub-boxes of the map's box and keep the mask whose removal "
-                         "lowers the classifier's probability most (less an area penalty); --boxes peak only")
+                         "lowers the classifier's probability most (less an area penalty); --boxes peak only. With "
+                         "--peaks > 1, which peak's mask: union (all), iou (SAM's predicted IoU), confidence (SAM's "
+                         "mean probability inside its mask), map (the map's mean inside the mask)")
+    ap.add_argument("--peaks", type=int, default=1,
+                    help="prompt SAM at the map's N highest peaks, each at least --peak-separation from the others "
+                         "(--boxes peak; N > 1 needs a --choose among peaks)")
+    ap.add_argument("--peak-separation", type=float, default=0.1875,
+                    help="with --peaks > 1: least distance between peaks, a fraction of the classifier's input side "
+                         "(default 0.1875: 24 px at 128)")
     ap.add_argument("--choice-scales", default="1,0.5,0.33",
                     help="with --choose deletion: sub-box sides as fractions of the map's box, comma list")
     ap.add_argument("--choice-area-penalty", type=float, default=1.0,
@@ -397,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(h: left-right; hv: left-right, up-down and both; chosen apart from --map-flips; "
                          "test-time augmentation, one forward pass per view)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
+    ap.add_argument("--gate", choices=["image", "study"], default="image",
+                    help="which images get masks: those whose own probability >= --threshold (image), or every image "
+                         "of a study whose mean probability >= --threshold (study: MURA labels studies)")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
                     help="read SAM's image embeddings from DIR and write the missing ones (mskjax.embedding_cache; "
                          "the trainer's train.embedding_cache_dir), so a second run skips the image encoder")
@@ -442,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 box_side=args.box_side, refine=args.refine,
                                 subtract_baseline=args.subtract_baseline, peak_point=args.peak_point,
                                 multimask=args.multimask, box_margin=args.box_margin, choose=args.choose,
+                                peaks=args.peaks, peak_separation=args.peak_separation,
+                                gate=args.gate,
                                 choice_scales=parse_scales(args.choice_scales),
                                 choice_area_penalty=args.choice_area_penalty,
                                 map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt,

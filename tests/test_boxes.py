@@ -456,3 +456,54 @@ def test_peak_point_is_on_the_plateau_even_when_its_centroid_is_not():
     u = np.zeros((5, 6), np.float32)
     u[3, 4] = 2.0
     np.testing.assert_allclose(np.asarray(B.peak_point(u)), [4.5, 3.5])
+
+
+def test_separated_peaks_are_the_highest_pixels_far_enough_from_every_earlier_peak():
+    m = np.zeros((2, 32, 32), np.float32)
+    m[0, 10, 10] = 1.0
+    m[0, 10, 12] = 0.9   # 2 px from the first: too close at radius 5
+    m[0, 20, 25] = 0.8   # the second
+    m[0, 22, 25] = 0.7   # 2 px from the second: too close
+    m[0, 3, 28] = 0.6    # the third
+    m[1, 5, 5] = 2.0
+    m[1, 5, 6] = 2.0     # a plateau: the first peak is its centroid, (6.0, 5.5)
+    peaks, values, valid = B.separated_peaks(jnp.asarray(m), 3, 5.0)
+    np.testing.assert_allclose(peaks[0], [[10.5, 10.5], [25.5, 20.5], [28.5, 3.5]])
+    np.testing.assert_allclose(values[0], [1.0, 0.8, 0.6])
+    assert valid[0].all()
+    np.testing.assert_allclose(peaks[1, 0], [6.0, 5.5])
+    # The first peak is the one rule's peak (plateau_peak) for any map.
+    rng = np.random.default_rng(0)
+    maps = _blobs(rng, 4, 24, 24)
+    p, v, ok = B.separated_peaks(jnp.asarray(maps), 2, 6.0)
+    np.testing.assert_allclose(p[:, 0], B.plateau_peak(maps))
+    for i in range(4):  # the second: brute force over pixel centres at least 6 px from the first
+        ys, xs = np.mgrid[:24, :24] + 0.5
+        far = np.hypot(xs - float(p[i, 0, 0]), ys - float(p[i, 0, 1])) >= 6.0
+        assert float(v[i, 1]) == maps[i][far].max()
+        assert maps[i, int(p[i, 1, 1]), int(p[i, 1, 0])] == maps[i][far].max()
+
+
+def test_separated_peaks_report_no_peak_where_nothing_is_far_enough():
+    m = np.zeros((1, 8, 8), np.float32)
+    m[0, 4, 4] = 1.0
+    peaks, values, valid = B.separated_peaks(jnp.asarray(m), 2, 20.0)  # every pixel within 20 px
+    assert valid[0].tolist() == [True, False]
+    assert np.isnan(np.asarray(peaks[0, 1])).all() and np.isnan(float(values[0, 1]))
+    nan_map = np.full((1, 8, 8), np.nan, np.float32)
+    _, _, valid = B.separated_peaks(jnp.asarray(nan_map), 2, 1.0)
+    assert not np.asarray(valid).any()
+    with pytest.raises(ValueError, match="k must be"):
+        B.separated_peaks(jnp.asarray(m), 0, 1.0)
+
+
+def test_boxes_around_points_match_peak_boxes_and_stay_inside_bounds():
+    rng = np.random.default_rng(1)
+    maps = _blobs(rng, 3, 40, 40)
+    pk = B.peak_boxes(maps, box_side=12.0)
+    around = B.boxes_around(pk.peaks[:, None], 12.0, (40, 40))
+    np.testing.assert_allclose(around[:, 0], pk.boxes)
+    pts = jnp.asarray([[[1.0, 1.0], [39.0, 20.0]]], jnp.float32)
+    out = np.asarray(B.boxes_around(pts, 10.0, (40, 40), bounds=jnp.asarray([0.0, 0.0, 30.0, 40.0])))
+    np.testing.assert_allclose(out[0], [[0, 0, 10, 10], [20, 15, 30, 25]])
+    assert B.box_side_for(None, 224.0) == 50.0 and B.box_side_for(64.0, 128.0) == 64.0

@@ -715,3 +715,86 @@ def test_probability_flips_average_the_probabilities_of_flipped_inputs(setup, tm
             np.testing.assert_allclose(out[key], base[key], atol=1e-6, err_msg=key)
     with pytest.raises(PipelineError, match="probability_flips"):
         PipelineConfig(probability_flips="v")
+
+
+def test_peaks_prompt_each_separated_peak_and_the_choice_keeps_the_best_scoring_mask(setup):
+    pipe, records, _, _ = setup
+
+    def with_config(**kw):
+        return Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                        pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.0, **kw))
+
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    one = with_config().step(batch)
+    union = with_config(peaks=2, choose="union").step(batch)
+    assert union["mask_logits"].shape[1] == 2 and union["boxes"].shape[1] == 2
+    # The first candidate is the single-peak pipeline's box and mask; the second is boxed the same
+    # way around the map's highest pixel at least 0.1875 x the input side from the first peak.
+    np.testing.assert_allclose(union["boxes"][:, :1], one["boxes"], atol=1e-4)
+    np.testing.assert_allclose(union["mask_logits"][:3, 0], one["mask_logits"][:3, 0], atol=1e-4)
+    side = pipe.input_size
+    pts, _, ok = boxlib.separated_peaks(jnp.asarray(union["cam"]), 2, 0.1875 * side)
+    assert np.asarray(ok[:3, 1]).all() and not union["box_valid"][3].any()
+    centres = (union["boxes_input"][:3, 1, :2] + union["boxes_input"][:3, 1, 2:]) / 2
+    widths = union["boxes_input"][:3, 1, 2] - union["boxes_input"][:3, 1, 0]
+    np.testing.assert_allclose(widths, one["boxes_input"][:3, 0, 2] - one["boxes_input"][:3, 0, 0], atol=1e-4)
+    inside = (np.abs(centres - np.asarray(pts[:3, 1])) < 1e-3).all(axis=1)  # unless slid inside the content
+    assert inside.any()
+    low = union["mask_logits"][:3]
+    on = low > 0
+    confidence = (1 / (1 + np.exp(-low)) * on).sum(axis=(2, 3)) / np.maximum(on.sum(axis=(2, 3)), 1)
+    for rule, expected in (("iou", union["mask_iou"][:3]), ("confidence", confidence), ("map", None)):
+        out = with_config(peaks=2, choose=rule).step(batch)
+        scores, index = out["choice_scores"], out["choice_index"]
+        assert scores.shape == (4, 2) and not np.isfinite(scores[3]).any()
+        if expected is not None:
+            np.testing.assert_allclose(scores[:3], expected, rtol=1e-4, atol=1e-5, err_msg=rule)
+        for i in range(3):
+            assert index[i] == np.argmax(scores[i])
+            np.testing.assert_allclose(out["mask_logits"][i, 0], union["mask_logits"][i, index[i]], atol=1e-4)
+            np.testing.assert_allclose(out["boxes"][i, 0], union["boxes"][i, index[i]], atol=1e-4)
+            np.testing.assert_allclose(out["candidate_boxes"][i], union["boxes"][i], atol=1e-4)
+        assert out["mask_logits"].shape[1] == 1 and out["box_valid"].shape == (4, 1)
+        np.testing.assert_array_equal(out["peak_input"], one["peak_input"])  # the pointing game's peak is the first
+    with pytest.raises(PipelineError, match="needs a choice among peaks"):
+        PipelineConfig(peaks=2)
+    with pytest.raises(PipelineError, match="need peaks > 1"):
+        PipelineConfig(choose="iou")
+    with pytest.raises(PipelineError, match="boxes='peak'"):
+        PipelineConfig(peaks=2, choose="iou", boxes="threshold")
+    with pytest.raises(PipelineError, match="peak_separation"):
+        PipelineConfig(peaks=2, choose="iou", peak_separation=0.0)
+
+
+def test_study_gate_segments_every_image_of_a_study_called_abnormal(setup, tmp_path):
+    pipe, records, _, _ = setup
+    recs = sorted(records, key=lambda r: (r.study, r.path))[:6]
+    items = [Item(r.path, r.study, r.label, r.body_part, r.mask_path, r.boxes) for r in recs]
+    items.append(Item(str(tmp_path / "missing.png"), recs[0].study))  # unreadable: left out of its study's mean
+    probs = pipe.probabilities([decode_image(it.path).image for it in items[:6]], batch_size=4)
+    # The classifier-only pass gives the step's probabilities.
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    step_p = pipe.step(batch)["probability"][:3]
+    np.testing.assert_allclose(pipe.probabilities([decode_image(r.path).image for r in
+                                                   sorted(records, key=lambda r: -r.label)[:3]]), step_p, atol=1e-5)
+    means = {}
+    for it, p in zip(items[:6], probs):
+        means.setdefault(it.study, []).append(float(p))
+    # A threshold between the study means and the image probabilities, so the two gates differ.
+    study_mean = {s: float(np.mean(v)) for s, v in means.items()}
+    thr = float(np.median(list(study_mean.values())))
+    gated = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=thr, gate="study"))
+    assert gated.study_decisions(items, batch_size=4) == {s: m >= thr for s, m in study_mean.items()}
+    unreadable = []
+    results = list(gated.run(items, batch_size=4, unreadable=unreadable))
+    assert [u.path for u in unreadable] == [items[-1].path]
+    for r in results:
+        assert r.predicted == (study_mean[r.item.study] >= thr)
+        if not r.predicted:
+            assert len(r.boxes) == 0 and not r.mask.any()
+    assert len({r.predicted for r in results}) == 2  # both kinds of study present
+    with pytest.raises(PipelineError, match="study_abnormal"):
+        gated.prepare([decode_image(items[0].path).image], 4)
+    with pytest.raises(PipelineError, match="unknown gate"):
+        PipelineConfig(gate="patient")

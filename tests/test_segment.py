@@ -91,6 +91,31 @@ def test_dataset_run_writes_every_output(ckpts, synthetic, tmp_path, capsys):
     assert m["settings"]["pipeline"]["cam"] == "grad_cam" and m["settings"]["classifier_input"]["mode"] == "resize"
 
 
+def test_study_gate_and_peak_choice_from_the_command_line(ckpts, synthetic, tmp_path):
+    cls_dir, sam_dir = ckpts
+    root, victim = synthetic
+    out = tmp_path / "out"
+    plain = tmp_path / "plain"
+    common = ["--classifier", str(cls_dir), "--sam", str(sam_dir), "--dataset", f"synthetic:{root}", "--batch", "8",
+              "--bootstrap", "0", "--no-progress"]
+    assert segment.main([*common, "--out", str(plain)]) == 0
+    rows = _rows(plain / "predictions.csv")
+    # A threshold between the study probabilities, so that both kinds of study are there.
+    thr = float(np.median(sorted({float(r["study_probability"]) for r in rows})))
+    assert segment.main([*common, "--out", str(out), "--gate", "study", "--threshold", f"{thr}", "--peaks", "2",
+                         "--choose", "confidence"]) == 0
+    rows = _rows(out / "predictions.csv")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["settings"]["pipeline"]["gate"] == "study" and m["settings"]["pipeline"]["peaks"] == 2
+    assert {r["predicted"] for r in rows} == {"0", "1"}
+    for r in rows:  # masks follow the study's decision, not the image's own probability
+        assert r["predicted"] == r["study_predicted"] == str(int(float(r["study_probability"]) >= thr))
+        assert (len([b for b in r["boxes"].split(";") if b]) == 1) == (r["predicted"] == "1")
+        if r["predicted"] == "0":
+            assert r["mask_area"] == "0"
+    assert segment.main([*common, "--out", str(tmp_path / "x"), "--peaks", "2"]) == 2
+
+
 def test_images_run_with_threshold_boxes_and_unreadable_files(ckpts, shared_data, tmp_path):
     cls_dir, sam_dir = ckpts
     frac = sorted((shared_data / "fracatlas" / "images").iterdir())[:2]
@@ -181,6 +206,7 @@ def test_demo_plan_skips_finished_stages(tmp_path, capsys):
         assert seg[seg.index("--map-flips") + 1] == config.eval.map_flips  # the classifier config's map
         assert ("--mirror-average" in seg) == demo.MIRROR_AVERAGE
         assert seg[seg.index("--probability-flips") + 1] == demo.PROBABILITY_FLIPS
+        assert seg[seg.index("--gate") + 1] == demo.GATE
     if demo.SAM_CONFIG.is_file():
         assert stages["sam"].missing == ""
         # the SAM stage must ask for the very dataset the data stage writes, or the run refuses it
