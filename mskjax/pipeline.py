@@ -461,6 +461,11 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
       points_sam (B, K, 2) and point_labels (B, K) when point_trained (the first pass's points);
       choice_scores (B, C) float32 (-inf for no candidate) and choice_index (B,) int32 when
       config.choose == "deletion" (C candidates, `mskjax.deletion_choice.candidate_boxes`);
+      with config.peaks = K > 1 and a choice rule (not "union"): choice_scores (B, K) float32
+      (`peak_choice_scores`; -inf for a peak without a box), choice_index (B,) int32,
+      candidate_boxes (B, K, 4) original frame and candidate_valid (B, K); boxes_input, boxes,
+      boxes_sam, box_scores, box_valid, mask_logits (and its mirrored view) are then the chosen
+      peak's (K = 1); with "union" they keep all K peaks;
       mask_logits_mirrored (B, K, L, L) (and gt_mask_logits_mirrored (B, G, L, L)) with
       config.mirror_average: the mirrored view's logits, in the mirrored SAM frame (`finish`
       averages them with mask_logits in the original frame); mask_iou is then the two views' mean.
