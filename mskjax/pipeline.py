@@ -553,9 +553,10 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             given = jnp.zeros(prompts.shape[:2], bool)
             where = jnp.zeros(prompts.shape[:2] + (2,), jnp.float32)
             if peaks_in is not None and config.peak_point:
+                # each peak's box carries its own peak (config.peaks > 1: every one of the K)
                 peaks_sam = samfn.transform_points(geo.points_to_original(peaks_in, geom), hw, img_size)
-                given = given.at[:, :1].set(bvalid[:, :1])
-                where = where.at[:, :1].set(peaks_sam)
+                given = given.at[:, :k].set(bvalid)
+                where = where.at[:, :k].set(jnp.where(bvalid[..., None], peaks_sam, 0.0))
             points, labels = samfn.peak_point_prompts(where, given)
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
                            mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
@@ -610,6 +611,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
         if point_trained:  # the first pass's point per map prompt (SAM frame) and its label (1 | -1)
             out["points_sam"], out["point_labels"] = points[:, :k, 0], labels[:, :k, 0]
+            if chosen:  # the chosen peak's point, as its box
+                out["points_sam"], out["point_labels"] = pick(out["points_sam"]), pick(out["point_labels"])
         if g:
             out["gt_mask_logits"] = low[:, k:]
             out["gt_boxes_sam"] = gt_sam

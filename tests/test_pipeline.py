@@ -353,6 +353,17 @@ def test_peak_point_goes_with_the_peak_box_of_a_point_trained_sam(setup):
                        boxes=jnp.asarray(refined["prompts_sam"][i, 0])[None, None],
                        points=jnp.zeros((1, 1, 1, 2)), point_labels=jnp.full((1, 1, 1), -1, jnp.int32), multimask=False)
     np.testing.assert_allclose(refined["mask_logits"][i, 0], np.asarray(ref["low_res_logits"][0, 0, 0]), atol=2e-3)
+    # Several peaks: each peak's box carries its own peak; the chosen one keeps its point.
+    union = pipeline(peaks=2, choose="union").step(batch)
+    np.testing.assert_array_equal(union["point_labels"][:3], np.ones((3, 2)))
+    np.testing.assert_allclose(union["points_sam"][:, 0], with_point["points_sam"][:, 0], atol=1e-4)
+    for i in range(3):
+        box, pt = union["boxes_sam"][i, 1], union["points_sam"][i, 1]
+        assert box[0] - 1e-3 <= pt[0] <= box[2] + 1e-3 and box[1] - 1e-3 <= pt[1] <= box[3] + 1e-3
+    picked = pipeline(peaks=2, choose="confidence").step(batch)
+    for i in range(3):
+        np.testing.assert_allclose(picked["points_sam"][i, 0], union["points_sam"][i, picked["choice_index"][i]],
+                                   atol=1e-4)
 
 
 def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
