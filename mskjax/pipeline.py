@@ -58,19 +58,31 @@ from mskjax.passes import encoder_compiler_options
 from mskjax.sam_auto import masks_to_boxes
 
 BOX_METHODS = ("peak", "threshold")
-MULTIMASK = ("single", "best_iou")  # PipelineConfig.multimask
+MULTIMASK = ("single", "best_iou", "map")  # PipelineConfig.multimask
 GATES = ("image", "study")  # PipelineConfig.gate
 PEAK_CHOICES = ("union", "iou", "confidence", "map")  # PipelineConfig.choose among peaks > 1 candidates
 CHOICES = ("first", "deletion") + PEAK_CHOICES  # PipelineConfig.choose
 
 
-def chosen_masks(dec: dict, multimask: str) -> tuple[jax.Array, jax.Array]:
+def mean_inside_mask(values: jax.Array, logits: jax.Array) -> jax.Array:
+    """The mean of `values` (broadcast to logits' shape (..., L, L)) over each mask's pixels
+    (logits > 0) -> (...); 0 for an empty mask."""
+    inside = (logits > 0.0).astype(jnp.float32)
+    return jnp.sum(values * inside, axis=(-2, -1)) / jnp.maximum(jnp.sum(inside, axis=(-2, -1)), 1.0)
+
+
+def chosen_masks(dec: dict, multimask: str, map_low: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(low-res logits (B, P, L, L), predicted IoU (B, P)) from `mskjax.sam.decode` output: its only
-    mask ("single"), or of its M masks the one with the highest predicted IoU ("best_iou")."""
+    mask ("single"), or of its M masks the one with the highest predicted IoU ("best_iou"), or the
+    one holding the highest mean map ("map": map_low (B, L, L), the map on SAM's low-res grid,
+    `map_in_sam_frame`, averaged over each mask's pixels; an empty mask scores 0)."""
     low, iou = dec["low_res_logits"], dec["iou_predictions"]
     if multimask == "single":
         return low[:, :, 0], iou[:, :, 0]
-    best = jnp.argmax(iou, axis=-1)  # (B, P)
+    if multimask == "map":
+        best = jnp.argmax(mean_inside_mask(map_low[:, None, None], low), axis=-1)  # (B, P)
+    else:
+        best = jnp.argmax(iou, axis=-1)  # (B, P)
     return (jnp.take_along_axis(low, best[:, :, None, None, None], axis=2)[:, :, 0],
             jnp.take_along_axis(iou, best[:, :, None], axis=2)[:, :, 0])
 
@@ -83,10 +95,7 @@ def peak_choice_scores(rule: str, low: jax.Array, iou: jax.Array, low_mirrored: 
     (B, K, L, L) the mirrored view's logits or None; map_low a callable giving the map on SAM's
     low-res grid (B, L, L) (`map_in_sam_frame`; called only for rule "map"). A mask with no pixel
     (no logit > 0) scores 0 under "confidence" and "map"."""
-    def mean_over_mask(values, logits):
-        inside = (logits > 0.0).astype(jnp.float32)
-        return jnp.sum(values * inside, axis=(-2, -1)) / jnp.maximum(jnp.sum(inside, axis=(-2, -1)), 1.0)
-
+    mean_over_mask = mean_inside_mask
     if rule == "iou":
         return iou.astype(jnp.float32)
     if rule == "confidence":
@@ -133,9 +142,11 @@ class PipelineConfig:
       leaves the point out (a padding point instead). Ground-truth boxes, refine passes and
       "threshold" boxes always get the padding point from such a SAM (as it was trained for tight
       boxes). No effect on a SAM trained without points.
-    multimask: "single" (SAM's single-mask output, as the project's SAMs are trained) or "best_iou"
+    multimask: "single" (SAM's single-mask output, as the project's SAMs are trained), "best_iou"
       (SAM's three multimask outputs, the one with the highest predicted IoU: SAM's own choice for
-      an ambiguous prompt), for every prompt and pass.
+      an ambiguous prompt) or "map" (of the three, the one holding the highest mean of the
+      classifier's map, sampled on SAM's low-res grid: its agreement with the map), for every prompt
+      and pass. "map" takes no mirror_average (the mirrored view's masks would need the map mirrored).
     box_margin: grow every box SAM is first prompted with (map-derived and ground-truth) by this
       many original-frame pixels on each side, clipped to the image. A decoder fine-tuned on
       outward-jittered boxes (MedSAM's recipe) expects boxes a little larger than tight ones.
@@ -235,6 +246,8 @@ class PipelineConfig:
             raise PipelineError(f"box_margin must be a finite number >= 0, got {self.box_margin}")
         if self.multimask not in MULTIMASK:
             raise PipelineError(f"unknown multimask choice {self.multimask!r}: expected one of {list(MULTIMASK)}")
+        if self.multimask == "map" and self.mirror_average:
+            raise PipelineError("multimask='map' chooses by the map in the first view's frame: not with mirror_average")
         if self.choose not in CHOICES:
             raise PipelineError(f"unknown mask choice {self.choose!r}: expected one of {list(CHOICES)}")
         if self.choose == "deletion" and self.boxes != "peak":
@@ -481,7 +494,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         raise PipelineError("map_trained: a SAM trained on maps takes them as its dense prompt (box_mask must be True)")
     multi = config.multimask != "single"
 
-    def choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam, bvalid, geom, hw):
+    def choose_by_deletion(cvars, svars, emb, batch, prob, boxes_sam, bvalid, geom, hw, map_low):
         """The peak box's candidates (sub-boxes), their masks, and the one whose removal costs the
         classifier most (PipelineConfig.choose == "deletion"); (low (B, 1, L, L), iou (B, 1),
         prompts (B, 1, 4), outputs "choice_scores" (B, C) and "choice_index" (B,))."""
@@ -494,7 +507,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             pts, lbl = samfn.padding_point_prompts((b, c))
         dec = samfn.decode(sam_model, svars, emb, boxes=cands, points=pts, point_labels=lbl, mask_input=mi,
                            multimask=multi, prompt_valid=cvalid)
-        low, iou = chosen_masks(dec, config.multimask)
+        low, iou = chosen_masks(dec, config.multimask, map_low)
         inside = dchoice.logits_in_input_frame(low, geom, hw, img_size) > 0.0
         inside = inside & content_mask(geom)[:, None]
         s = inside.shape[-1]
@@ -513,6 +526,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         h = map_half(cvars, batch)
         prob, maps, geom, hw = h["probability"], h["cam"], batch["geometry"], batch["original_hw"]
         boxes_in, boxes_sam, bvalid, peaks_in = h["boxes_input"], h["boxes_sam"], h["box_valid"], h.get("peaks_input")
+        map_low = (map_in_sam_frame(maps, geom, hw, img_size, sam_model.config.low_res_size)
+                   if config.multimask == "map" else None)  # for the choice among SAM's multimask outputs
         grow = jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32) * config.box_margin
         valid = batch["valid"]
         emb = batch["sam_embeddings"] if embedded else samfn.embed(sam_model, svars, batch["sam_images"])
@@ -560,7 +575,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             points, labels = samfn.peak_point_prompts(where, given)
         dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
                            mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
-        low, iou = chosen_masks(dec, config.multimask)
+        low, iou = chosen_masks(dec, config.multimask, map_low)
         extra = {}
         if config.mirror_average:  # the same prompts on the mirrored image; averaged in `finish`
             w = batch["sam_input_sizes"][:, 1]
@@ -594,7 +609,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         if config.choose == "deletion":
             plain = probabilities(h["logits"])  # the unflipped input's: the removals are not flipped
             cam_low, cam_iou, cam_prompts, extra = choose_by_deletion(cvars, svars, emb, batch, plain, boxes_sam,
-                                                                      bvalid, geom, hw)
+                                                                      bvalid, geom, hw, map_low)
         for _ in range(config.refine):
             # The tight box of the mask in the SAM input frame, at the upscaled logits' resolution.
             tight, nonempty_mask = masks_to_boxes(samfn.upscale_logits(cam_low, img_size) > 0.0)
@@ -605,7 +620,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                 pts, lbl = samfn.padding_point_prompts(cam_prompts.shape[:2])
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
                                multimask=multi, prompt_valid=bvalid)
-            cam_low, cam_iou = chosen_masks(dec, config.multimask)
+            cam_low, cam_iou = chosen_masks(dec, config.multimask, map_low)
         out = {**extra, **{k: h[k] for k in ("logits", "probability", "abnormal", "cam", "peak_input", "boxes_input",
                                              "boxes", "boxes_sam", "box_scores", "box_valid")}, **chosen,
                "mask_logits": cam_low, "mask_iou": cam_iou, "prompts_sam": cam_prompts}
@@ -1146,6 +1161,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "CHOICES", "PEAK_CHOICES", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "CHOICES", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, CHOICES, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
+from mskjax.pipeline import BOX_METHODS, CHOICES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -364,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peak-point", dest="peak_point", action="store_false",
                     help="with a SAM trained with peak points (configs/sam_synthetic_map_points.py), leave the "
                          "map's peak out of its prompt (a padding point instead)")
-    ap.add_argument("--multimask", choices=["single", "best_iou"], default="single",
+    ap.add_argument("--multimask", choices=list(MULTIMASK), default="single",
                     help="SAM's single-mask output (default), or its three masks and the one with the highest "
-                         "predicted IoU (best_iou)")
+                         "predicted IoU (best_iou) or the highest mean map inside it (map; not with --mirror-average)")
     ap.add_argument("--box-margin", type=float, default=0.0,
                     help="grow every box SAM is prompted with by this many original pixels per side, clipped to the "
                          "image (default 0; 4 suits configs/litemedsam_fracatlas.py's decoder, chosen on its tuning split)")

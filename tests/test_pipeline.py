@@ -388,6 +388,30 @@ def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
         PipelineConfig(multimask="largest")
 
 
+def test_multimask_map_takes_the_mask_holding_the_most_map(setup):
+    from mskjax.pipeline import map_in_sam_frame
+    pipe, records, _, _ = setup
+    multi = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=-1.0, multimask="map"))
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    out = multi.step(batch)
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[:3], boxes=jnp.asarray(out["boxes_sam"][:3]),
+                       multimask=True)
+    low = np.asarray(ref["low_res_logits"])[:, 0]  # (3, M, L, L)
+    g = batch["geometry"]
+    map_low = np.asarray(map_in_sam_frame(jnp.asarray(out["cam"]), g, jnp.asarray(batch["original_hw"]),
+                                          pipe.sam_img_size, pipe.sam_model.config.low_res_size))[:3]
+    inside = low > 0
+    mean_map = (map_low[:, None] * inside).sum(axis=(2, 3)) / np.maximum(inside.sum(axis=(2, 3)), 1)
+    best = mean_map.argmax(axis=1)
+    for i in range(3):
+        np.testing.assert_allclose(out["mask_logits"][i, 0], low[i, best[i]], atol=2e-3)
+    with pytest.raises(PipelineError, match="mirror_average"):
+        PipelineConfig(multimask="map", mirror_average=True)
+
+
 def test_box_margin_grows_every_first_prompt_inside_the_image(setup):
     pipe, records, cls_dir, sam_dir = setup
     _, _, batch = _batch_of(pipe, records, 3, 4)
