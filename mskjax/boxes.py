@@ -208,8 +208,8 @@ def separated_peaks(maps, k: int, radius: float) -> tuple[jax.Array, jax.Array, 
     maps (B, H, W) float (or (H, W)), one map per image in its own pixel frame. The first peak is
     `plateau_peak` (the one rule: the first maximum's plateau centroid); each later one is the
     centre (col + 0.5, row + 0.5) of the highest pixel (first in row-major order on ties; NaN and
-    -inf pixels are never candidates) whose centre lies at least `radius` from every earlier peak: the map's next separate
-    candidate for where the abnormality is.
+    -inf pixels are never candidates) whose centre lies at least `radius` from every earlier peak:
+    the map's next separate candidate for where the abnormality is.
 
     Returns (peaks (B, k, 2) float32 (x, y), values (B, k) float32 the map there (the maximum for
     the first), valid (B, k) bool: False where no finite pixel is far enough (the peak is then

@@ -1161,6 +1161,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "CHOICES", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "CHOICES", "GATES", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
            "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]

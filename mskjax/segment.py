@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, CHOICES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
+from mskjax.pipeline import BOX_METHODS, CHOICES, GATES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(h: left-right; hv: left-right, up-down and both; chosen apart from --map-flips; "
                          "test-time augmentation, one forward pass per view)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
-    ap.add_argument("--gate", choices=["image", "study"], default="image",
+    ap.add_argument("--gate", choices=list(GATES), default="image",
                     help="which images get masks: those whose own probability >= --threshold (image), or every image "
                          "of a study whose mean probability >= --threshold (study: MURA labels studies)")
     ap.add_argument("--embedding-cache", default=None, metavar="DIR",
