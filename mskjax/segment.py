@@ -183,6 +183,8 @@ def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstr
         name = output_name(len(results), r.item.path)
         m = image_measures(r)
         label = "abnormal" if r.predicted else "normal"
+        if pipe.config.gate == "study":  # the decision that gave it masks is its study's
+            label += " (its study's mean)"
         lines = [f"p(abnormal) = {r.probability:.3f}  ->  {label}"]
         if r.item.label is not None:
             lines[0] += f"   (truth: {'abnormal' if r.item.label else 'normal'})"
