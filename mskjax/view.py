@@ -632,7 +632,7 @@ def viewer_config(args, cam: str, cam_layer: str | None, sam_meta: dict, map_fli
     other than the trained one gets the plain box prompt (`fit_map_prompt`). map_flips: the map's
     (`default_map_flips`), where no map-trained SAM decides it."""
     config = PipelineConfig(cam=cam, cam_layer=cam_layer, boxes=args.boxes, threshold=args.threshold,
-                            map_flips=map_flips)
+                            map_flips=map_flips, probability_flips=getattr(args, "probability_flips", "none"))
     return fit_map_prompt(trained_map_config(config, sam_meta, map_too=args.cam is None), sam_meta)
 
 
@@ -647,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "feature map)")
     ap.add_argument("--boxes", default="peak", help="box method: peak or threshold")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when P >= threshold")
+    ap.add_argument("--probability-flips", choices=list(camlib.FLIPS), default="none",
+                    help="P as the mean of the classifier's probabilities of the image and its flips (h: left-right; "
+                         "hv: left-right, up-down and both), as `mskjax.segment --probability-flips` (the demo: hv)")
     return ap
 
 

@@ -289,3 +289,8 @@ def test_viewer_config_takes_a_map_trained_sams_map_and_box():
     assert other.cam == "grad_cam" and other.box_side == 64.0 and other.map_prompt is False
     plain = viewer_config(args, "grad_cam", None, {})
     assert plain == PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.5)
+    from mskjax.view import build_parser
+    parsed = build_parser().parse_args(["--classifier", "c", "--sam", "s", "--probability-flips", "hv"])
+    assert viewer_config(parsed, "grad_cam", None, {}).probability_flips == "hv"
+    assert viewer_config(build_parser().parse_args(["--classifier", "c", "--sam", "s"]), "grad_cam", None,
+                         {}).probability_flips == "none"
