@@ -92,19 +92,18 @@ def peak_choice_scores(rule: str, low: jax.Array, iou: jax.Array, low_mirrored: 
     """(B, K) float32 scores of K candidate masks for PipelineConfig.choose = rule (higher is kept).
 
     low (B, K, L, L) SAM low-res logits (SAM input frame); iou (B, K) predicted IoU; low_mirrored
-    (B, K, L, L) the mirrored view's logits or None; map_low a callable giving the map on SAM's
-    low-res grid (B, L, L) (`map_in_sam_frame`; called only for rule "map"). A mask with no pixel
-    (no logit > 0) scores 0 under "confidence" and "map"."""
-    mean_over_mask = mean_inside_mask
+    (B, K, L, L) the mirrored view's logits or None; map_low the map on SAM's low-res grid
+    (B, L, L) (`map_in_sam_frame`; needed only for rule "map"). A mask with no pixel (no logit > 0)
+    scores 0 under "confidence" and "map"."""
     if rule == "iou":
         return iou.astype(jnp.float32)
     if rule == "confidence":
-        conf = mean_over_mask(jax.nn.sigmoid(low), low)
+        conf = mean_inside_mask(jax.nn.sigmoid(low), low)
         if low_mirrored is not None:  # each view's own mask; a mean of frame-free numbers
-            conf = (conf + mean_over_mask(jax.nn.sigmoid(low_mirrored), low_mirrored)) / 2.0
+            conf = (conf + mean_inside_mask(jax.nn.sigmoid(low_mirrored), low_mirrored)) / 2.0
         return conf
     if rule == "map":
-        return mean_over_mask(map_low()[:, None], low)
+        return mean_inside_mask(map_low[:, None], low)
     raise PipelineError(f"no score for choice {rule!r}")
 
 
@@ -524,10 +523,13 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
 
     def step(cvars, svars, batch):
         h = map_half(cvars, batch)
-        prob, maps, geom, hw = h["probability"], h["cam"], batch["geometry"], batch["original_hw"]
+        maps, geom, hw = h["cam"], batch["geometry"], batch["original_hw"]
         boxes_in, boxes_sam, bvalid, peaks_in = h["boxes_input"], h["boxes_sam"], h["box_valid"], h.get("peaks_input")
-        map_low = (map_in_sam_frame(maps, geom, hw, img_size, sam_model.config.low_res_size)
-                   if config.multimask == "map" else None)  # for the choice among SAM's multimask outputs
+        # The map on SAM's low-res grid, once, for whatever reads it: the multimask and peak choices
+        # by the map and the thresholded map's mask prompt.
+        needs_map_low = (config.multimask == "map" or config.choose == "map"
+                         or (box_mask and config.map_mask_prompt > 0))
+        map_low = map_in_sam_frame(maps, geom, hw, img_size, sam_model.config.low_res_size) if needs_map_low else None
         grow = jnp.asarray([-1.0, -1.0, 1.0, 1.0], jnp.float32) * config.box_margin
         valid = batch["valid"]
         emb = batch["sam_embeddings"] if embedded else samfn.embed(sam_model, svars, batch["sam_images"])
@@ -557,8 +559,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
 
         mask_input = box_dense_prompts(prompts)
         if box_mask and config.map_mask_prompt > 0:  # the map's box: only where the map is high
-            in_low = map_in_sam_frame(maps, geom, hw, img_size, low_size)  # (B, L, L)
-            high = in_low >= config.map_mask_prompt * jnp.max(in_low, axis=(1, 2), keepdims=True)
+            high = map_low >= config.map_mask_prompt * jnp.max(map_low, axis=(1, 2), keepdims=True)
             cov = samfn.box_coverage(prompts[:, :k], img_size, low_size)
             mask_input = mask_input.at[:, :k].set(
                 samfn.BOX_MASK_LOGIT * (2.0 * cov * high[:, None].astype(jnp.float32) - 1.0))
@@ -596,7 +597,7 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
         chosen = {}
         if config.choose in PEAK_CHOICES and config.choose != "union":
             scores = peak_choice_scores(config.choose, cam_low, cam_iou, extra.get("mask_logits_mirrored"),
-                                        lambda: map_in_sam_frame(maps, geom, hw, img_size, low_size))
+                                        map_low)
             scores = jnp.where(bvalid, scores, -jnp.inf)
             best = jnp.argmax(scores, axis=1)
             pick = lambda a: jnp.take_along_axis(a, best.reshape((a.shape[0], 1) + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
@@ -843,8 +844,8 @@ class Pipeline:
         # step takes its embeddings, from here or from the cache.
         self._embed = jax.jit(functools.partial(samfn.embed, sam_model),
                               compiler_options=encoder_compiler_options() or None)
-        self._probability = jax.jit(lambda cvars, images: make_probability(
-            classifier, config, self.normalization, self.channels)(cvars, images)[2])
+        probability_of = make_probability(classifier, config, self.normalization, self.channels)
+        self._probability = jax.jit(lambda cvars, images: probability_of(cvars, images)[2])
         self._step = jax.jit(make_step(classifier, sam_model, config, self.normalization, self.channels,
                                        box_mask=self.box_mask_prompt, baseline=self.baseline,
                                        point_trained=self.point_trained, embedded=True,
@@ -994,13 +995,13 @@ class Pipeline:
         """{study: called abnormal}: the mean probability of the study's readable images (as
         `mskjax.segment` reports a study) >= config.threshold. Unreadable images are left out here
         (`run` reports them)."""
-        by_study: dict[str, list[float]] = {}
+        studies: list[str] = []
+        probs: list[float] = []
         pending: list[tuple[Item, np.ndarray]] = []
 
         def flush():
-            probs = self.probabilities([im for _, im in pending], batch_size)
-            for (it, _), p in zip(pending, probs):
-                by_study.setdefault(it.study, []).append(float(p))
+            probs.extend(float(p) for p in self.probabilities([im for _, im in pending], batch_size))
+            studies.extend(it.study for it, _ in pending)
             pending.clear()
 
         for it in items:
@@ -1012,7 +1013,7 @@ class Pipeline:
                 flush()
         if pending:
             flush()
-        return {s: float(np.mean(v)) >= self.config.threshold for s, v in by_study.items()}
+        return {s: p >= self.config.threshold for s, p in study_probabilities(studies, probs).items()}
 
     # -- whole runs ----------------------------------------------------------------------------
     def run(self, items: Iterable[Item], batch_size: int = 8, unreadable: list | None = None,
@@ -1059,6 +1060,15 @@ class Pipeline:
             done += n
         if progress:
             progress(done, len(items))
+
+
+def study_probabilities(studies: Sequence[str], probabilities: Sequence[float]) -> dict[str, float]:
+    """{study: the mean of its images' probabilities}: a study's probability, the one rule for
+    `mskjax.segment`'s study-level figures and PipelineConfig.gate "study"."""
+    by_study: dict[str, list[float]] = {}
+    for s, p in zip(studies, probabilities):
+        by_study.setdefault(s, []).append(float(p))
+    return {s: float(np.mean(v)) for s, v in by_study.items()}
 
 
 def read_item(it: Item) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1163,4 +1173,4 @@ def describe(pipe: Pipeline) -> dict:
 
 __all__ = ["BOX_METHODS", "CHOICES", "GATES", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
-           "make_map_half", "make_step", "map_prompt_settings", "read_mask", "stored_baseline"]
+           "make_map_half", "make_step", "map_prompt_settings", "read_mask", "read_item", "stored_baseline", "study_probabilities"]

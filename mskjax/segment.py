@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, CHOICES, GATES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe
+from mskjax.pipeline import BOX_METHODS, CHOICES, GATES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe, study_probabilities
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -205,10 +205,7 @@ def run(pipe, items, out_dir: str | os.PathLike, *, batch_size: int = 8, bootstr
 
     # Study-level decisions: mean of the study's image probabilities.
     thr = pipe.config.threshold
-    by_study: dict[str, list[float]] = {}
-    for r in results:
-        by_study.setdefault(r.item.study, []).append(r.probability)
-    study_p = {s: float(np.mean(v)) for s, v in by_study.items()}
+    study_p = study_probabilities([r.item.study for r in results], [r.probability for r in results])
 
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)

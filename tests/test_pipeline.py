@@ -366,16 +366,23 @@ def test_peak_point_goes_with_the_peak_box_of_a_point_trained_sam(setup):
                                    atol=1e-4)
 
 
-def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
-    pipe, records, cls_dir, sam_dir = setup
+def _multimask_step_and_reference(pipe, records, rule):
+    """A 3-image batch (every image abnormal) through a multimask=rule pipeline; its outputs, the
+    batch, and SAM's three masks for the same map boxes decoded directly (the reference)."""
     multi = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
-                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.5, multimask="best_iou"))
+                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=0.5, multimask=rule))
     _, _, batch = _batch_of(pipe, records, 3, 4)
     batch["threshold"] = np.float32(-1.0)
     out = multi.step(batch)
     emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
     ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[:3], boxes=jnp.asarray(out["boxes_sam"][:3]),
                        multimask=True)
+    return out, batch, ref
+
+
+def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
+    pipe, records, cls_dir, sam_dir = setup
+    out, _, ref = _multimask_step_and_reference(pipe, records, "best_iou")
     iou, low = np.asarray(ref["iou_predictions"]), np.asarray(ref["low_res_logits"])
     assert low.shape[2] == 3
     best = iou.argmax(-1)
@@ -391,14 +398,7 @@ def test_multimask_best_iou_takes_the_mask_sam_rates_highest(setup):
 def test_multimask_map_takes_the_mask_holding_the_most_map(setup):
     from mskjax.pipeline import map_in_sam_frame
     pipe, records, _, _ = setup
-    multi = Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
-                     pipe.sam_variables, pipe.sam_meta, PipelineConfig(threshold=-1.0, multimask="map"))
-    _, _, batch = _batch_of(pipe, records, 3, 4)
-    batch["threshold"] = np.float32(-1.0)
-    out = multi.step(batch)
-    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
-    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb[:3], boxes=jnp.asarray(out["boxes_sam"][:3]),
-                       multimask=True)
+    out, batch, ref = _multimask_step_and_reference(pipe, records, "map")
     low = np.asarray(ref["low_res_logits"])[:, 0]  # (3, M, L, L)
     g = batch["geometry"]
     map_low = np.asarray(map_in_sam_frame(jnp.asarray(out["cam"]), g, jnp.asarray(batch["original_hw"]),
