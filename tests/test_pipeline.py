@@ -185,8 +185,9 @@ def test_per_image_normalisation_reaches_the_classifier(setup, tmp_path):
 def test_normal_images_get_no_mask_and_threshold_needs_no_recompile(setup):
     pipe, records, _, _ = setup
     _, _, batch = _batch_of(pipe, records, 2, 4)
-    batch["threshold"] = np.float32(2.0)  # nothing reaches it
+    pipe.step(dict(batch, threshold=np.float32(0.5)))  # compiled here, whatever ran before on this worker
     before = pipe._step._cache_size()
+    batch["threshold"] = np.float32(2.0)  # nothing reaches it
     out = pipe.step(batch)
     assert pipe._step._cache_size() == before
     assert not out["abnormal"].any() and not out["box_valid"].any()
