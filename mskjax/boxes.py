@@ -243,6 +243,45 @@ def separated_peaks(maps, k: int, radius: float) -> tuple[jax.Array, jax.Array, 
     return _unbatch(out, single)
 
 
+@functools.partial(jax.jit, static_argnames=("n", "grid"))
+def lowest_points(maps, boxes, n: int, grid: int = 5, allowed=None) -> tuple[jax.Array, jax.Array]:
+    """The n places inside each box where the map is lowest: SAM's negative points from a map.
+
+    maps (B, H, W) float, one map per image in its own pixel frame; boxes (B, K, 4) float
+    (x0, y0, x1, y1) in the same frame (continuous pixels); allowed (B, H, W) bool or None: the
+    pixels a point may fall on (e.g. image content, not letterbox padding). Candidates are the
+    centres of a grid x grid tiling of each box, each read at the pixel holding it (clipped to the
+    map); NaN and disallowed candidates are never chosen.
+
+    Returns points (B, K, n, 2) float32 (x, y) in the map's frame, lowest first (the first in
+    row-major grid order on ties), and valid (B, K, n) bool: False where fewer than n candidates
+    are allowed (the point is then (NaN, NaN)).
+    """
+    if n < 1 or grid < 1 or n > grid * grid:
+        raise ValueError(f"need 1 <= n <= grid * grid; got n={n}, grid={grid}")
+    maps = jnp.asarray(maps)
+    b, h, w = maps.shape
+    boxes = jnp.asarray(boxes, jnp.float32)
+    t = (jnp.arange(grid, dtype=jnp.float32) + 0.5) / grid  # cell centres as fractions of the side
+    xs = boxes[..., 0, None] + t * (boxes[..., 2, None] - boxes[..., 0, None])  # (B, K, g)
+    ys = boxes[..., 1, None] + t * (boxes[..., 3, None] - boxes[..., 1, None])
+    gx = jnp.broadcast_to(xs[..., None, :], xs.shape[:2] + (grid, grid)).reshape(xs.shape[:2] + (grid * grid,))
+    gy = jnp.broadcast_to(ys[..., :, None], ys.shape[:2] + (grid, grid)).reshape(ys.shape[:2] + (grid * grid,))
+    col = jnp.clip(jnp.floor(gx), 0, w - 1).astype(jnp.int32)
+    row = jnp.clip(jnp.floor(gy), 0, h - 1).astype(jnp.int32)
+    flat_idx = (row * w + col).reshape(b, -1)
+    values = jnp.take_along_axis(maps.reshape(b, h * w), flat_idx, axis=1).reshape(gx.shape).astype(jnp.float32)
+    ok = ~jnp.isnan(values)
+    if allowed is not None:
+        ok = ok & jnp.take_along_axis(jnp.asarray(allowed, bool).reshape(b, h * w), flat_idx, axis=1).reshape(gx.shape)
+    # top_k keeps the first of equal keys: ties go to the earlier grid cell.
+    key = jnp.where(ok, -values, -jnp.inf)
+    _, order = jax.lax.top_k(key, n)  # (B, K, n)
+    valid = jnp.take_along_axis(ok, order, axis=-1)
+    pts = jnp.stack([jnp.take_along_axis(gx, order, axis=-1), jnp.take_along_axis(gy, order, axis=-1)], axis=-1)
+    return jnp.where(valid[..., None], pts, jnp.nan).astype(jnp.float32), valid
+
+
 def _frame_scale(raw_hw, out_hw):
     h, w = raw_hw
     oh, ow = int(out_hw[0]), int(out_hw[1])

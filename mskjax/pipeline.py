@@ -62,6 +62,7 @@ MULTIMASK = ("single", "best_iou", "map")  # PipelineConfig.multimask
 GATES = ("image", "study")  # PipelineConfig.gate
 PEAK_CHOICES = ("union", "iou", "confidence", "map")  # PipelineConfig.choose among peaks > 1 candidates
 CHOICES = ("first", "deletion") + PEAK_CHOICES  # PipelineConfig.choose
+MAP_POINTS = ("none", "peak", "negative", "peak_negative")  # PipelineConfig.map_points
 
 
 def mean_inside_mask(values: jax.Array, logits: jax.Array) -> jax.Array:
@@ -200,6 +201,16 @@ class PipelineConfig:
       prompts alike; the classifier and its map are not mirrored. Twice SAM's encoder work. Not
       with refine passes, choose="deletion" or map_mask_prompt (which act on one view's masks or
       low-res grid).
+    map_points: point prompts from the map beside each map-derived box, for a SAM trained without
+      points of its own recipe (not one trained with `data.peak_point`, whose point rule is
+      peak_point): "none"; "peak" (the map's peak, a positive point); "negative" (negative_points
+      negative points where the map is lowest inside the box, `mskjax.boxes.lowest_points` on a
+      5 x 5 grid, image content only); "peak_negative" (both). SAM's prompt encoder was trained
+      with positive and negative clicks; a box alone leaves it to guess which structure in a loose
+      box is meant. Ground-truth boxes get no points (decoded apart, so their masks are those of a
+      box alone); refine passes keep the first pass's points. "peak" boxes only; not with
+      choose="deletion".
+    negative_points: how many negative points map_points "negative" / "peak_negative" gives (1..25).
     """
 
     cam: str = "grad_cam"
@@ -225,6 +236,8 @@ class PipelineConfig:
     map_flips: str = "none"
     mirror_average: bool = False
     probability_flips: str = "none"
+    map_points: str = "none"
+    negative_points: int = 2
 
     def __post_init__(self):
         if self.cam not in camlib.METHODS:
@@ -281,6 +294,20 @@ class PipelineConfig:
             raise PipelineError("mirror_average averages the first pass's two views: it takes no refine passes, "
                                 f"choose='deletion' or map_mask_prompt (got refine={self.refine}, "
                                 f"choose={self.choose!r}, map_mask_prompt={self.map_mask_prompt})")
+
+        if self.map_points not in MAP_POINTS:
+            raise PipelineError(f"unknown map_points {self.map_points!r}: expected one of {list(MAP_POINTS)}")
+        if self.map_points != "none" and (self.boxes != "peak" or self.choose == "deletion"):
+            raise PipelineError(f"map_points={self.map_points!r} puts the map's points beside its peak boxes: it needs "
+                                f"boxes='peak' and no choose='deletion' (got boxes={self.boxes!r}, "
+                                f"choose={self.choose!r})")
+        if not 1 <= self.negative_points <= 25:
+            raise PipelineError(f"negative_points must be in 1..25 (a 5 x 5 grid), got {self.negative_points}")
+
+    @property
+    def num_map_points(self) -> int:
+        """Point tokens per map-derived box that map_points adds (0 for "none")."""
+        return (("peak" in self.map_points) + ("negative" in self.map_points) * int(self.negative_points))
 
     @property
     def num_boxes(self) -> int:
@@ -438,6 +465,31 @@ def make_map_half(classifier, config: PipelineConfig, normalization: dict, chann
     return map_half
 
 
+def map_point_prompts(config: PipelineConfig, maps, boxes_in, peaks_in, box_valid, geom: geo.Geometry, hw,
+                      img_size: int) -> tuple[jax.Array, jax.Array]:
+    """`PipelineConfig.map_points`' point prompts for the map-derived boxes, in SAM's input frame.
+
+    maps (B, S, S) the map in the classifier input frame; boxes_in (B, K, 4) and peaks_in (B, K, 2)
+    the map-derived boxes and their peaks in that frame; box_valid (B, K); hw (B, 2) original
+    (H, W). Returns points (B, K, N, 2) float32 (x, y) and labels (B, K, N) int32: the peak first
+    (1, positive) for "peak" / "peak_negative", then negative_points negatives (0) where the map is
+    lowest inside the box (`mskjax.boxes.lowest_points`, image content only); -1 (SAM's padding
+    token, at (0, 0)) for every point of an invalid box and for a negative with no place."""
+    pts, lbl = [], []
+    if "peak" in config.map_points:
+        pts.append(peaks_in[:, :, None, :])
+        lbl.append(jnp.ones(box_valid.shape + (1,), jnp.int32))
+    if "negative" in config.map_points:
+        neg, ok = boxlib.lowest_points(maps, boxes_in, int(config.negative_points), allowed=content_mask(geom))
+        pts.append(neg)
+        lbl.append(jnp.where(ok, 0, -1).astype(jnp.int32))
+    lbl = jnp.where(box_valid[..., None], jnp.concatenate(lbl, axis=2), -1)
+    given = (lbl >= 0)[..., None]
+    pts = jnp.where(given, jnp.concatenate(pts, axis=2), 0.0)
+    sam = samfn.transform_points(geo.points_to_original(pts, geom), hw, img_size)
+    return jnp.where(given, sam, 0.0).astype(jnp.float32), lbl
+
+
 def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict, channels: int,
               box_mask: bool = False, baseline: np.ndarray | None = None, point_trained: bool = False,
               embedded: bool = False, map_trained: bool = False):
@@ -489,6 +541,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
     config.map_prompt the map-derived box's dense prompt is the map inside it (needs box_mask).
     """
     img_size = sam_model.config.img_size
+    if point_trained and config.map_points != "none":
+        raise PipelineError(f"map_points={config.map_points!r}: this SAM was trained with data.peak_point and takes "
+                            "its own point (PipelineConfig.peak_point)")
     if map_trained and not box_mask:
         raise PipelineError("map_trained: a SAM trained on maps takes them as its dense prompt (box_mask must be True)")
     multi = config.multimask != "single"
@@ -574,8 +629,26 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
                 given = given.at[:, :k].set(bvalid)
                 where = where.at[:, :k].set(jnp.where(bvalid[..., None], peaks_sam, 0.0))
             points, labels = samfn.peak_point_prompts(where, given)
-        dec = samfn.decode(sam_model, svars, emb, boxes=prompts, points=points, point_labels=labels,
-                           mask_input=mask_input, multimask=multi, prompt_valid=pvalid)
+        map_pts = map_lbl = None
+        if config.map_points != "none":
+            map_pts, map_lbl = map_point_prompts(config, maps, boxes_in, peaks_in, bvalid, geom, hw, img_size)
+
+        def decode_first(emb_, boxes_, points_, mask_input_, map_pts_):
+            """The first pass over every prompt; with map_points the map-derived prompts carry
+            their points and the ground-truth ones are decoded apart, without."""
+            if map_pts_ is None:
+                return samfn.decode(sam_model, svars, emb_, boxes=boxes_, points=points_, point_labels=labels,
+                                    mask_input=mask_input_, multimask=multi, prompt_valid=pvalid)
+            cut = lambda a, part: None if a is None else (a[:, :k] if part == 0 else a[:, k:])  # noqa: E731
+            parts = [samfn.decode(sam_model, svars, emb_, boxes=cut(boxes_, 0), points=map_pts_, point_labels=map_lbl,
+                                  mask_input=cut(mask_input_, 0), multimask=multi, prompt_valid=cut(pvalid, 0))]
+            if g:
+                parts.append(samfn.decode(sam_model, svars, emb_, boxes=cut(boxes_, 1), mask_input=cut(mask_input_, 1),
+                                          multimask=multi, prompt_valid=cut(pvalid, 1)))
+            return {key: jnp.concatenate([d[key] for d in parts], axis=1)
+                    for key in ("low_res_logits", "iou_predictions")}
+
+        dec = decode_first(emb, prompts, points, mask_input, map_pts)
         low, iou = chosen_masks(dec, config.multimask, map_low)
         extra = {}
         if config.mirror_average:  # the same prompts on the mirrored image; averaged in `finish`
@@ -585,9 +658,9 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             prompts_m = samfn.mirror_boxes(prompts, w)
             mi_m = put_map_prompt(box_dense_prompts(prompts_m), prompts_m,
                                   None if in_sam is None else samfn.mirror_columns(in_sam, w))
-            dec_m = samfn.decode(sam_model, svars, emb_m, boxes=prompts_m,
-                                 points=None if points is None else samfn.mirror_points(points, w),
-                                 point_labels=labels, mask_input=mi_m, multimask=multi, prompt_valid=pvalid)
+            dec_m = decode_first(emb_m, prompts_m, None if points is None else samfn.mirror_points(points, w), mi_m,
+                                 None if map_pts is None else jnp.where(
+                                     (map_lbl >= 0)[..., None], samfn.mirror_points(map_pts, w), 0.0))
             low_m, iou_m = chosen_masks(dec_m, config.multimask)
             extra["mask_logits_mirrored"] = low_m[:, :k]
             if g:
@@ -605,6 +678,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             if "mask_logits_mirrored" in extra:
                 extra["mask_logits_mirrored"] = pick(extra["mask_logits_mirrored"])
             chosen = {key: pick(h[key]) for key in ("boxes_input", "boxes", "boxes_sam", "box_scores", "box_valid")}
+            if map_pts is not None:
+                map_pts, map_lbl = pick(map_pts), pick(map_lbl)
             extra.update(choice_scores=scores, choice_index=best.astype(jnp.int32), candidate_boxes=h["boxes"],
                          candidate_valid=bvalid)
         if config.choose == "deletion":
@@ -616,11 +691,11 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             tight, nonempty_mask = masks_to_boxes(samfn.upscale_logits(cam_low, img_size) > 0.0)
             cam_prompts = jnp.where(nonempty_mask[..., None], tight, cam_prompts)
             mi = samfn.box_mask_prompt(cam_prompts, img_size, sam_model.config.low_res_size) if box_mask else None
-            pts = lbl = None
+            pts, lbl = map_pts, map_lbl  # the map's points stay (None without map_points)
             if point_trained:  # tight boxes: the padding point, as such a SAM was trained
                 pts, lbl = samfn.padding_point_prompts(cam_prompts.shape[:2])
             dec = samfn.decode(sam_model, svars, emb, boxes=cam_prompts, points=pts, point_labels=lbl, mask_input=mi,
-                               multimask=multi, prompt_valid=bvalid)
+                               multimask=multi, prompt_valid=chosen.get("box_valid", bvalid))
             cam_low, cam_iou = chosen_masks(dec, config.multimask, map_low)
         out = {**extra, **{k: h[k] for k in ("logits", "probability", "abnormal", "cam", "peak_input", "boxes_input",
                                              "boxes", "boxes_sam", "box_scores", "box_valid")}, **chosen,
@@ -629,6 +704,8 @@ def make_step(classifier, sam_model, config: PipelineConfig, normalization: dict
             out["points_sam"], out["point_labels"] = points[:, :k, 0], labels[:, :k, 0]
             if chosen:  # the chosen peak's point, as its box
                 out["points_sam"], out["point_labels"] = pick(out["points_sam"]), pick(out["point_labels"])
+        if map_pts is not None:  # the first pass's map points per map-derived prompt (SAM frame)
+            out["map_points_sam"], out["map_point_labels"] = map_pts, map_lbl
         if g:
             out["gt_mask_logits"] = low[:, k:]
             out["gt_boxes_sam"] = gt_sam
@@ -1171,6 +1248,6 @@ def describe(pipe: Pipeline) -> dict:
             "embedding_cache": str(pipe.embeddings.folder) if pipe.embeddings is not None else None}
 
 
-__all__ = ["BOX_METHODS", "CHOICES", "GATES", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
+__all__ = ["BOX_METHODS", "CHOICES", "GATES", "MAP_POINTS", "MULTIMASK", "PEAK_CHOICES", "chosen_masks", "mean_inside_mask", "peak_choice_scores", "ImageResult", "Item", "MapPrompter", "Pipeline", "PipelineConfig", "PipelineError", "Unreadable",
            "check_map_prompt", "classifier_input_settings", "classifier_inputs", "map_prompt_differences", "fit_map_prompt", "trained_map_config", "content_bounds", "content_mask", "default_cam", "default_map_flips", "describe",
-           "make_map_half", "make_step", "map_prompt_settings", "read_mask", "read_item", "stored_baseline", "study_probabilities"]
+           "make_map_half", "make_step", "map_point_prompts", "map_prompt_settings", "read_mask", "read_item", "stored_baseline", "study_probabilities"]

@@ -46,7 +46,7 @@ import numpy as np
 from mskjax import checkpoint, compile_cache, metrics, plots, viz
 from mskjax.cam import FLIPS, METHODS
 from mskjax.inputs import InputError, items_from_dataset, items_from_paths
-from mskjax.pipeline import BOX_METHODS, CHOICES, GATES, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe, study_probabilities
+from mskjax.pipeline import BOX_METHODS, CHOICES, GATES, MAP_POINTS, MULTIMASK, Pipeline, PipelineConfig, PipelineError, Unreadable, default_cam, default_map_flips, describe, study_probabilities
 from mskjax.weights.mapping import CheckpointMismatch
 
 TRUTHS = ("lesion", "evidence")
@@ -403,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the probability as the mean of the classifier's probabilities of the image and its flips "
                          "(h: left-right; hv: left-right, up-down and both; chosen apart from --map-flips; "
                          "test-time augmentation, one forward pass per view)")
+    ap.add_argument("--map-points", choices=list(MAP_POINTS), default="none",
+                    help="point prompts from the map beside its box, for a SAM trained without points of its own: "
+                         "the peak as a positive point, --negative-points negatives where the map is lowest inside "
+                         "the box, or both (--boxes peak)")
+    ap.add_argument("--negative-points", type=int, default=2, help="negatives per box with --map-points (1..25)")
     ap.add_argument("--threshold", type=float, default=0.5, help="abnormal when probability >= threshold")
     ap.add_argument("--gate", choices=list(GATES), default="image",
                     help="which images get masks: those whose own probability >= --threshold (image), or every image "
@@ -458,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 choice_area_penalty=args.choice_area_penalty,
                                 map_mask_prompt=args.map_mask_prompt, map_prompt=args.map_prompt,
                                 map_flips=map_flips, mirror_average=args.mirror_average,
-                                probability_flips=args.probability_flips)
+                                probability_flips=args.probability_flips, map_points=args.map_points,
+                                negative_points=args.negative_points)
         pipe = Pipeline.from_directories(args.classifier, args.sam, config, embedding_cache=args.embedding_cache)
     except (InputError, PipelineError, CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -507,3 +507,34 @@ def test_boxes_around_points_match_peak_boxes_and_stay_inside_bounds():
     out = np.asarray(B.boxes_around(pts, 10.0, (40, 40), bounds=jnp.asarray([0.0, 0.0, 30.0, 40.0])))
     np.testing.assert_allclose(out[0], [[0, 0, 10, 10], [20, 15, 30, 25]])
     assert B.box_side_for(None, 224.0) == 50.0 and B.box_side_for(64.0, 128.0) == 64.0
+
+
+def test_lowest_points_are_the_lowest_grid_places_inside_each_box():
+    """A 5 x 5 grid inside each box, read at the pixel holding each cell centre: the n lowest in
+    order, ties to the first in row-major order, disallowed and NaN pixels never chosen, and
+    (NaN, valid False) when fewer than n places remain."""
+    maps = np.ones((1, 10, 10), np.float32)
+    maps[0, 7, 7] = 0.2  # grid centre (7.0, 7.0) in a [0, 10) box reads pixel (row 7, col 7)
+    maps[0, 3, 1] = 0.5  # (x 1, y 3)
+    maps[0, 2, 3] = 0.0  # not on the grid: never read
+    box = np.asarray([[[0.0, 0.0, 10.0, 10.0]]], np.float32)
+    pts, ok = B.lowest_points(maps, box, 3)
+    np.testing.assert_allclose(np.asarray(pts)[0, 0], [[7.0, 7.0], [1.0, 3.0], [1.0, 1.0]])
+    assert np.asarray(ok).all()
+    # A second box on the right half: its own grid (centres at x = 5.5, 6.5, ...).
+    two = np.asarray([[[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 10.0, 10.0]]], np.float32)
+    pts, _ = B.lowest_points(maps, two, 1)
+    np.testing.assert_allclose(np.asarray(pts)[0, :, 0], [[7.0, 7.0], [7.5, 7.0]])
+    allowed = np.ones((1, 10, 10), bool)
+    allowed[0, 7, 7] = False
+    maps[0, 5, 5] = np.nan
+    pts, ok = B.lowest_points(maps, box, 2, allowed=allowed)
+    np.testing.assert_allclose(np.asarray(pts)[0, 0], [[1.0, 3.0], [1.0, 1.0]])
+    # Only one place allowed: the second point is missing.
+    only = np.zeros((1, 10, 10), bool)
+    only[0, 1, 1] = True
+    pts, ok = B.lowest_points(maps, box, 2, allowed=only)
+    np.testing.assert_array_equal(np.asarray(ok)[0, 0], [True, False])
+    assert np.isnan(np.asarray(pts)[0, 0, 1]).all()
+    with pytest.raises(ValueError, match="grid"):
+        B.lowest_points(maps, box, 26)

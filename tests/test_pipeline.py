@@ -834,3 +834,78 @@ def test_study_gate_segments_every_image_of_a_study_called_abnormal(setup, tmp_p
         gated.prepare([decode_image(items[0].path).image], 4)
     with pytest.raises(PipelineError, match="unknown gate"):
         PipelineConfig(gate="patient")
+
+
+def test_map_points_go_beside_the_map_box_and_not_the_ground_truth_boxes(setup):
+    """map_points="peak_negative": each map box carries its peak (label 1) and the map's lowest grid
+    places inside it (label 0), as `map_point_prompts` computes them; SAM decodes the box with
+    them; ground-truth boxes decode as boxes alone; refine passes keep the points; the mirrored
+    view gets the mirrored points; a point-trained SAM and non-peak boxes refuse the option."""
+    pipe, records, _, _ = setup
+
+    def pipeline(meta=None, **kw):
+        return Pipeline(pipe.classifier, pipe.classifier_variables, pipe.classifier_meta, pipe.sam_model,
+                        pipe.sam_variables, meta or pipe.sam_meta, PipelineConfig(threshold=0.5, **kw))
+
+    _, _, batch = _batch_of(pipe, records, 3, 4)
+    batch["threshold"] = np.float32(-1.0)
+    plain = pipe.step(batch)
+    out = pipeline(map_points="peak_negative", negative_points=2).step(batch)
+    np.testing.assert_array_equal(out["map_point_labels"][:3, 0], np.tile([1, 0, 0], (3, 1)))
+    np.testing.assert_array_equal(out["map_point_labels"][3], -np.ones((1, 3)))  # the batch's padding row
+    g, hw = batch["geometry"], jnp.asarray(batch["original_hw"])
+    to_sam = lambda p: np.asarray(samfn.transform_points(geometry.points_to_original(jnp.asarray(p), g), hw,  # noqa: E731
+                                                         pipe.sam_img_size))
+    neg, ok = boxlib.lowest_points(jnp.asarray(out["cam"]), jnp.asarray(out["boxes_input"]), 2,
+                                   allowed=content_mask(g))
+    assert np.asarray(ok)[:3].all()
+    np.testing.assert_allclose(out["map_points_sam"][:3, :, 1:], to_sam(np.nan_to_num(neg))[:3], atol=1e-3)
+    # the peak: the one a point-trained SAM gets beside the same box (the peak box's own peak)
+    trained = pipeline({**pipe.sam_meta, "peak_point": True}).step(batch)
+    np.testing.assert_allclose(out["map_points_sam"][:3, :, 0], trained["points_sam"][:3], atol=1e-4)
+    cam, bx = np.asarray(out["cam"]), np.asarray(out["boxes_input"])
+    for i in range(3):  # the negatives: inside the box, the lowest of its 5 x 5 grid's places
+        t = (np.arange(5) + 0.5) / 5
+        xs, ys = bx[i, 0, 0] + t * (bx[i, 0, 2] - bx[i, 0, 0]), bx[i, 0, 1] + t * (bx[i, 0, 3] - bx[i, 0, 1])
+        grid = np.sort([cam[i, int(y), int(x)] for y in ys for x in xs])
+        got = [cam[i, int(y), int(x)] for x, y in np.asarray(neg)[i, 0]]
+        np.testing.assert_allclose(got, grid[:2])
+        for x, y in np.asarray(neg)[i, 0]:
+            assert bx[i, 0, 0] <= x <= bx[i, 0, 2] and bx[i, 0, 1] <= y <= bx[i, 0, 3]
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=jnp.asarray(out["boxes_sam"]),
+                       points=jnp.asarray(out["map_points_sam"]), point_labels=jnp.asarray(out["map_point_labels"]),
+                       multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(out["mask_logits"][:3], np.asarray(ref)[:3], atol=2e-3)
+    assert np.abs(out["mask_logits"][:3] - plain["mask_logits"][:3]).max() > 1e-3  # the points reached SAM
+    valid = batch["gt_valid"]
+    np.testing.assert_allclose(out["gt_mask_logits"][valid], plain["gt_mask_logits"][valid], atol=1e-4)
+    negative = pipeline(map_points="negative", negative_points=3).step(batch)
+    np.testing.assert_array_equal(negative["map_point_labels"][:3], np.zeros((3, 1, 3)))
+
+    refined = pipeline(map_points="peak", refine=1).step(batch)
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=jnp.asarray(refined["prompts_sam"]),
+                       points=jnp.asarray(refined["map_points_sam"]),
+                       point_labels=jnp.asarray(refined["map_point_labels"]), multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(refined["mask_logits"][:3], np.asarray(ref)[:3], atol=2e-3)
+
+    mirrored = pipeline(map_points="peak_negative", mirror_average=True)
+    _, _, mbatch = _batch_of(mirrored, records, 3, 4)
+    mbatch["threshold"] = np.float32(-1.0)
+    m = mirrored.step(mbatch)
+    w = jnp.asarray(mbatch["sam_input_sizes"][:, 1])
+    emb_m = samfn.embed(pipe.sam_model, pipe.sam_variables,
+                        samfn.mirror_columns(jnp.asarray(mbatch["sam_images"]), w, axis=-2))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb_m, boxes=samfn.mirror_boxes(jnp.asarray(m["boxes_sam"]), w),
+                       points=samfn.mirror_points(jnp.asarray(m["map_points_sam"]), w),
+                       point_labels=jnp.asarray(m["map_point_labels"]), multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(m["mask_logits_mirrored"][:3], np.asarray(ref)[:3], atol=2e-3)
+
+    with pytest.raises(PipelineError, match="peak_point"):
+        pipeline({**pipe.sam_meta, "peak_point": True}, map_points="peak")
+    with pytest.raises(PipelineError, match="boxes='peak'"):
+        PipelineConfig(boxes="threshold", map_points="negative")
+    with pytest.raises(PipelineError, match="negative_points"):
+        PipelineConfig(map_points="negative", negative_points=0)
+    with pytest.raises(PipelineError, match="map_points"):
+        PipelineConfig(map_points="positive")

@@ -103,10 +103,11 @@ def test_study_gate_and_peak_choice_from_the_command_line(ckpts, synthetic, tmp_
     # A threshold between the study probabilities, so that both kinds of study are there.
     thr = float(np.median(sorted({float(r["study_probability"]) for r in rows})))
     assert segment.main([*common, "--out", str(out), "--gate", "study", "--threshold", f"{thr}", "--peaks", "2",
-                         "--choose", "confidence"]) == 0
+                         "--choose", "confidence", "--map-points", "peak_negative", "--negative-points", "3"]) == 0
     rows = _rows(out / "predictions.csv")
     m = json.loads((out / "metrics.json").read_text())
     assert m["settings"]["pipeline"]["gate"] == "study" and m["settings"]["pipeline"]["peaks"] == 2
+    assert m["settings"]["pipeline"]["map_points"] == "peak_negative" and m["settings"]["pipeline"]["negative_points"] == 3
     assert {r["predicted"] for r in rows} == {"0", "1"}
     for r in rows:  # masks follow the study's decision, not the image's own probability
         assert r["predicted"] == r["study_predicted"] == str(int(float(r["study_probability"]) >= thr))
@@ -114,6 +115,7 @@ def test_study_gate_and_peak_choice_from_the_command_line(ckpts, synthetic, tmp_
         if r["predicted"] == "0":
             assert r["mask_area"] == "0"
     assert segment.main([*common, "--out", str(tmp_path / "x"), "--peaks", "2"]) == 2
+    assert segment.main([*common, "--out", str(tmp_path / "y"), "--boxes", "threshold", "--map-points", "negative"]) == 2
 
 
 def test_images_run_with_threshold_boxes_and_unreadable_files(ckpts, shared_data, tmp_path):
