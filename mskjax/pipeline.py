@@ -294,7 +294,6 @@ class PipelineConfig:
             raise PipelineError("mirror_average averages the first pass's two views: it takes no refine passes, "
                                 f"choose='deletion' or map_mask_prompt (got refine={self.refine}, "
                                 f"choose={self.choose!r}, map_mask_prompt={self.map_mask_prompt})")
-
         if self.map_points not in MAP_POINTS:
             raise PipelineError(f"unknown map_points {self.map_points!r}: expected one of {list(MAP_POINTS)}")
         if self.map_points != "none" and (self.boxes != "peak" or self.choose == "deletion"):
@@ -303,11 +302,6 @@ class PipelineConfig:
                                 f"choose={self.choose!r})")
         if not 1 <= self.negative_points <= 25:
             raise PipelineError(f"negative_points must be in 1..25 (a 5 x 5 grid), got {self.negative_points}")
-
-    @property
-    def num_map_points(self) -> int:
-        """Point tokens per map-derived box that map_points adds (0 for "none")."""
-        return (("peak" in self.map_points) + ("negative" in self.map_points) * int(self.negative_points))
 
     @property
     def num_boxes(self) -> int:
