@@ -792,6 +792,14 @@ def test_peaks_prompt_each_separated_peak_and_the_choice_keeps_the_best_scoring_
             np.testing.assert_allclose(out["candidate_boxes"][i], union["boxes"][i], atol=1e-4)
         assert out["mask_logits"].shape[1] == 1 and out["box_valid"].shape == (4, 1)
         np.testing.assert_array_equal(out["peak_input"], one["peak_input"])  # the pointing game's peak is the first
+    # A refine pass after the choice re-prompts SAM with the chosen mask's tight box, the chosen
+    # peak's validity marking the prompt.
+    refined = with_config(peaks=2, choose="iou", refine=1).step(batch)
+    emb = samfn.embed(pipe.sam_model, pipe.sam_variables, jnp.asarray(batch["sam_images"]))
+    ref = samfn.decode(pipe.sam_model, pipe.sam_variables, emb, boxes=jnp.asarray(refined["prompts_sam"]),
+                       multimask=False)["low_res_logits"][:, :, 0]
+    np.testing.assert_allclose(refined["mask_logits"][:3], np.asarray(ref)[:3], atol=2e-3)
+    assert np.all(refined["mask_logits"][3] == samfn.INVALID_PROMPT_LOGIT)
     with pytest.raises(PipelineError, match="needs a choice among peaks"):
         PipelineConfig(peaks=2)
     with pytest.raises(PipelineError, match="need peaks > 1"):
