@@ -236,21 +236,114 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        xf = x.astype(jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            y, mean, var = batch_norm_train(x, scale, bias, float(self.epsilon))
             if not self.is_initializing():
                 n = x.size // c
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        return (xf * mul + (bias - mean * mul)).astype(self.dtype)
+            return y.astype(self.dtype)
+        return _normalize(x.astype(jnp.float32), scale, bias, ra_mean.value, ra_var.value,
+                          self.epsilon).astype(self.dtype)
+
+
+def _normalize(xf, scale, bias, mean, var, epsilon):
+    mul = scale * jax.lax.rsqrt(var + epsilon)
+    return xf * mul + (bias - mean * mul)
+
+
+def _batch_stats(xf):
+    axes = tuple(range(xf.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    return mean, jnp.mean(jnp.square(xf - mean), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Training-mode BatchNorm over every axis but the last, with a closed-form backward pass.
+
+    x (..., C) any float dtype; scale, bias (C,) float32 -> (y (..., C) float32, mean (C,), biased
+    variance (C,)), statistics in float32. Same values as differentiating the two-pass formula;
+    the backward pass is the textbook one (two channel sums, one elementwise pass), which XLA
+    runs 1.4-1.8x faster than what it derives from the formula (docs/BENCHMARKS.md). Reverse mode
+    only (a `custom_vjp`): forward-mode derivatives of a training-mode BatchNorm are not defined.
+    """
+    return _batch_norm_train(x, scale, bias, epsilon)
+
+
+def _batch_norm_train(x, scale, bias, epsilon):
+    xf = x.astype(jnp.float32)
+    mean, var = _batch_stats(xf)
+    return _normalize(xf, scale, bias, mean, var, epsilon), mean, var
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, mean, var)
+
+
+def _batch_norm_train_bwd(epsilon, res, cts):
+    x, scale, mean, var = res
+    g, g_mean, g_var = cts
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    rstd = jax.lax.rsqrt(var + epsilon)
+    # xhat as x * rstd - mean * rstd, not (x - mean) * rstd: the forward pass's x - mean would
+    # otherwise be shared with this one and written out whole between them (a slower pass).
+    xhat = x.astype(jnp.float32) * rstd - mean * rstd
+    gf = g.astype(jnp.float32)
+    sum_g, sum_gxhat = jnp.sum(gf, axes), jnp.sum(gf * xhat, axes)
+    # y = scale * xhat + bias; the mean and variance outputs (running statistics) get their own
+    # cotangents, zero in a loss that does not use them.
+    dx = (scale * rstd) * (gf - sum_g / n - xhat * (sum_gxhat / n)) \
+        + g_mean / n + (2.0 / n) * g_var * xhat * jnp.sqrt(var + epsilon)
+    return dx.astype(x.dtype), sum_gxhat, sum_g
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """Max pooling of NHWC input over a window x window patch, padded with -inf on each side as
+    torch's `max_pool2d` pads: (B, H, W, C) -> (B, (H + 2p - k) // s + 1, ..., C).
+
+    Its derivative sends each output's tangent / cotangent to the first maximum of its window in
+    row-major order, as torch's backward does on ties (a window holding NaN outputs NaN and passes
+    no derivative on; torch's passes it to the window's last NaN, and either way the loss is NaN,
+    which the trainers stop on). Written as a `custom_jvp` over the k*k
+    strided slices because XLA:CPU lowers `reduce_window`'s own backward (select-and-scatter) to
+    index arrays that cost 2.5x more (docs/BENCHMARKS.md); the forward pass is `reduce_window`.
+    """
+    return _max_pool(x, int(window), int(stride), int(padding))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, stride, padding):
+    return nn.max_pool(x, (window, window), (stride, stride),
+                       padding=((padding, padding), (padding, padding)))
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, stride, padding, primals, tangents):
+    (x,), (tx,) = primals, tangents
+    y = _max_pool(x, window, stride, padding)
+    b, _, _, c = x.shape
+    _, oh, ow, _ = y.shape
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+    tp = jnp.pad(tx, pads)
+    taken = jnp.zeros(y.shape, bool)
+    ty = jnp.zeros(y.shape, tx.dtype)
+    for i in range(window):
+        for j in range(window):
+            start, limit = (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c)
+            strides = (1, stride, stride, 1)
+            hit = (jax.lax.slice(xp, start, limit, strides) == y) & ~taken
+            taken = taken | hit
+            ty = ty + jnp.where(hit, jax.lax.slice(tp, start, limit, strides), 0)
+    return y, ty
 
 
 class StochasticDepth(nn.Module):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mskjax.models.layers import BatchNorm, Conv
+from mskjax.models.layers import BatchNorm, Conv, max_pool
 from mskjax.models.split import SplitModel
 
 STAGE_SIZES = {
@@ -147,8 +147,7 @@ class ResNet(SplitModel):
         if name == "stem":
             x = conv(64, 7, 2, "conv1")(x)
             x = nn.relu(bn(name="bn1")(x, train))
-            # torch pads max-pool input with -inf; reduce_window's init value does the same.
-            return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            return max_pool(x, 3, 2, 1)
         kind, sizes = STAGE_SIZES[self.depth]
         block = BasicBlock if kind == "basic" else partial(Bottleneck, stride_in_1x1=self.stride_in_1x1)
         i = int(name[len("layer"):]) - 1
