@@ -32,7 +32,7 @@ from mskjax.models import create
 from mskjax.models.scan import groups_of, to_scanned, unstack_blocks
 from mskjax.train import loop, optim
 from mskjax.models.registry import TINY_VITS
-from mskjax.passes import default_images_per_pass, in_passes
+from mskjax.passes import classifier_compiler_options, default_images_per_pass, in_passes
 from mskjax.train.config import LITEMEDSAM_PACKAGE, ConfigError, augment_config, validate
 from mskjax.train.localization import localization_report, normal_mean_map
 from mskjax.train.localization import summary_lines as localization_lines
@@ -393,10 +393,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     augment_fn = partial(aug.augment, config=augment_config(config.data)) if config.data.augment else None
     run_model = step_model(config)  # `model`, or its scan_blocks form; the state keeps `model`'s layout
+    compiler_options = classifier_compiler_options(config.model.cpu_convolutions) or None
     train_step = jax.jit(make_train_step(run_model, tx, config, norm, w_pos, w_neg, augment_fn),
-                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
+                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0,
+                         compiler_options=compiler_options)
     eval_step = jax.jit(make_eval_step(run_model, config, norm), in_shardings=(repl, data_sharding),
-                        out_shardings=data_sharding)
+                        out_shardings=data_sharding, compiler_options=compiler_options)
 
     def eval_variables(state):
         return {"params": state.get("ema", state["params"]), "batch_stats": state["batch_stats"]}

@@ -23,9 +23,10 @@ from mskjax.data.synthetic.lesions import ABNORMALITY_SCALE_RANGE, CONSPICUITY
 from mskjax.models import ARCHITECTURES, create
 from mskjax.models.registry import TINY_VITS
 from mskjax.models.sam import ARCHS, LITE_MEDSAM_ARCH, LITE_MEDSAM_IMAGE_SIZE
+from mskjax.passes import CPU_CONVOLUTIONS
 
 MODEL_FIELDS = ("arch", "num_classes", "in_channels", "dtype", "dropout", "stochastic_depth", "padding",
-                "depthwise_impl", "scan_blocks", "head_type")
+                "depthwise_impl", "scan_blocks", "head_type", "cpu_convolutions")
 
 
 # The prompts a class activation map gives, as SAM training draws them (`mskjax.train.sam.peak_like_boxes`):
@@ -100,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
     # because on XLA:CPU it compiles slower: docs/BENCHMARKS.md "Compile time"); state and checkpoints
     # keep the usual layout either way.
     c.model.scan_blocks = False
+    # On CPU, the library XLA runs the train and eval steps' convolutions with: "eigen" (faster for
+    # ResNets: 1.26-1.6x per training step, docs/BENCHMARKS.md "ResNet training on CPU") or
+    # "ynnpack" (XLA's default). Float rounding only; ignored on GPU/TPU.
+    c.model.cpu_convolutions = "eigen"
     # tiny_vit_medsam's head: "linear" (global average pool + dense; "" means this) or "mil" (gated
     # attention over the 64 x 64 feature grid, mskjax.models.mil). Other archs: "" only.
     c.model.head_type = ""
@@ -207,6 +212,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     need(c.model.in_channels in (1, 3), "model.in_channels", "must be 1 or 3")
     need(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
     need(isinstance(c.model.scan_blocks, bool), "model.scan_blocks", f"must be True or False, got {c.model.scan_blocks!r}")
+    need(c.model.cpu_convolutions in CPU_CONVOLUTIONS, "model.cpu_convolutions",
+         f"{c.model.cpu_convolutions!r} is not one of {list(CPU_CONVOLUTIONS)}")
     need(c.data.dataset in ("synthetic", "mura", "fracatlas"), "data.dataset", "synthetic | mura | fracatlas")
     need(c.data.image_size >= 32, "data.image_size", "must be >= 32")
     need(c.data.mode in MODES, "data.mode", " | ".join(MODES))

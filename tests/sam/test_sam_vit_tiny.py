@@ -79,7 +79,7 @@ def test_encoder_compiler_options(tiny, monkeypatch):
     default = jax.jit(lambda v, x: samfn.embed(model, v, x))(variables, images)
     scale = float(jnp.abs(default).max())
     np.testing.assert_allclose(np.asarray(with_opts), np.asarray(default), rtol=0, atol=1e-5 * max(1.0, scale))
-    monkeypatch.setattr(passes, "_cpu_options_known", lambda: False)
+    monkeypatch.setattr(passes, "_cpu_options_known", lambda options: False)
     assert passes.encoder_compiler_options() == {}
 
 

@@ -64,6 +64,42 @@ def test_impossible_values_are_named():
     c.eval.map_flips, c.eval.subtract_normal_mean = "hv", True
     with pytest.raises(ConfigError, match="eval.map_flips"):
         validate(c, num_devices=1)
+    c = base_config()
+    c.model.cpu_convolutions = "onednn"
+    with pytest.raises(ConfigError, match="model.cpu_convolutions.*'onednn'"):
+        validate(c, num_devices=1)
+
+
+def test_classifier_compiler_options_keep_the_training_step():
+    """On CPU the classifier options ("eigen": convolutions on Eigen, dots and reductions on
+    YNNPACK) are given exactly when this jaxlib compiles with them, and a ResNet training step
+    compiled with them gives the default compile's loss and gradients to float rounding
+    (relative to each leaf's largest gradient, as random-init ResNets amplify rounding)."""
+    from mskjax import passes
+    try:
+        jax.jit(lambda x: x * 2).lower(jnp.zeros(2)).compile(dict(passes.CPU_CLASSIFIER_OPTIONS))
+        known = True
+    except Exception:  # noqa: BLE001 - XLA's own error type for an unknown option
+        known = False
+    opts = passes.classifier_compiler_options("eigen")
+    assert opts == (dict(passes.CPU_CLASSIFIER_OPTIONS) if known and jax.default_backend() == "cpu" else {})
+    assert passes.classifier_compiler_options("ynnpack") == {}
+    with pytest.raises(ValueError, match="'mkl'"):
+        passes.classifier_compiler_options("mkl")
+    model = create("resnet18", num_classes=1)
+    x = jnp.asarray(np.random.RandomState(0).rand(4, 64, 64, 3), jnp.float32)
+    v = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def loss(p):
+        out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(out ** 2)
+
+    step = jax.value_and_grad(loss)
+    l_opt, g_opt = jax.jit(step, compiler_options=opts or None)(v["params"])
+    l_def, g_def = jax.jit(step)(v["params"])
+    np.testing.assert_allclose(float(l_opt), float(l_def), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_opt), jax.tree.leaves(g_def)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-3 * float(np.abs(b).max()) + 1e-12)
 
 
 def test_no_weight_decay_on_norms_and_biases():
