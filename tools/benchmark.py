@@ -246,9 +246,12 @@ def jax_classifier_worker(job: dict) -> dict:
     import optax
 
     from mskjax.models import create
+    from mskjax.passes import classifier_compiler_options
     gpu = jax.default_backend() == "gpu"
     dtype = job["dtype"]
     model = create(job["arch"], num_classes=NUM_CLASSES, dtype=dtype)
+    # The trainer's options for its train and eval steps (`config.model.cpu_convolutions`).
+    options = classifier_compiler_options(job.get("cpu_convolutions", "eigen")) or None
     size = job["size"]
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
     tx = optax.sgd(0.01, momentum=0.9)
@@ -263,7 +266,7 @@ def jax_classifier_worker(job: dict) -> dict:
                 if mode == "eval":
                     fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
                     r = _jax_measure(jax, fn, (variables, x), job["repeats"], job["warmup"],
-                                     job.get("cache_dir"), job.get("compiler_options"))
+                                     job.get("cache_dir"), options)
                 elif mode == "train":
                     def loss_fn(params, batch_stats, x, y, key):
                         logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
@@ -283,7 +286,7 @@ def jax_classifier_worker(job: dict) -> dict:
                     copy = jax.tree.map(jnp.copy, variables)  # donated: keep `variables` alive
                     state = (copy["params"], copy["batch_stats"], tx.init(copy["params"]), jax.random.PRNGKey(1))
                     r = _jax_measure(jax, fn, (state, x, y), job["repeats"], job["warmup"], job.get("cache_dir"),
-                                     job.get("compiler_options"), rebind=lambda out, args: (out[0],) + args[1:])
+                                     options, rebind=lambda out, args: (out[0],) + args[1:])
                 elif mode == "cam":
                     from mskjax import cam as C
                     layer = list(model.segments)[-1]
@@ -294,6 +297,8 @@ def jax_classifier_worker(job: dict) -> dict:
                 else:
                     raise ValueError(f"unknown mode {mode!r}")
                 r["items_per_s"] = batch / r["step_s"]
+                if mode in ("eval", "train"):
+                    r["compiler_options"] = options or {}
             except Exception as e:  # noqa: BLE001 - one failed cell must not lose the others
                 r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
             results[key] = r
@@ -648,6 +653,9 @@ def torch_pipeline_worker(job: dict) -> dict:
 GAP_VARIANTS = [
     ("default", {}),
     ("ynnpack fusions off (Eigen convs)", {"xla_cpu_experimental_ynn_fusion_type": ""}),
+    # mskjax.passes.CPU_CLASSIFIER_OPTIONS, the classifier trainer's default on CPU
+    ("Eigen convs, YNNPACK dots + reductions", {"xla_cpu_experimental_ynn_fusion_type":
+                                                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
     ("xnnpack off", {"xla_cpu_use_xnnpack": False}),
     ("onednn custom calls", {"xla_cpu_experimental_onednn_custom_call": True}),
     ("fast math", {"xla_cpu_enable_fast_math": True}),
@@ -657,7 +665,8 @@ GAP_VARIANTS = [
 ]
 
 # The subset also run on the whole ResNet50 (each costs an eval and a train-step compile).
-GAP_MODEL_VARIANTS = ("default", "ynnpack fusions off (Eigen convs)", "onednn custom calls", "fast math")
+GAP_MODEL_VARIANTS = ("default", "ynnpack fusions off (Eigen convs)", "Eigen convs, YNNPACK dots + reductions",
+                      "onednn custom calls", "fast math")
 
 # ResNet50 convolution shapes at 224 (input HxW, Cin, Cout, kernel, stride).
 GAP_CONVS = [
@@ -1074,6 +1083,9 @@ def parse_args(argv=None):
                    help="correctness checks on this backend (torchvision parity) instead of timings")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: workers past it are killed, finished cells are kept")
+    p.add_argument("--cpu-convolutions", choices=("eigen", "ynnpack"), default="eigen",
+                   help="classifier eval/train steps on CPU: the library XLA runs convolutions with "
+                        "(config.model.cpu_convolutions; eigen is the trainer's default)")
     p.add_argument("--cpu-gap", action="store_true", help="run the XLA:CPU option/layout/dtype sweep instead")
     p.add_argument("--gap-models-only", action="store_true",
                    help="--cpu-gap: only the whole-ResNet50 variants (skip the single-convolution sweep)")
@@ -1303,7 +1315,7 @@ def main(argv=None) -> dict:
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "md", "model_list", "worker", "job")},
         "classifiers": []}
     base = {"repeats": args.repeats, "warmup": args.warmup, "cache_dir": cache_dir, "dtype": precision,
-            "threads": threads, "channels_last": channels_last}
+            "threads": threads, "channels_last": channels_last, "cpu_convolutions": args.cpu_convolutions}
     print(f"# {gpu_name or cpu_model()} | {cores()} cores | load {load_average()} | precision {precision}",
           file=sys.stderr, flush=True)
 

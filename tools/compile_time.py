@@ -287,13 +287,20 @@ def run_worker(spec: dict, timeout: float) -> dict:
 
 
 def parse_option_sets(text: str) -> list[tuple[str, dict]]:
-    """"name:flag=value,flag=value;name2:..." -> [(name, {flag: value})]; "base:" is no options.
+    """"name:flag=value,flag=value;name2:..." -> [(name, {flag: value})]; "base:" is no options;
+    "name:@classifier" / "name:@encoder" are `mskjax.passes.CPU_CLASSIFIER_OPTIONS` /
+    `CPU_ENCODER_OPTIONS` (the trainer's and the pipeline encoder's options on CPU).
     Values "true"/"false" become booleans and integers ints (XLA's debug-option types)."""
+    from mskjax.passes import CPU_CLASSIFIER_OPTIONS, CPU_ENCODER_OPTIONS
+    named = {"@classifier": CPU_CLASSIFIER_OPTIONS, "@encoder": CPU_ENCODER_OPTIONS}
     sets = []
     for part in [p for p in text.split(";") if p.strip()]:
         name, sep, body = part.partition(":")
         if not sep or not name.strip():
             raise ValueError(f"option set {part!r}: expected name:flag=value,...")
+        if body.strip() in named:
+            sets.append((name.strip(), dict(named[body.strip()])))
+            continue
         opts = {}
         for item in [i for i in body.split(",") if i.strip()]:
             key, eq, value = item.partition("=")
@@ -361,7 +368,8 @@ def main(argv=None) -> int:
             "jax": jax.__version__, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "batch": args.batch, "load_before": loadavg()}
     try:
-        option_sets = parse_option_sets(args.option_sets) or [("", {})]
+        # Without --option-sets: what the classifier trainer compiles with on CPU by default.
+        option_sets = parse_option_sets(args.option_sets or "eigen:@classifier")
     except ValueError as e:
         ap.error(str(e))
     specs = []

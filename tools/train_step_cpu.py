@@ -93,7 +93,7 @@ def before_layers():
     return swapped
 
 
-def jax_calls(arch: str, size: int, batch: int, before: bool) -> dict:
+def jax_calls(arch: str, size: int, batch: int, before: bool, parts: list, options: list) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -111,27 +111,34 @@ def jax_calls(arch: str, size: int, batch: int, before: bool) -> dict:
     opt = tx.init(v["params"])
     key = jax.random.PRNGKey(1)
 
-    def loss_fn(params, batch_stats):
-        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": key})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+    def step_fns():
+        # New function objects for every form: jax.jit caches a trace per Python function, and the
+        # "before" form must be traced again with its layers swapped in.
+        def loss_fn(params, batch_stats):
+            logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"], rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
 
-    def fwd_bwd(params, batch_stats):
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
-        return loss, stats, grads
+        def fwd_bwd(params, batch_stats):
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+            return loss, stats, grads
 
-    def full_step(params, batch_stats, opt):
-        loss, stats, grads = fwd_bwd(params, batch_stats)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), stats, opt, loss
+        def full_step(params, batch_stats, opt):
+            loss, stats, grads = fwd_bwd(params, batch_stats)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), stats, opt, loss
+        return full_step, fwd_bwd
 
-    option_sets = {"ynnpack": {}, "eigen": classifier_compiler_options("eigen")}
+    option_sets = {k: o for k, o in (("ynnpack", {}), ("eigen", classifier_compiler_options("eigen"))) if k in options}
     forms = [("", None)] + ([(" [before]", before_layers())] if before else [])
-    calls, compile_s, losses = {}, {}, {}
+    calls, compile_s, losses, hlo_lines = {}, {}, {}, {}
     for suffix, ctx in forms:
         for oname, opts in option_sets.items():
+            full_step, fwd_bwd = step_fns()
             for what, fn, args in (("full step", full_step, (v["params"], v["batch_stats"], opt)),
                                    ("forward + backward", fwd_bwd, (v["params"], v["batch_stats"]))):
+                if what not in parts:
+                    continue
                 name = f"mskjax {what}, {oname}{suffix}"
                 t = time.perf_counter()
                 if ctx is None:
@@ -139,15 +146,16 @@ def jax_calls(arch: str, size: int, batch: int, before: bool) -> dict:
                 else:
                     with ctx():
                         lowered = jax.jit(fn).lower(*args)
+                hlo_lines[name] = len(lowered.as_text().splitlines())
                 compiled = lowered.compile(opts) if opts else lowered.compile()
                 compile_s[name] = time.perf_counter() - t
                 calls[name] = (lambda c=compiled, a=args: c(*a))
                 out = jax.block_until_ready(calls[name]())
                 losses[name] = float(out[-1] if what == "full step" else out[0])
-    return {"calls": calls, "compile_s": compile_s, "loss": losses}
+    return {"calls": calls, "compile_s": compile_s, "loss": losses, "hlo_lines": hlo_lines}
 
 
-def torch_calls(arch: str, size: int, batch: int, threads: int) -> dict:
+def torch_calls(arch: str, size: int, batch: int, threads: int, parts: list) -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -175,17 +183,19 @@ def torch_calls(arch: str, size: int, batch: int, threads: int) -> dict:
             loss.backward()
             opt.step()
             return loss
-        calls[f"torch full step, {layout}"] = full
-        calls[f"torch forward + backward, {layout}"] = fwd_bwd
+        if "full step" in parts:
+            calls[f"torch full step, {layout}"] = full
+        if "forward + backward" in parts:
+            calls[f"torch forward + backward, {layout}"] = fwd_bwd
     return calls
 
 
 def measure(arch: str, size: int, args) -> dict:
     import jax
-    j = jax_calls(arch, size, args.batch, args.before)
+    j = jax_calls(arch, size, args.batch, args.before, args.part_list, args.option_list)
     calls = dict(j["calls"])
     if not args.no_torch:
-        calls.update(torch_calls(arch, size, args.batch, args.threads or os.cpu_count()))
+        calls.update(torch_calls(arch, size, args.batch, args.threads or os.cpu_count(), args.part_list))
     times = {k: [] for k in calls}
     for fn in calls.values():
         jax.block_until_ready(fn())  # warm-up (jax's first call already ran; torch's allocator)
@@ -196,7 +206,7 @@ def measure(arch: str, size: int, args) -> dict:
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": f"{arch}@{size}", "median_s": med, "rounds_s": times, "compile_s": j["compile_s"],
-            "jax_loss": j["loss"]}
+            "jax_loss": j["loss"], "hlo_lines": j["hlo_lines"]}
 
 
 def table(r: dict) -> str:
@@ -225,9 +235,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--before", action="store_true",
                     help="also the BatchNorm / max pool of before 2026-12-07 (an A/B in the same rounds)")
+    ap.add_argument("--parts", default="full,fwd_bwd",
+                    help="full (the whole step) and/or fwd_bwd (forward + backward, no optimizer)")
+    ap.add_argument("--options", default="ynnpack,eigen", help="XLA:CPU option sets: ynnpack and/or eigen")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    names = {"full": "full step", "fwd_bwd": "forward + backward"}
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - set(names):
+        ap.error(f"--parts: expected some of {sorted(names)}, got {args.parts!r}")
+    args.part_list = [names[p] for p in parts]
+    args.option_list = [o.strip() for o in args.options.split(",") if o.strip()]
+    if not args.option_list or set(args.option_list) - {"ynnpack", "eigen"}:
+        ap.error(f"--options: expected ynnpack and/or eigen, got {args.options!r}")
     models = []
     for m in [m for m in args.models.split(",") if m.strip()]:
         arch, _, side = m.strip().partition("@")

@@ -55,6 +55,9 @@ def test_ravelled_sgd_takes_the_trainers_step():
 def test_option_sets_parse_and_reject_malformed():
     assert compile_time.parse_option_sets("base:;o1:xla_backend_optimization_level=1,xla_llvm_disable_expensive_passes=true") == [
         ("base", {}), ("o1", {"xla_backend_optimization_level": 1, "xla_llvm_disable_expensive_passes": True})]
-    for bad in ("noname", ":x=1", "a:flag"):
+    from mskjax.passes import CPU_CLASSIFIER_OPTIONS, CPU_ENCODER_OPTIONS
+    assert compile_time.parse_option_sets("ynnpack:;eigen:@classifier;enc:@encoder") == [
+        ("ynnpack", {}), ("eigen", CPU_CLASSIFIER_OPTIONS), ("enc", CPU_ENCODER_OPTIONS)]
+    for bad in ("noname", ":x=1", "a:flag", "a:@nothing"):
         with pytest.raises(ValueError):
             compile_time.parse_option_sets(bad)
