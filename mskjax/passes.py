@@ -1,5 +1,6 @@
 """Running a per-image function over a batch in passes of a few images (a `lax.map` over chunks),
-and the XLA options an image encoder is compiled with on its own.
+and the XLA:CPU options an image encoder (compiled on its own) and a classifier's training and
+evaluation steps are compiled with.
 
 Big encoders on a CPU are faster one image at a time than on a whole batch: at batch 1 their
 activations stay in cache (`tools/bench_encoder_passes.py`, docs/BENCHMARKS.md). `mskjax.sam.embed`

@@ -1089,8 +1089,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu-gap", action="store_true", help="run the XLA:CPU option/layout/dtype sweep instead")
     p.add_argument("--gap-models-only", action="store_true",
                    help="--cpu-gap: only the whole-ResNet50 variants (skip the single-convolution sweep)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mskjax_jax_cc"),
-                   help="JAX persistent compilation cache ('' to disable)")
+    p.add_argument("--cache-dir", default=str(_user_cache_dir()),
+                   help="JAX persistent compilation cache ('' to disable; default: mskjax's per-user cache, "
+                        "mskjax.compile_cache.cache_dir(), moved by MSKJAX_CACHE_DIR)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
     p.add_argument("--md", type=Path, default=None, help="markdown table")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1114,6 +1115,14 @@ def parse_args(argv=None):
     if bad or not args.pipeline_sam_list:
         p.error(f"--pipeline-sam: unknown segmenter(s) {bad}: expected vit_b and/or lite_medsam")
     return args
+
+
+def _user_cache_dir() -> str:
+    """mskjax's per-user compilation cache (the trainer's and the pipeline's), '' when turned off."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mskjax.compile_cache import cache_dir
+    where = cache_dir()
+    return str(where) if where is not None else ""
 
 
 def detect_gpu() -> str | None:
