@@ -5,7 +5,8 @@
 
 For each model ("arch@side", float32, batch `--batch`, 3-channel random images, 2 classes) it
 builds, in this one process, and times round-robin (one call of each per round, `--rounds` rounds
-after one warm-up call each, so load changes hit every variant alike):
+after one warm-up call each, so load changes hit every variant alike; each round starts one variant
+later than the one before, so that the cost of following another framework's call is shared):
 
 - mskjax "full step": forward in train mode (BatchNorm batch statistics, dropout / stochastic
   depth on), softmax cross-entropy, backward, SGD momentum 0.9 (optax), the new batch statistics
@@ -114,17 +115,17 @@ def jax_calls(arch: str, size: int, batch: int, before: bool, parts: list, optio
     def step_fns():
         # New function objects for every form: jax.jit caches a trace per Python function, and the
         # "before" form must be traced again with its layers swapped in.
-        def loss_fn(params, batch_stats):
+        def loss_fn(params, batch_stats, key):
             logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                       mutable=["batch_stats"], rngs={"dropout": key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
 
-        def fwd_bwd(params, batch_stats):
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        def fwd_bwd(params, batch_stats, key):
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, key)
             return loss, stats, grads
 
-        def full_step(params, batch_stats, opt):
-            loss, stats, grads = fwd_bwd(params, batch_stats)
+        def full_step(params, batch_stats, opt, key):
+            loss, stats, grads = fwd_bwd(params, batch_stats, key)
             updates, opt = tx.update(grads, opt, params)
             return optax.apply_updates(params, updates), stats, opt, loss
         return full_step, fwd_bwd
@@ -135,8 +136,9 @@ def jax_calls(arch: str, size: int, batch: int, before: bool, parts: list, optio
     for suffix, ctx in forms:
         for oname, opts in option_sets.items():
             full_step, fwd_bwd = step_fns()
-            for what, fn, args in (("full step", full_step, (v["params"], v["batch_stats"], opt)),
-                                   ("forward + backward", fwd_bwd, (v["params"], v["batch_stats"]))):
+            # The dropout key is an argument, not a constant XLA could fold into the step.
+            for what, fn, args in (("full step", full_step, (v["params"], v["batch_stats"], opt, key)),
+                                   ("forward + backward", fwd_bwd, (v["params"], v["batch_stats"], key))):
                 if what not in parts:
                     continue
                 name = f"mskjax {what}, {oname}{suffix}"
@@ -199,10 +201,14 @@ def measure(arch: str, size: int, args) -> dict:
     times = {k: [] for k in calls}
     for fn in calls.values():
         jax.block_until_ready(fn())  # warm-up (jax's first call already ran; torch's allocator)
-    for _ in range(args.rounds):
-        for k, fn in calls.items():
+    names = list(calls)
+    for r in range(args.rounds):
+        # Each round starts one variant later: whichever call follows the other framework's pays
+        # for touching its memory afresh (page faults: 2-3 s per EfficientNet-B3 step on this
+        # VM), and the rotation spreads that over every variant instead of always the first.
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            jax.block_until_ready(fn())
+            jax.block_until_ready(calls[k]())
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": f"{arch}@{size}", "median_s": med, "rounds_s": times, "compile_s": j["compile_s"],
