@@ -58,6 +58,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mskjax.passes import CPU_CLASSIFIER_OPTIONS, CPU_CONVOLUTIONS  # noqa: E402 - after the path
+
 DEFAULT_MODELS = "resnet50@224,efficientnet_b3@300,efficientnet_b3@224"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L4": 121.0}
 NUM_CLASSES = 2
@@ -653,9 +655,7 @@ def torch_pipeline_worker(job: dict) -> dict:
 GAP_VARIANTS = [
     ("default", {}),
     ("ynnpack fusions off (Eigen convs)", {"xla_cpu_experimental_ynn_fusion_type": ""}),
-    # mskjax.passes.CPU_CLASSIFIER_OPTIONS, the classifier trainer's default on CPU
-    ("Eigen convs, YNNPACK dots + reductions", {"xla_cpu_experimental_ynn_fusion_type":
-                                                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}),
+    ("Eigen convs, YNNPACK dots + reductions", CPU_CLASSIFIER_OPTIONS),  # the classifier trainer's default on CPU
     ("xnnpack off", {"xla_cpu_use_xnnpack": False}),
     ("onednn custom calls", {"xla_cpu_experimental_onednn_custom_call": True}),
     ("fast math", {"xla_cpu_enable_fast_math": True}),
@@ -1083,7 +1083,7 @@ def parse_args(argv=None):
                    help="correctness checks on this backend (torchvision parity) instead of timings")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget: workers past it are killed, finished cells are kept")
-    p.add_argument("--cpu-convolutions", choices=("eigen", "ynnpack"), default="eigen",
+    p.add_argument("--cpu-convolutions", choices=CPU_CONVOLUTIONS, default="eigen",
                    help="classifier eval/train steps on CPU: the library XLA runs convolutions with "
                         "(config.model.cpu_convolutions; eigen is the trainer's default)")
     p.add_argument("--cpu-gap", action="store_true", help="run the XLA:CPU option/layout/dtype sweep instead")
@@ -1119,7 +1119,6 @@ def parse_args(argv=None):
 
 def _user_cache_dir() -> str:
     """mskjax's per-user compilation cache (the trainer's and the pipeline's), '' when turned off."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mskjax.compile_cache import cache_dir
     where = cache_dir()
     return str(where) if where is not None else ""
