@@ -11,10 +11,12 @@ each per round after a warm-up; median over rounds), batch 1:
 mskjax runs under jax.jit; torch under no_grad on `--threads` threads. Each mskjax piece is also
 checked against torch's output (max abs difference printed). Then, for the attention alone, the
 variants in `ATTENTION_VARIANTS` (same weights) are timed the same way and checked against the
-current one; and the whole encoder with the current attention against the one before
-2026-12-06 (`encoder_before_and_after`). JSON out.
+current one; and the whole encoder now against the one before 2026-12-07 (padded windows
+projected, relative terms added as two broadcast passes; `encoder_before_and_after`). JSON out.
+`--encoder-options` compiles every mskjax piece with `mskjax.passes.encoder_compiler_options()`
+(what `Pipeline` compiles the encoder with); by default XLA's own options.
 
-    .venv/bin/python tools/profile_sam_encoder.py --size 512 --rounds 5 --out docs/x.json
+    .venv/bin/python tools/profile_sam_encoder.py --size 512 --rounds 5 [--encoder-options] --out docs/x.json
 """
 from __future__ import annotations
 
@@ -74,8 +76,29 @@ def attention_einsum_layout(params, x, num_heads):
     return out @ params["proj"]["kernel"] + params["proj"]["bias"]
 
 
+def attention_broadcast_relative(params, x, num_heads):
+    """EncoderAttention as it was from 2026-12-06 to 2026-12-07: heads first, the two relative terms
+    added to the (n, n) logits as broadcasts (segment_anything's order) instead of inside the matmul."""
+    b, h, w, c = x.shape
+    hd = c // num_heads
+    qkv = (x @ params["qkv"]["kernel"] + params["qkv"]["bias"]).reshape(b, h * w, 3, num_heads, hd)
+    qkv = qkv.transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q * (hd ** -0.5)) @ k.swapaxes(-1, -2)
+    r_h = get_rel_pos(h, h, params["rel_pos_h"])
+    r_w = get_rel_pos(w, w, params["rel_pos_w"])
+    rq = q.reshape(b, num_heads, h, w, hd)
+    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", rq, r_h)
+    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", rq, r_w)
+    attn = attn.reshape(b, num_heads, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+    attn = jax.nn.softmax(attn.reshape(b, num_heads, h * w, h * w), axis=-1)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+    return out @ params["proj"]["kernel"] + params["proj"]["bias"]
+
+
 ATTENTION_VARIANTS = {"dot_product_attention (bias)": attention_bias_sdpa,
-                      "einsum layout (the module before 2026-12-06)": attention_einsum_layout}
+                      "einsum layout (the module before 2026-12-06)": attention_einsum_layout,
+                      "relative terms as broadcasts (before 2026-12-07)": attention_broadcast_relative}
 
 
 def rounds(fns: dict, n: int) -> dict:
@@ -89,9 +112,10 @@ def rounds(fns: dict, n: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def encoder_before_and_after(size: int, rounds_n: int) -> dict:
-    """The whole encoder with the current attention and with `attention_einsum_layout` (the module
-    before 2026-12-06) swapped in, same weights, interleaved in one process: batch 1 through
+def encoder_before_and_after(size: int, rounds_n: int, options: dict) -> dict:
+    """The whole encoder now and as it was before 2026-12-07 (every windowed block's padded tokens
+    projected, and the relative terms added as broadcasts: `attention_broadcast_relative` over the
+    padded windows swapped in), same weights, interleaved in one process: batch 1 through
     `Sam.image_encoder` (`mskjax.sam.embed(images_per_pass=0)`), and 2 images one at a time
     (`images_per_pass=1`, the pipeline's default on one CPU device). Median s per image."""
     from mskjax import sam as samfn
@@ -108,14 +132,19 @@ def encoder_before_and_after(size: int, rounds_n: int) -> dict:
     current = ie.EncoderAttention.__call__
 
     def before(self, x):
-        return attention_einsum_layout(self.variables["params"], x, self.num_heads)
+        params = self.variables["params"]
+        if self.window == 0:
+            return attention_broadcast_relative(params, x, self.num_heads)
+        windows, padded = window_partition(x, self.window)
+        out = attention_broadcast_relative(params, windows, self.num_heads)
+        return window_unpartition(out, self.window, padded, (x.shape[1], x.shape[2]))
 
     fns, outs = {}, {}
     try:
-        for name, call in (("current", current), ("before", before)):
+        for name, call in (("now", current), ("before", before)):
             ie.EncoderAttention.__call__ = call  # traced (and compiled) now, under this attention
-            f1 = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=0))
-            f2 = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=1))
+            f1 = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=0), compiler_options=options)
+            f2 = jax.jit(lambda v, x: samfn.embed(model, v, x, images_per_pass=1), compiler_options=options)
             outs[name] = (np.asarray(f1(variables, x1)), np.asarray(f2(variables, x2)))
             fns[f"{name}, batch 1"] = partial(lambda f: f(variables, x1).block_until_ready(), f1)
             fns[f"{name}, 2 images one at a time"] = partial(lambda f: f(variables, x2).block_until_ready(), f2)
@@ -124,10 +153,10 @@ def encoder_before_and_after(size: int, rounds_n: int) -> dict:
     med = rounds(fns, rounds_n)
     per_image = {k: v / (2 if "2 images" in k else 1) for k, v in med.items()}
     return {"s_per_image": per_image,
-            "speedup_batch_1": per_image["before, batch 1"] / per_image["current, batch 1"],
+            "speedup_batch_1": per_image["before, batch 1"] / per_image["now, batch 1"],
             "speedup_one_at_a_time": per_image["before, 2 images one at a time"]
-            / per_image["current, 2 images one at a time"],
-            "max_abs_diff": float(max(np.max(np.abs(a - b)) for a, b in zip(outs["current"], outs["before"])))}
+            / per_image["now, 2 images one at a time"],
+            "max_abs_diff": float(max(np.max(np.abs(a - b)) for a, b in zip(outs["now"], outs["before"])))}
 
 
 def main(argv=None) -> int:
@@ -135,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--encoder-options", action="store_true",
+                    help="compile the mskjax pieces with mskjax.passes.encoder_compiler_options()")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import torch
@@ -168,9 +199,12 @@ def main(argv=None) -> int:
     ttok = torch.from_numpy(tokens)
     jtok = jnp.asarray(tokens)
 
-    def win_attn(p, x):
-        windows, padded = window_partition(x, 14)
-        return window_unpartition(EncoderAttention(12, (14, 14)).apply({"params": p}, windows), 14, padded, (g, g))
+    from mskjax.passes import encoder_compiler_options
+    options = encoder_compiler_options() if args.encoder_options else {}
+    jit = partial(jax.jit, compiler_options=options)
+
+    def win_attn(p, x):  # the module partitions the grid itself (window=14)
+        return EncoderAttention(12, (14, 14), window=14).apply({"params": p}, x)
 
     def torch_win_attn(blk, x):
         from segment_anything.modeling.image_encoder import window_partition as tp, window_unpartition as tu
@@ -180,18 +214,18 @@ def main(argv=None) -> int:
     b0, b2 = params["blocks_0"], params["blocks_2"]
     mlp = MLPBlock(3072, "gelu")
     jax_fns = {
-        "whole encoder": (jax.jit(lambda x: enc.apply({"params": params}, x)), jnp.asarray(image),
+        "whole encoder": (jit(lambda x: enc.apply({"params": params}, x)), jnp.asarray(image),
                           lambda: tenc(timg).permute(0, 2, 3, 1)),
-        "windowed block": (jax.jit(lambda x: EncoderBlock(12, 14, (g, g)).apply({"params": b0}, x)), jtok,
+        "windowed block": (jit(lambda x: EncoderBlock(12, 14, (g, g)).apply({"params": b0}, x)), jtok,
                            lambda: tenc.blocks[0](ttok)),
-        "global block": (jax.jit(lambda x: EncoderBlock(12, 0, (g, g)).apply({"params": b2}, x)), jtok,
+        "global block": (jit(lambda x: EncoderBlock(12, 0, (g, g)).apply({"params": b2}, x)), jtok,
                          lambda: tenc.blocks[2](ttok)),
-        "windowed attention (with partition)": (jax.jit(lambda x: win_attn(b0["attn"], x)), jtok,
+        "windowed attention (with partition)": (jit(lambda x: win_attn(b0["attn"], x)), jtok,
                                                 lambda: torch_win_attn(tenc.blocks[0], ttok)),
-        "global attention": (jax.jit(lambda x: EncoderAttention(12, (g, g)).apply({"params": b2["attn"]}, x)), jtok,
+        "global attention": (jit(lambda x: EncoderAttention(12, (g, g)).apply({"params": b2["attn"]}, x)), jtok,
                              lambda: tenc.blocks[2].attn(ttok)),
-        "MLP": (jax.jit(lambda x: mlp.apply({"params": b0["mlp"]}, x)), jtok, lambda: tenc.blocks[0].mlp(ttok)),
-        "LayerNorm": (jax.jit(lambda x: layer_norm(ENCODER_LN_EPS).apply({"params": b0["norm1"]}, x)), jtok,
+        "MLP": (jit(lambda x: mlp.apply({"params": b0["mlp"]}, x)), jtok, lambda: tenc.blocks[0].mlp(ttok)),
+        "LayerNorm": (jit(lambda x: layer_norm(ENCODER_LN_EPS).apply({"params": b0["norm1"]}, x)), jtok,
                       lambda: tenc.blocks[0].norm1(ttok)),
     }
     calls, diffs = {}, {}
@@ -205,12 +239,12 @@ def main(argv=None) -> int:
         # attention variants (global and windowed inputs) against the current module
         cur_g = np.asarray(jax_fns["global attention"][0](jtok))
         wins = window_partition(jtok, 14)[0]
-        cur_w = np.asarray(jax.jit(lambda x: EncoderAttention(12, (14, 14)).apply({"params": b0["attn"]}, x))(wins))
-        cur_wfn = jax.jit(lambda x: EncoderAttention(12, (14, 14)).apply({"params": b0["attn"]}, x))
+        cur_w = np.asarray(jit(lambda x: EncoderAttention(12, (14, 14)).apply({"params": b0["attn"]}, x))(wins))
+        cur_wfn = jit(lambda x: EncoderAttention(12, (14, 14)).apply({"params": b0["attn"]}, x))
         calls["mskjax windowed attention (no partition)"] = lambda: cur_wfn(wins).block_until_ready()
         for vname, fn in ATTENTION_VARIANTS.items():
-            fg = jax.jit(partial(fn, b2["attn"], num_heads=12))
-            fw = jax.jit(partial(fn, b0["attn"], num_heads=12))
+            fg = jit(partial(fn, b2["attn"], num_heads=12))
+            fw = jit(partial(fn, b0["attn"], num_heads=12))
             diffs[f"variant {vname}, global vs current"] = float(np.max(np.abs(np.asarray(fg(jtok)) - cur_g)))
             diffs[f"variant {vname}, windowed vs current"] = float(np.max(np.abs(np.asarray(fw(wins)) - cur_w)))
             calls[f"variant {vname}: global attention"] = partial(lambda f: f(jtok).block_until_ready(), fg)
@@ -239,13 +273,13 @@ def main(argv=None) -> int:
     for k, v in diffs.items():
         if k.startswith("variant"):
             print(f"  {k}: max abs diff {v:.1e}")
-    ab = encoder_before_and_after(size, args.rounds)
-    print("  whole encoder, current attention vs the einsum layout before 2026-12-06 (interleaved, s per image):")
+    ab = encoder_before_and_after(size, args.rounds, options)
+    print("  whole encoder, now vs before 2026-12-07 (interleaved, s per image):")
     for k, v in ab["s_per_image"].items():
         print(f"    {k:40s} {v:.3f}")
     print(f"    speedup: batch 1 {ab['speedup_batch_1']:.2f}x, one at a time {ab['speedup_one_at_a_time']:.2f}x; "
           f"max abs diff {ab['max_abs_diff']:.1e}")
-    out = {"size": size, "rounds": args.rounds, "encoder_before_and_after": ab, "threads": args.threads, "load_at_start": load0,
+    out = {"size": size, "rounds": args.rounds, "compiler_options": options, "encoder_before_and_after": ab, "threads": args.threads, "load_at_start": load0,
            "seconds": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "torch": torch.__version__,
            "pieces": table, "attention_variants": variants, "diffs": diffs}

@@ -218,3 +218,49 @@ def test_vit_b_full_size_encoder(build_official_sam):
         ref_emb = ref.image_encoder(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     emb = jit_embed(build_sam("vit_b"), variables, jnp.asarray(x))
     assert_close(emb, ref_emb.numpy(), "vit_b 1024 px embeddings")
+
+
+@pytest.mark.parametrize("block", [0, 2], ids=["windowed-padded", "global"])
+def test_encoder_block_gradients_match_official(build_official_sam, block):
+    """Forward and backward of one encoder block against segment_anything's `Block` under torch
+    autograd: vit_b at 256 px, a 16 x 16 token grid, so the windowed block (0) pads to two 14 x 14
+    windows per side. Our windowed attention projects only the real tokens and fills the padding
+    with the qkv bias, and folds the relative terms into the logits' matmul; the gradients of the
+    input, the qkv bias (which the padded tokens' keys and values carry), the qkv kernel and the
+    relative-position tables must still be the official ones."""
+    from mskjax.models.sam.image_encoder import EncoderBlock
+
+    ref = build_official_sam("vit_b", 256, 3)
+    variables = sam_variables_from_state_dict(ref.state_dict(), "vit_b", 256)
+    params = variables["params"]["image_encoder"][f"blocks_{block}"]
+    rng = np.random.default_rng(block)
+    x = rng.normal(size=(2, 16, 16, 768)).astype(np.float32)
+    cot = rng.normal(size=x.shape).astype(np.float32)
+
+    tblock = ref.image_encoder.blocks[block]
+    tx = torch.from_numpy(x).requires_grad_(True)
+    tout = tblock(tx)
+    (tout * torch.from_numpy(cot)).sum().backward()
+
+    window = 14 if block == 0 else 0
+    module = EncoderBlock(12, window, (16, 16))
+
+    def loss(p, xx):
+        out = module.apply({"params": p}, xx)
+        return jnp.sum(out * cot), out
+
+    (_, out), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, jnp.asarray(x))
+    assert_close(out, tout.detach().numpy(), "block output")
+
+    def close(ours, theirs, what):
+        ours, theirs = np.asarray(ours), theirs.detach().numpy()
+        scale = max(1.0, float(np.abs(theirs).max()))
+        err = float(np.abs(ours - theirs).max())
+        assert err < 1e-4 * scale, f"{what}: max abs error {err:.2e} (scale {scale:.2e})"
+
+    close(gx, tx.grad, "d input")
+    close(gp["attn"]["qkv"]["bias"], tblock.attn.qkv.bias.grad, "d qkv bias")
+    close(gp["attn"]["qkv"]["kernel"], tblock.attn.qkv.weight.grad.T, "d qkv kernel")
+    close(gp["attn"]["proj"]["kernel"], tblock.attn.proj.weight.grad.T, "d proj kernel")
+    close(gp["attn"]["rel_pos_h"], tblock.attn.rel_pos_h.grad, "d rel_pos_h")
+    close(gp["attn"]["rel_pos_w"], tblock.attn.rel_pos_w.grad, "d rel_pos_w")
