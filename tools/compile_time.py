@@ -18,7 +18,13 @@ trainer's default), augmentation off unless `--augment`. `--steps N` also runs t
 step N times on zeros and reports the median wall time of a step (after one untimed call).
 
 `--sam` adds SAM encoders' forward (`embed_images`): vit_b at 512, vit_tiny at 256, and LiteMedSAM's
-TinyViT at 256, batch 1.
+TinyViT at 256, batch 1. `--sam-train` adds the SAM trainer's own steps for those three segmenters
+(`mskjax.train.sam.make_train_step`: image encoder and mask decoder trained, AdamW, `--batch` images
+with `data.max_prompts` boxes each; and its `make_predict` evaluation step). `--pipeline` adds the
+pipeline's two executables (`mskjax.Pipeline`: SAM's encoder compiled apart with the encoder
+options, then the step: a ResNet50 @ 224 classifier, Grad-CAM, peak box, the segmenter's decoder),
+batch `--batch`, for ViT-B @ 512 and LiteMedSAM; variables are zeros (compile time does not depend
+on values).
 
 `--option-sets 'base:;o1:xla_backend_optimization_level=1'` compiles every cell once per named set
 of XLA compiler options (passed to `.compile()`, the same as XLA_FLAGS for that executable).
@@ -43,6 +49,10 @@ import time
 
 DEFAULT_MODELS = "resnet18@224,resnet50@224,efficientnet_b0@224,efficientnet_b3@224,efficientnet_b3@300"
 SAM_MODELS = ("sam_vit_b@512", "sam_vit_tiny@256", "lite_medsam@256")
+# The SAM trainer's step (encoder and decoder trained, as configs/sam_*.py) and the pipeline's two
+# executables (SAM's encoder apart, then the step), for `--sam-train` / `--pipeline`.
+SAM_TRAIN_MODELS = ("sam_vit_tiny@256", "sam_vit_b@512", "lite_medsam@256")
+PIPELINE_MODELS = ("resnet50@224+sam_vit_b@512", "resnet50@224+lite_medsam@256")
 
 
 def loadavg() -> list[float] | None:
@@ -247,13 +257,109 @@ def sam_worker(name: str, side: int, options: dict | None = None) -> dict:
     return {"embed": res}
 
 
+def _zeros_like_shapes(shapes):
+    import jax
+    import jax.numpy as jnp
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def _segmenter(name: str, side: int):
+    from mskjax.models.sam import build_lite_medsam, build_sam
+    return build_lite_medsam() if name == "lite_medsam" else build_sam(name[len("sam_"):], side)
+
+
+def sam_train_worker(name: str, side: int, batch: int, options: dict | None = None) -> dict:
+    """The SAM trainer's train step and evaluation (predict) step, as `mskjax.train.sam` jits them
+    (its default options), for one segmenter."""
+    import jax
+    import jax.numpy as jnp
+
+    from mskjax.models.sam import segmenter_variable_shapes
+    from mskjax.train import optim
+    from mskjax.train import sam as sam_train
+    from mskjax.train.config import sam_base_config
+
+    config = sam_base_config()
+    config.model.arch = "lite_medsam" if name == "lite_medsam" else name[len("sam_"):]
+    config.model.img_size = side
+    config.train.batch_size = batch
+    model = _segmenter(name, side)
+    tx = optim.make_optimizer(config.train.optimizer, optim.schedule(config.train.learning_rate, 1000, 0),
+                              config.train.weight_decay, config.train.momentum, config.train.grad_clip)
+    parts = sam_train.trainable_parts(config)
+
+    def init_state():
+        variables = _zeros_like_shapes(segmenter_variable_shapes(model))
+        trainable, frozen = sam_train.split_variables(variables, parts)
+        return {"step": jnp.zeros((), jnp.int32), "params": trainable, "frozen": frozen,
+                "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(0)}
+
+    state_abs = jax.eval_shape(init_state)
+    p = config.data.max_prompts
+    sds = jax.ShapeDtypeStruct
+    batch_abs = {"images": sds((batch, side, side), jnp.uint8), "input_sizes": sds((batch, 2), jnp.int32),
+                 "boxes": sds((batch, p, 4), jnp.float32), "masks": sds((batch, p, side, side), jnp.uint8),
+                 "valid": sds((batch, p), jnp.bool_)}
+    out = {"parts": list(parts), "prompts_per_image": p}
+    out["train"], _ = _lower_compile(sam_train.make_train_step(model, tx, config), (state_abs, batch_abs),
+                                     donate=(0,), options=options)
+    variables_abs = segmenter_variable_shapes(model)
+    predict = sam_train.make_predict(model, sam_train.uses_box_mask_prompt(config))
+    out["eval"], _ = _lower_compile(predict, (variables_abs, batch_abs["images"], batch_abs["input_sizes"],
+                                              batch_abs["boxes"]), options=options)
+    return out
+
+
+def pipeline_worker(spec_model: str, batch: int) -> dict:
+    """`mskjax.Pipeline`'s two executables as it compiles them: the encoder apart (the encoder
+    options) and the step taking its embeddings (Grad-CAM, peak box, decoder); ResNet50 @ 224."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mskjax.models import create
+    from mskjax.models.sam import segmenter_variable_shapes
+    from mskjax.pipeline import Pipeline, PipelineConfig
+
+    classifier_spec, segmenter_spec = spec_model.split("+")
+    arch, size = classifier_spec.split("@")
+    seg_name, seg_side = segmenter_spec.split("@")
+    size = int(size)
+    model = create(arch, num_classes=1)
+    cvars = _zeros_like_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+    meta = {"in_channels": 3, "input_size": size, "data": {"image_size": size, "mode": "resize"},
+            "normalization": {"input_range": [0.0, 1.0], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+    sam = _segmenter(seg_name, int(seg_side))
+    svars = _zeros_like_shapes(segmenter_variable_shapes(sam))
+    pipe = Pipeline(model, cvars, meta, sam, svars, {}, PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.0))
+    rng = np.random.default_rng(0)
+    prepared = pipe.prepare([rng.random((512, 512), np.float32) for _ in range(batch)], batch)
+    args = {k: v for k, v in prepared.items() if k not in ("sam_input_sizes", "sam_canvases", "sam_images")}
+    out = {}
+    embed_lowered, t_lower = _timed(lambda: pipe._embed.lower(pipe.sam_variables, prepared["sam_images"]))
+    embed_compiled, t_compile = _timed(embed_lowered.compile)
+    out["embed"] = {"lower_s": round(t_lower, 3), "compile_s": round(t_compile, 3),
+                    "stablehlo_lines": len(embed_lowered.as_text().splitlines()), "kernels": _kernels(embed_compiled)}
+    emb = jax.eval_shape(pipe._embed, pipe.sam_variables, prepared["sam_images"])
+    step_args = {**args, "sam_embeddings": jax.ShapeDtypeStruct(emb.shape, emb.dtype)}
+    step_lowered, t_lower = _timed(lambda: pipe._step.lower(pipe.classifier_variables, pipe.sam_variables, step_args))
+    step_compiled, t_compile = _timed(step_lowered.compile)
+    out["step"] = {"lower_s": round(t_lower, 3), "compile_s": round(t_compile, 3),
+                   "stablehlo_lines": len(step_lowered.as_text().splitlines()), "kernels": _kernels(step_compiled)}
+    return out
+
+
 def worker_main(spec: dict) -> None:
     import jax
     jax.config.update("jax_enable_compilation_cache", False)
-    name, side = spec["model"].split("@")
+    name, side = spec["model"].split("@", 1)
     t0 = time.perf_counter()
     if spec["kind"] == "sam":
         res = sam_worker(name, int(side), spec.get("options"))
+    elif spec["kind"] == "sam_train":
+        res = sam_train_worker(name, int(side), spec["batch"], spec.get("options"))
+    elif spec["kind"] == "pipeline":
+        res = pipeline_worker(spec["model"], spec["batch"])
     else:
         res = classifier_worker(name, int(side), spec["variant"], spec["batch"], spec["modes"], spec["steps"],
                                 spec["augment"], spec.get("depthwise", ""), spec.get("options"))
@@ -328,7 +434,7 @@ def table(results: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {_label(r)} | error: {r['error']} | | | | | | | {load} |")
             continue
-        for step in ("train", "eval", "embed"):
+        for step in ("train", "eval", "embed", "step"):
             if step in r:
                 s = r[step]
                 lines.append(f"| {r['model']} | {_label(r)} | {step} | {s['lower_s']:.2f} | {s['compile_s']:.2f} | "
@@ -350,6 +456,11 @@ def main(argv=None) -> int:
     ap.add_argument("--augment", action="store_true", help="include the trainer's augmentation in the train step")
     ap.add_argument("--depthwise", default="", help="EfficientNet depthwise_impl: '' (per backend), grouped, shifted")
     ap.add_argument("--sam", action="store_true", help=f"also SAM encoders: {', '.join(SAM_MODELS)}")
+    ap.add_argument("--sam-train", action="store_true",
+                    help=f"also the SAM trainer's train and eval steps: {', '.join(SAM_TRAIN_MODELS)}")
+    ap.add_argument("--pipeline", action="store_true",
+                    help=f"also the pipeline's encoder and step: {', '.join(PIPELINE_MODELS)}")
+    ap.add_argument("--no-classifiers", action="store_true", help="skip the --models classifier cells")
     ap.add_argument("--option-sets", default="",
                     help="XLA compiler option sets to compare, each its own worker: "
                          "'base:;o1:xla_backend_optimization_level=1,xla_llvm_disable_expensive_passes=true'")
@@ -374,7 +485,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     specs = []
     for _ in range(args.repeats):
-        for m in [m for m in args.models.split(",") if m]:
+        for m in [] if args.no_classifiers else [m for m in args.models.split(",") if m]:
             for v in [v for v in args.variants.split(",") if v]:
                 if v not in ("plain", "scan", "scan_state", "ravel"):
                     ap.error(f"unknown variant {v!r}")
@@ -385,6 +496,11 @@ def main(argv=None) -> int:
         if args.sam:
             specs += [{"kind": "sam", "model": m, "options_name": oname, "options": opts}
                       for m in SAM_MODELS for oname, opts in option_sets]
+        if args.sam_train:  # the SAM trainer compiles with XLA's defaults
+            specs += [{"kind": "sam_train", "model": m, "batch": args.batch, "modes": ["train", "eval"]}
+                      for m in SAM_TRAIN_MODELS]
+        if args.pipeline:  # the pipeline's own options (encoder options for its encoder)
+            specs += [{"kind": "pipeline", "model": m, "batch": args.batch} for m in PIPELINE_MODELS]
     results = []
     for spec in specs:
         r = run_worker(spec, args.timeout)

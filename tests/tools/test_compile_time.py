@@ -61,3 +61,17 @@ def test_option_sets_parse_and_reject_malformed():
     for bad in ("noname", ":x=1", "a:flag", "a:@nothing"):
         with pytest.raises(ValueError):
             compile_time.parse_option_sets(bad)
+
+
+def test_sam_train_and_pipeline_workers_compile_their_steps():
+    """The `--sam-train` and `--pipeline` cells compile what they name (tiny sizes here): the SAM
+    trainer's step with the image encoder and decoder trained plus its predict step; the
+    pipeline's encoder and its step, each with a lower and a compile time and XLA:CPU kernels."""
+    sam = compile_time.sam_train_worker("sam_vit_tiny", 64, 1)
+    assert set(sam["parts"]) >= {"image_encoder", "mask_decoder"}
+    pipe = compile_time.pipeline_worker("resnet18@64+sam_vit_tiny@64", 1)
+    for cell in (sam["train"], sam["eval"], pipe["embed"], pipe["step"]):
+        assert cell["lower_s"] > 0 and cell["compile_s"] > 0 and cell["stablehlo_lines"] > 0
+        assert cell["kernels"] is None or cell["kernels"] > 0
+    # the train step differentiates the encoder: far more kernels than its forward-only predict step
+    assert sam["train"]["kernels"] > 2 * sam["eval"]["kernels"]
