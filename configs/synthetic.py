@@ -6,7 +6,8 @@ Generates `data/synthetic_arm` if absent: 600 studies (seed 0) of the forearm an
 (`data.synthetic_parts`), half of them abnormal - fractures, metal hardware or lytic lesions - drawn
 three times their default size (`data.synthetic_abnormality_scale`) and conspicuous
 (`data.synthetic_conspicuity = "high"`: every fracture displaced or a clean break, every lesion deep
-and through the cortex). Then trains a one-channel ResNet18 from scratch for 10 epochs on
+and through the cortex). Then trains a one-channel ResNet18 from scratch for 16 epochs (10 until
+2026-12-07) on
 per-image standardised inputs, left-right flipped and shifted (since 2026-12-07), keeps the best checkpoint by validation study kappa
 (runs/synthetic/best) and reports the test split, with each abnormality type's AUROC against the
 normal cases.
@@ -30,6 +31,13 @@ Flips and shifts (2026-12-07, README "A training recipe against position"): over
 on an Intel Xeon, valid lesion pointing at 15 px 0.538 / 0.866 / 0.840 without them, 0.807 / 0.857 /
 0.882 with them; test 0.808 / 0.815 / 0.869 against the lesion and 0.862 / 0.862 / 0.908 against the
 evidence, study AUROC 0.969 / 1.000 / 0.980, 6 min 52 s to 8 min 11 s idle.
+
+16 epochs (2026-12-07, later, README "Sixteen epochs"): after that day's change to the trainer's CPU
+numerics, the same recipe at 10 epochs pointed at the lesion within 15 px on 0.521 / 0.487 / 0.916 of
+valid (seeds 0 / 1 / 2; test 0.400 / 0.531 / 0.831): where its map lands was a draw. Trained 16
+epochs (the trainer's CPU change made room in the 10-minute budget), 0.891 / 0.647 / 0.899 on valid
+and 0.808 / 0.723 / 0.854 on test (evidence 0.854 / 0.823 / 0.900), each run meeting issue 18's test
+targets, in 6 min 16 s to 6 min 45 s (`docs/train_step_cpu_2026-12-07/epochs16_seeds.sh`).
 
 Why this data and not the full synthetic set: on all seven body parts with the realistic mix
 (hairline and undisplaced fractures, shallow lesions), the same 10-minute budget reached test study
@@ -67,7 +75,9 @@ def get_config():
     c.data.augmentation.contrast_prob = 0.0
     c.data.augmentation.brightness_prob = 0.0
     c.train.batch_size = 32
-    c.train.epochs = 10
+    # 16, not 10: the map's pointing was a draw at 10 epochs (0.49-0.92 of valid over three seeds),
+    # 0.65-0.90 at 16, within the 10-minute budget (docstring).
+    c.train.epochs = 16
     c.train.learning_rate = 2e-3
     c.train.weight_decay = 1e-4
     c.train.warmup_epochs = 1.5
