@@ -317,6 +317,7 @@ def pipeline_worker(spec_model: str, batch: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from mskjax.classifier import IMAGENET_NORMALIZATION
     from mskjax.models import create
     from mskjax.models.sam import segmenter_variable_shapes
     from mskjax.pipeline import Pipeline, PipelineConfig
@@ -328,7 +329,7 @@ def pipeline_worker(spec_model: str, batch: int) -> dict:
     model = create(arch, num_classes=1)
     cvars = _zeros_like_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
     meta = {"in_channels": 3, "input_size": size, "data": {"image_size": size, "mode": "resize"},
-            "normalization": {"input_range": [0.0, 1.0], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+            "normalization": dict(IMAGENET_NORMALIZATION)}
     sam = _segmenter(seg_name, int(seg_side))
     svars = _zeros_like_shapes(segmenter_variable_shapes(sam))
     pipe = Pipeline(model, cvars, meta, sam, svars, {}, PipelineConfig(cam="grad_cam", boxes="peak", threshold=0.0))
